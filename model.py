@@ -1,0 +1,218 @@
+"""The convolutional VAE: model, loss, importance-weighted bound and checkpoint round trip.
+
+Nothing here reads files other than a checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils import UserError
+
+CHECKPOINT_FORMAT = "vae-mnist/1"
+IMAGE_SHAPE = (1, 28, 28)
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class CheckpointError(UserError):
+    """A file that is not a usable checkpoint of this project."""
+
+
+@dataclass
+class VAEConfig:
+    """Everything needed to rebuild the architecture (plain Python values, stored in checkpoints)."""
+
+    latent_dim: int = 32
+    channels: tuple[int, int] = (32, 64)  # widths of the two stride-2 convs (28 -> 14 -> 7); the decoder mirrors them
+    hidden_dim: int = 512  # fully connected layer between the 7x7 feature map and the latent; 0 for none
+    res_blocks: int = 0  # residual 3x3 blocks at 7x7, in the encoder and again in the decoder
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        if len(self.channels) != 2 or min(self.channels) < 1:
+            raise ValueError(f"channels must be two positive widths, got {self.channels}")
+        if self.latent_dim < 1 or self.hidden_dim < 0 or self.res_blocks < 0:
+            raise ValueError(f"invalid VAE config: {self}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU}
+
+
+class ResBlock(nn.Module):
+    """x + conv(act(conv(act(x)))): deepens the 7x7 stage without harming gradient flow."""
+
+    def __init__(self, channels: int, act: type[nn.Module]) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            act(), nn.Conv2d(channels, channels, 3, padding=1), act(), nn.Conv2d(channels, channels, 3, padding=1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class VAE(nn.Module):
+    """Conv encoder q(z|x) = N(mu, diag(exp(logvar))), transposed-conv decoder p(x|z) = Bernoulli(sigmoid(logits))."""
+
+    def __init__(self, config: VAEConfig | None = None, **overrides) -> None:
+        super().__init__()
+        config = config or VAEConfig(**overrides)
+        self.config = config
+        c1, c2 = config.channels
+        act = ACTIVATIONS[config.activation]
+        flat = c2 * 7 * 7
+        encoder: list[nn.Module] = [nn.Conv2d(1, c1, 4, 2, 1), act(), nn.Conv2d(c1, c2, 4, 2, 1)]
+        encoder += [ResBlock(c2, act) for _ in range(config.res_blocks)]
+        encoder += [act(), nn.Flatten()]
+        if config.hidden_dim:
+            encoder += [nn.Linear(flat, config.hidden_dim), act()]
+        self.encoder = nn.Sequential(*encoder)
+        self.to_stats = nn.Linear(config.hidden_dim or flat, 2 * config.latent_dim)  # mu and logvar in one matmul
+
+        decoder: list[nn.Module] = []
+        if config.hidden_dim:
+            decoder += [nn.Linear(config.latent_dim, config.hidden_dim), act(), nn.Linear(config.hidden_dim, flat)]
+        else:
+            decoder += [nn.Linear(config.latent_dim, flat)]
+        decoder += [nn.Unflatten(1, (c2, 7, 7))]
+        decoder += [ResBlock(c2, act) for _ in range(config.res_blocks)]
+        decoder += [act(), nn.ConvTranspose2d(c2, c1, 4, 2, 1), act(), nn.ConvTranspose2d(c1, 1, 4, 2, 1)]
+        self.decoder = nn.Sequential(*decoder)
+
+    @staticmethod
+    def check_input(x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE or not x.is_floating_point():
+            given = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected a float tensor of shape (B, 1, 28, 28) with values in [0, 1], got {given}")
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance, each (B, latent_dim)."""
+        self.check_input(x)
+        mu, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=1)
+        return mu, logvar
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mu + sigma * eps, differentiable in mu and logvar; pass a generator for reproducible noise."""
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + eps * torch.exp(0.5 * logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Bernoulli logits (B, 1, 28, 28); apply torch.sigmoid for pixel intensities."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        mu, logvar = self.encode(x)
+        return self.decode(self.reparameterize(mu, logvar, generator)), mu, logvar
+
+    @torch.inference_mode()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n new digits decoded from z ~ N(0, I), as intensities in [0, 1]."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.config.latent_dim, generator=generator, device=device)
+        return torch.sigmoid(self.decode(z))
+
+    @torch.inference_mode()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstructions through the posterior mean (the sharpest picture), as intensities in [0, 1]."""
+        mu, _ = self.encode(x)
+        return torch.sigmoid(self.decode(mu))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "VAE":
+        """Rebuild the model a checkpoint describes, on `device`, in eval mode."""
+        ckpt = load_checkpoint(path, map_location=device)
+        model = cls(model_config(ckpt, path))
+        try:
+            model.load_state_dict(ckpt["model"])
+        except (RuntimeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path}: weights do not match the stored architecture ({str(err).splitlines()[0]})")
+        return model.to(device).eval()
+
+
+def neg_elbo_terms(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor):
+    """Per-image (bce, kl) in nats: loss = bce + kl is the negative ELBO.
+
+    bce sums the Bernoulli negative log-likelihood over the 784 pixels; kl is KL(q(z|x) || N(0, I)) in closed form.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+    kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum(1)
+    return bce, kl
+
+
+@torch.inference_mode()
+def iwae_log_weights(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None, chunk: int = 8192):
+    """log p(x|z) + log p(z) - log q(z|x) for k samples z ~ q(z|x) per image: a (B, k) tensor."""
+    mu, logvar = model.encode(x)
+    std = torch.exp(0.5 * logvar)
+    batch = x.shape[0]
+    out = torch.empty(batch, k, device=x.device)
+    per_pass = max(1, chunk // batch)  # samples per image decoded in one pass, so a pass holds ~chunk images
+    for start in range(0, k, per_pass):
+        n = min(per_pass, k - start)
+        eps = torch.randn(n, batch, mu.shape[1], generator=generator, device=x.device)
+        z = mu + eps * std  # (n, B, D)
+        logits = model.decode(z.flatten(0, 1))
+        target = x.expand(n, *x.shape).flatten(0, 1)
+        log_px_z = -F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1).view(n, batch)
+        log_pz = -0.5 * (z.square() + _LOG_2PI).sum(2)
+        log_qz = -0.5 * (eps.square() + logvar + _LOG_2PI).sum(2)
+        out[:, start : start + n] = (log_px_z + log_pz - log_qz).T
+    return out
+
+
+def iwae_nll(log_weights: torch.Tensor) -> torch.Tensor:
+    """Per-image importance-weighted bound on -log p(x) (Burda et al. 2015) from (B, k) log-weights."""
+    k = log_weights.shape[1]
+    return -(torch.logsumexp(log_weights, dim=1) - math.log(k))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load and check a checkpoint with weights_only=True: no arbitrary object is ever unpickled."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint; train one with `python main.py` or pass --checkpoint PATH")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file; all mean "not a checkpoint we can read"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            reason = "it contains pickled objects that are not plain tensors or values, so it was refused unread"
+        raise CheckpointError(f"{path}: not a readable vae-mnist checkpoint ({reason[:200]})") from None
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        raise CheckpointError(f"{path}: not a vae-mnist checkpoint (no format tag)")
+    fmt = ckpt["format"]
+    name, _, version = str(fmt).partition("/")
+    if name != "vae-mnist" or not re.fullmatch(r"[0-9]+", version):
+        raise CheckpointError(f"{path}: not a vae-mnist checkpoint (format {fmt!r})")
+    if int(version) > 1:
+        raise CheckpointError(f"{path}: checkpoint format {fmt!r} is newer than this code reads ({CHECKPOINT_FORMAT}); update the code")
+    for key in ("config", "model"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: checkpoint is missing {key!r}")
+    return ckpt
+
+
+def model_config(ckpt: dict, path: str | os.PathLike = "checkpoint") -> VAEConfig:
+    """The VAEConfig stored in a checkpoint's config."""
+    names = {f.name for f in fields(VAEConfig)}
+    try:
+        return VAEConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
+    except (TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: stored model config is invalid ({err})") from None
+
+
+def config_dict(config: VAEConfig) -> dict:
+    """A VAEConfig as plain values (tuples become lists) for a checkpoint."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}

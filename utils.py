@@ -1,0 +1,211 @@
+"""Pictures and small helpers: image grids and plots, atomic file writes, library versions."""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad data, checkpoint, image or flag): reported as one line, exit status 2."""
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; once the body has written it, fsync it and os.replace it onto `path`.
+
+    A crash or kill at any instant leaves either the old complete file or the new complete one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a plain write would
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save, atomically (see atomic_path)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------- pictures
+# Every picture is drawn with matplotlib (titles, row labels, legends) around torchvision's make_grid,
+# and written atomically so an interrupted run never leaves a half-written PNG.
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG through a temporary file and os.replace, then close it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=fig.dpi, bbox_inches="tight", facecolor="white")
+    finally:
+        _plt().close(fig)
+    return Path(path)
+
+
+def grid_image(images: torch.Tensor, nrow: int, padding: int = 2):
+    """(N, 1, 28, 28) intensities -> an (H, W) numpy array laid out by torchvision's make_grid."""
+    from torchvision.utils import make_grid
+
+    return make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=padding, pad_value=1.0)[0].numpy()
+
+
+def plot_rows(rows: list[torch.Tensor], labels: list[str], title: str, path: str | os.PathLike,
+              column_labels: list[str] | None = None, scale: float = 0.75) -> Path:
+    """Rows of digits, one labelled row each; all rows the same length."""
+    plt = _plt()
+    n = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(4.0, n * scale), len(rows) * scale * 1.05 + 0.6), squeeze=False, dpi=100)
+    for ax, row, label in zip(axes[:, 0], rows, labels):
+        ax.imshow(grid_image(row, nrow=n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=10)
+    if column_labels:
+        ax = axes[-1, 0]
+        ax.set_xticks([2 + 30 * i + 14 for i in range(n)], column_labels, fontsize=8)
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | os.PathLike, title: str = "Test digits and their VAE reconstructions") -> Path:
+    return plot_rows([originals, reconstructions], ["test digit", "reconstruction"], title, path)
+
+
+def plot_grid(images: torch.Tensor, title: str, path: str | os.PathLike, nrow: int = 8) -> Path:
+    plt = _plt()
+    rows = math.ceil(images.shape[0] / nrow)
+    fig, ax = plt.subplots(figsize=(nrow * 0.6 + 0.4, rows * 0.6 + 0.8), dpi=100)
+    ax.imshow(grid_image(images, nrow=nrow), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(title, fontsize=11)
+    return save_figure(fig, path)
+
+
+def plot_loss_curves(history: list[dict], path: str | os.PathLike) -> Path:
+    """Train and validation loss, bce and kl per epoch."""
+    plt = _plt()
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
+    for ax, key, name in zip(axes, ("loss", "bce", "kl"), ("negative ELBO (bce + kl)", "reconstruction (bce)", "KL divergence")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train", markersize=3)
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], "s-", label="validation", markersize=3)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("nats per image")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Training curves", fontsize=12)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_latent_space(points: torch.Tensor, labels: torch.Tensor, explained: list[float], path: str | os.PathLike) -> Path:
+    """2-D projection of posterior means, one colour per digit."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
+    cmap = plt.get_cmap("tab10")
+    points, labels = points.cpu().numpy(), labels.cpu().numpy()
+    for d in range(10):
+        sel = labels == d
+        if sel.any():
+            ax.scatter(points[sel, 0], points[sel, 1], s=3, alpha=0.6, color=cmap(d), label=str(d), rasterized=True)
+    ax.set_xlabel(f"principal component 1 ({explained[0]:.0%} of variance)")
+    ax.set_ylabel(f"principal component 2 ({explained[1]:.0%} of variance)")
+    ax.set_title("Latent space: test-set posterior means (PCA)")
+    ax.legend(title="digit", markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_anomalies(sections: list[tuple[str, torch.Tensor, torch.Tensor, list[str]]], path: str | os.PathLike) -> Path:
+    """For each (title, digits, reconstructions, captions): digits above reconstructions, each captioned."""
+    plt = _plt()
+    n = sections[0][1].shape[0]
+    fig, axes = plt.subplots(2 * len(sections), n, figsize=(n * 0.9, 2.5 * len(sections) + 0.5), dpi=100, squeeze=False)
+    for s, (title, digits, recons, captions) in enumerate(sections):
+        for i in range(n):
+            top, bottom = axes[2 * s, i], axes[2 * s + 1, i]
+            top.imshow(digits[i, 0].cpu(), cmap="gray", vmin=0, vmax=1)
+            bottom.imshow(recons[i, 0].cpu(), cmap="gray", vmin=0, vmax=1)
+            top.set_title(captions[i], fontsize=7)
+            for ax in (top, bottom):
+                ax.set_xticks([])
+                ax.set_yticks([])
+        axes[2 * s, 0].set_ylabel("digit", fontsize=8)
+        axes[2 * s + 1, 0].set_ylabel("recon.", fontsize=8)
+        axes[2 * s, n // 2].text(0.5, 1.9, title, transform=axes[2 * s, n // 2].transAxes, ha="center", fontsize=11)
+    fig.tight_layout(h_pad=0.4, w_pad=0.1)
+    return save_figure(fig, path)
+
+
+def plot_user_reconstruction(original: torch.Tensor, model_input: torch.Tensor, reconstruction: torch.Tensor, title: str, path: str | os.PathLike) -> Path:
+    """The user's picture, the 28x28 input the model sees, and its reconstruction."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(7, 2.8), dpi=100)
+    panels = ((original, "your image"), (model_input, "as the model sees it"), (reconstruction, "reconstruction"))
+    for ax, (img, name) in zip(axes, panels):
+        ax.imshow(img.squeeze().cpu(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve of telling positives (higher score expected) from negatives: the Mann-Whitney U
+    statistic with average ranks for ties, so a tie counts one half."""
+    scores, positive = torch.as_tensor(scores, dtype=torch.float64).flatten(), torch.as_tensor(positive, dtype=torch.bool).flatten()
+    n_pos = int(positive.sum())
+    n_neg = len(scores) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUROC needs at least one positive and one negative")
+    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    first_rank = torch.cumsum(counts, 0) - counts + 1  # 1-based rank of each distinct value's first occurrence
+    ranks = (first_rank + (counts - 1) / 2.0)[inverse]
+    return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
