@@ -1,0 +1,159 @@
+"""End-to-end tests of the command line on small real subsets (they need MNIST_DIR)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from helpers import ROOT, MNIST_DIR, needs_mnist, run_main, train_args
+
+pytestmark = needs_mnist
+
+
+def test_training_writes_checkpoint_pictures_and_finite_test_loss(trained):
+    out = trained.output
+    epoch_lines = [l for l in out.splitlines() if l.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and "saved best.pt" in epoch_lines[0]
+    assert all(key in epoch_lines[0] for key in ("train", "val", "bce", "kl"))
+    for name in ("best.pt", "last.pt", "metrics.json"):
+        assert (trained.ckpt_dir / name).is_file()
+    for name in ("reconstructed_image.png", "samples.png", "loss_curves.png", "interpolation.png", "latent_space.png", "latent_traversal.png"):
+        assert (trained.image_dir / name).stat().st_size > 2000
+    line = next(l for l in out.splitlines() if "negative ELBO (test loss)" in l)
+    test_loss = float(line.split()[-1])
+    assert math.isfinite(test_loss) and 50 < test_loss < 400
+    assert not list(trained.ckpt_dir.glob("*.tmp")) and not list(trained.ckpt_dir.glob(".*"))
+
+
+def test_checkpoint_is_self_describing(trained):
+    ckpt = torch.load(trained.ckpt_dir / "last.pt", weights_only=True)
+    assert ckpt["format"] == "vae-mnist/1"
+    assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
+    assert {"epochs", "batch_size", "lr", "seed", "latent_dim", "channels", "hidden_dim"} <= set(ckpt["config"])
+    assert {"train_loss", "val_loss", "val_bce", "val_kl", "seconds"} <= set(ckpt["history"][0])
+    assert set(ckpt["versions"]) == {"torch", "torchvision", "python"}
+    assert ckpt["best_val_loss"] == min(h["val_loss"] for h in ckpt["history"])
+    best = torch.load(trained.ckpt_dir / "best.pt", weights_only=True)
+    assert best["history"][-1]["val_loss"] == best["best_val_loss"]
+
+
+def same_run(a: Path, b: Path) -> None:
+    """Two checkpoint folders hold bitwise-identical weights, optimizer state, history (but wall time) and test figures."""
+    ca, cb = (torch.load(d / "last.pt", weights_only=True) for d in (a, b))
+    for key in ca["model"]:
+        assert torch.equal(ca["model"][key], cb["model"][key]), key
+    for pa, pb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]
+    assert strip(ca["history"]) == strip(cb["history"])
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    for key in ("test_loss", "test_bce", "test_kl", "test_iwae_nll", "active_units", "kl_per_dim"):
+        assert ma[key] == mb[key], key
+
+
+def test_same_seed_gives_identical_run(trained, tmp_path):
+    run_main(train_args(tmp_path, epochs=2))
+    same_run(trained.ckpt_dir, tmp_path / "ckpt")
+
+
+def test_other_seed_gives_other_run(trained, tmp_path):
+    run_main(train_args(tmp_path, epochs=1) + ["--seed", "7"])
+    a = torch.load(trained.ckpt_dir / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["model"]
+    assert not torch.equal(a["to_stats.weight"], b["to_stats.weight"])
+
+
+def test_resume_after_one_epoch_equals_uninterrupted(trained, tmp_path):
+    run_main(train_args(tmp_path, epochs=1))
+    assert torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["epoch"] == 1
+    code, out, _ = run_main(["--resume", str(tmp_path / "ckpt" / "last.pt"), "--epochs", "2", "--data-dir", MNIST_DIR,
+                             "--image-dir", str(tmp_path / "img"), "--iwae-k", "5", "--no-progress", "--no-compile"])
+    assert code == 0 and "resuming from epoch 1" in out
+    same_run(trained.ckpt_dir, tmp_path / "ckpt")
+
+
+def test_resume_refuses_a_changed_model_flag(trained, tmp_path, capsys):
+    code, out, err = run_main(["--resume", str(trained.ckpt_dir / "last.pt"), "--latent-dim", "5", "--data-dir", MNIST_DIR])
+    assert code == 2 and "--latent-dim" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_of_a_finished_run_only_evaluates(trained, tmp_path):
+    import shutil
+
+    shutil.copytree(trained.ckpt_dir, tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "last.pt").read_bytes()
+    code, out, _ = run_main(["--resume", "--checkpoint-dir", str(tmp_path / "ckpt"), "--data-dir", MNIST_DIR,
+                             "--image-dir", str(tmp_path / "img"), "--iwae-k", "5", "--no-progress"])
+    assert code == 0 and "already trained 2 epochs" in out and "negative ELBO" in out
+    assert (tmp_path / "ckpt" / "last.pt").read_bytes() == before
+
+
+def run_cli(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_ctrl_c_mid_epoch_then_printed_resume_command_matches_uninterrupted(tmp_path):
+    common = ["--epochs", "2", "--subset", "16000", "--data-dir", MNIST_DIR, "--iwae-k", "3", "--no-progress", "--no-compile"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = run_cli(common, tmp_path / "a")
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+
+    proc = run_cli(common, tmp_path / "b")
+    for line in proc.stdout:
+        if line.startswith("epoch   1/2"):
+            break
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    ckpt = torch.load(tmp_path / "b" / "models_mnist" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["partial"] is not None and 0 < ckpt["partial"]["step"] < 250
+    command = out.splitlines()[out.splitlines().index(next(l for l in out.splitlines() if "Resume with" in l)) + 1]
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "main.py", "--resume"]
+    resumed = run_cli(argv[2:] + ["--iwae-k", "3", "--no-progress", "--no-compile"], tmp_path / "b")
+    r_out, r_err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, r_err
+    assert "resuming from epoch 1, step" in r_out
+    same_run(tmp_path / "a" / "models_mnist", tmp_path / "b" / "models_mnist")
+
+
+def test_truncated_data_file_is_one_line_exit_2(tmp_path):
+    import shutil
+
+    for f in Path(MNIST_DIR).glob("*-ubyte.gz"):
+        shutil.copy(f, tmp_path / f.name)
+    data = (tmp_path / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(data[: len(data) // 2])
+    proc = run_cli(["--data-dir", str(tmp_path), "--epochs", "1", "--checkpoint-dir", str(tmp_path / "ck")], tmp_path)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and "t10k-labels-idx1-ubyte.gz" in err
+    assert not (tmp_path / "ck" / "best.pt").exists()
+
+
+def test_wrong_content_is_reported_by_md5(tmp_path):
+    import gzip
+    import shutil
+
+    for f in Path(MNIST_DIR).glob("*-ubyte.gz"):
+        shutil.copy(f, tmp_path / f.name)
+    raw = bytearray(gzip.decompress((tmp_path / "t10k-images-idx3-ubyte.gz").read_bytes()))
+    raw[5000] ^= 0xFF  # one pixel changed: same size and header, different content
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(raw)))
+    code, out, err = run_main(["--data-dir", str(tmp_path), "--checkpoint-dir", str(tmp_path / "ck")])
+    assert code == 2 and "md5" in err and "t10k-images-idx3-ubyte.gz" in err
