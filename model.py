@@ -32,7 +32,7 @@ class VAEConfig:
     channels: tuple[int, int] = (32, 64)  # widths of the two stride-2 convs (28 -> 14 -> 7); the decoder mirrors them
     hidden_dim: int = 512  # fully connected layer between the 7x7 feature map and the latent; 0 for none
     res_blocks: int = 0  # residual 3x3 blocks at 7x7, in the encoder and again in the decoder
-    activation: str = "relu"
+    activation: str = "silu"
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -155,15 +155,17 @@ def iwae_log_weights(model: VAE, x: torch.Tensor, k: int, generator: torch.Gener
     mu, logvar = model.encode(x)
     std = torch.exp(0.5 * logvar)
     batch = x.shape[0]
+    pixels = x.reshape(batch, -1)
     out = torch.empty(batch, k, device=x.device)
     per_pass = max(1, chunk // batch)  # samples per image decoded in one pass, so a pass holds ~chunk images
     for start in range(0, k, per_pass):
         n = min(per_pass, k - start)
         eps = torch.randn(n, batch, mu.shape[1], generator=generator, device=x.device)
         z = mu + eps * std  # (n, B, D)
-        logits = model.decode(z.flatten(0, 1))
-        target = x.expand(n, *x.shape).flatten(0, 1)
-        log_px_z = -F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1).view(n, batch)
+        logits = model.decode(z.flatten(0, 1)).reshape(n, batch, -1)
+        # log Bernoulli(x | sigmoid(l)) summed over pixels = x.l - sum softplus(l): the same value as -BCE-with-logits,
+        # without materialising the n copies of x (a batched dot product and one elementwise pass)
+        log_px_z = torch.einsum("nbp,bp->nb", logits, pixels) - F.softplus(logits).sum(2)
         log_pz = -0.5 * (z.square() + _LOG_2PI).sum(2)
         log_qz = -0.5 * (eps.square() + logvar + _LOG_2PI).sum(2)
         out[:, start : start + n] = (log_px_z + log_pz - log_qz).T

@@ -127,13 +127,18 @@ def plot_grid(images: torch.Tensor, title: str, path: str | os.PathLike, nrow: i
 
 
 def plot_loss_curves(history: list[dict], path: str | os.PathLike) -> Path:
-    """Train and validation loss, bce and kl per epoch."""
+    """Train and validation loss, bce and kl per epoch, with the best epoch (lowest validation loss) marked."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
+    best = min(history, key=lambda h: h["val_loss"])["epoch"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
     for ax, key, name in zip(axes, ("loss", "bce", "kl"), ("negative ELBO (bce + kl)", "reconstruction (bce)", "KL divergence")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train", markersize=3)
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "s-", label="validation", markersize=3)
+        ax.axvline(best, color="gray", linestyle=":", linewidth=1, label=f"best (epoch {best})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.set_ylabel("nats per image")
@@ -163,23 +168,21 @@ def plot_latent_space(points: torch.Tensor, labels: torch.Tensor, explained: lis
 
 
 def plot_anomalies(sections: list[tuple[str, torch.Tensor, torch.Tensor, list[str]]], path: str | os.PathLike) -> Path:
-    """For each (title, digits, reconstructions, captions): digits above reconstructions, each captioned."""
+    """For each (title, digits, reconstructions, captions): a titled panel of digits above their reconstructions."""
     plt = _plt()
     n = sections[0][1].shape[0]
-    fig, axes = plt.subplots(2 * len(sections), n, figsize=(n * 0.9, 2.5 * len(sections) + 0.5), dpi=100, squeeze=False)
-    for s, (title, digits, recons, captions) in enumerate(sections):
+    fig = plt.figure(figsize=(n * 0.8, 2.3 * len(sections)), dpi=100, layout="constrained")
+    for sub, (title, digits, recons, captions) in zip(fig.subfigures(len(sections), 1), sections):
+        axes = sub.subplots(2, n, squeeze=False)
         for i in range(n):
-            top, bottom = axes[2 * s, i], axes[2 * s + 1, i]
-            top.imshow(digits[i, 0].cpu(), cmap="gray", vmin=0, vmax=1)
-            bottom.imshow(recons[i, 0].cpu(), cmap="gray", vmin=0, vmax=1)
-            top.set_title(captions[i], fontsize=7)
-            for ax in (top, bottom):
-                ax.set_xticks([])
-                ax.set_yticks([])
-        axes[2 * s, 0].set_ylabel("digit", fontsize=8)
-        axes[2 * s + 1, 0].set_ylabel("recon.", fontsize=8)
-        axes[2 * s, n // 2].text(0.5, 1.9, title, transform=axes[2 * s, n // 2].transAxes, ha="center", fontsize=11)
-    fig.tight_layout(h_pad=0.4, w_pad=0.1)
+            for row, images in enumerate((digits, recons)):
+                axes[row, i].imshow(images[i, 0].detach().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+                axes[row, i].set_xticks([])
+                axes[row, i].set_yticks([])
+            axes[0, i].set_title(captions[i], fontsize=7)
+        axes[0, 0].set_ylabel("digit", fontsize=8)
+        axes[1, 0].set_ylabel("recon.", fontsize=8)
+        sub.suptitle(title, fontsize=11)
     return save_figure(fig, path)
 
 
@@ -189,7 +192,7 @@ def plot_user_reconstruction(original: torch.Tensor, model_input: torch.Tensor, 
     fig, axes = plt.subplots(1, 3, figsize=(7, 2.8), dpi=100)
     panels = ((original, "your image"), (model_input, "as the model sees it"), (reconstruction, "reconstruction"))
     for ax, (img, name) in zip(axes, panels):
-        ax.imshow(img.squeeze().cpu(), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(img.squeeze().detach().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=10)

@@ -11,7 +11,7 @@ import pytest
 import main
 
 ROOT = Path(__file__).resolve().parent.parent
-MNIST_DIR = os.environ.get("MNIST_DIR", "")
+MNIST_DIR = str(Path(os.environ["MNIST_DIR"]).resolve()) if os.environ.get("MNIST_DIR") else ""  # absolute: some tests change folder
 needs_mnist = pytest.mark.skipif(not MNIST_DIR, reason="set MNIST_DIR to a folder with the four MNIST files to run real-data tests")
 
 

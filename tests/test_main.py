@@ -17,9 +17,9 @@ import torch
 import main
 from helpers import ROOT, MNIST_DIR, needs_mnist, run_main, train_args
 
-pytestmark = needs_mnist
 
 
+@needs_mnist
 def test_training_writes_checkpoint_pictures_and_finite_test_loss(trained):
     out = trained.output
     epoch_lines = [l for l in out.splitlines() if l.startswith("epoch ")]
@@ -35,6 +35,7 @@ def test_training_writes_checkpoint_pictures_and_finite_test_loss(trained):
     assert not list(trained.ckpt_dir.glob("*.tmp")) and not list(trained.ckpt_dir.glob(".*"))
 
 
+@needs_mnist
 def test_checkpoint_is_self_describing(trained):
     ckpt = torch.load(trained.ckpt_dir / "last.pt", weights_only=True)
     assert ckpt["format"] == "vae-mnist/1"
@@ -61,11 +62,13 @@ def same_run(a: Path, b: Path) -> None:
         assert ma[key] == mb[key], key
 
 
+@needs_mnist
 def test_same_seed_gives_identical_run(trained, tmp_path):
     run_main(train_args(tmp_path, epochs=2))
     same_run(trained.ckpt_dir, tmp_path / "ckpt")
 
 
+@needs_mnist
 def test_other_seed_gives_other_run(trained, tmp_path):
     run_main(train_args(tmp_path, epochs=1) + ["--seed", "7"])
     a = torch.load(trained.ckpt_dir / "last.pt", weights_only=True)["model"]
@@ -73,6 +76,7 @@ def test_other_seed_gives_other_run(trained, tmp_path):
     assert not torch.equal(a["to_stats.weight"], b["to_stats.weight"])
 
 
+@needs_mnist
 def test_resume_after_one_epoch_equals_uninterrupted(trained, tmp_path):
     run_main(train_args(tmp_path, epochs=1))
     assert torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["epoch"] == 1
@@ -82,11 +86,13 @@ def test_resume_after_one_epoch_equals_uninterrupted(trained, tmp_path):
     same_run(trained.ckpt_dir, tmp_path / "ckpt")
 
 
+@needs_mnist
 def test_resume_refuses_a_changed_model_flag(trained, tmp_path, capsys):
     code, out, err = run_main(["--resume", str(trained.ckpt_dir / "last.pt"), "--latent-dim", "5", "--data-dir", MNIST_DIR])
     assert code == 2 and "--latent-dim" in err and "--resume" in err and len(err.strip().splitlines()) == 1
 
 
+@needs_mnist
 def test_resume_of_a_finished_run_only_evaluates(trained, tmp_path):
     import shutil
 
@@ -104,6 +110,7 @@ def run_cli(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
+@needs_mnist
 def test_ctrl_c_mid_epoch_then_printed_resume_command_matches_uninterrupted(tmp_path):
     common = ["--epochs", "2", "--subset", "16000", "--data-dir", MNIST_DIR, "--iwae-k", "3", "--no-progress", "--no-compile"]
     (tmp_path / "a").mkdir()
@@ -132,6 +139,7 @@ def test_ctrl_c_mid_epoch_then_printed_resume_command_matches_uninterrupted(tmp_
     same_run(tmp_path / "a" / "models_mnist", tmp_path / "b" / "models_mnist")
 
 
+@needs_mnist
 def test_truncated_data_file_is_one_line_exit_2(tmp_path):
     import shutil
 
@@ -146,6 +154,7 @@ def test_truncated_data_file_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "ck" / "best.pt").exists()
 
 
+@needs_mnist
 def test_wrong_content_is_reported_by_md5(tmp_path):
     import gzip
     import shutil
@@ -157,3 +166,31 @@ def test_wrong_content_is_reported_by_md5(tmp_path):
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(raw)))
     code, out, err = run_main(["--data-dir", str(tmp_path), "--checkpoint-dir", str(tmp_path / "ck")])
     assert code == 2 and "md5" in err and "t10k-images-idx3-ubyte.gz" in err
+
+
+@needs_mnist
+def test_readme_notebook_code_runs(trained, tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- notebook:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "models_mnist").mkdir()
+    (tmp_path / "models_mnist" / "best.pt").write_bytes((trained.ckpt_dir / "best.pt").read_bytes())
+    (tmp_path / "data").symlink_to(Path(MNIST_DIR).resolve())
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md notebook block", "exec"), namespace)
+    assert namespace["recon"].shape == (8, 1, 28, 28) and namespace["samples"].shape == (8, 1, 28, 28)
+    assert namespace["ckpt"]["epoch"] == 2 and not namespace["vae"].training
+
+
+def test_offline_without_data_is_one_line_exit_2(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])  # a closed local port: offline
+    target = tmp_path / "nonexistent"
+    code, out, err = run_main(["--data-dir", target, "--checkpoint-dir", tmp_path / "ck"])
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "download failed" in err and "--data-dir" in err
+    assert not target.exists() and not (tmp_path / "ck").exists()

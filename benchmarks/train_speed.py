@@ -1,0 +1,229 @@
+"""Training speed of the project's loop against a naive PyTorch loop, with FLOPs and MFU.
+
+    python benchmarks/train_speed.py --data-dir ../shared/mnist [--full-run]
+
+Prints one `name: value` line per figure, so runs can be compared. Everything runs in one process on the
+current device with the default model at batch 64:
+  - the project's training step (in-memory uint8 data, channels-last, fused Adam, no per-step host sync),
+  - a naive baseline as pytorch/examples writes it: torchvision datasets.MNIST + ToTensor + DataLoader(shuffle=True),
+    the same model and loss, default Adam, loss.item() every step,
+  - model FLOPs per image (forward + backward) from torch.utils.flop_counter, achieved GFLOP/s, and MFU against
+    the fp32 matmul peak measured here on the spot (as nanoGPT reports MFU),
+  - evaluation throughput, and the time of a full default run (measured with --full-run, else extrapolated).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import data  # noqa: E402
+import main  # noqa: E402
+from model import VAE, VAEConfig, neg_elbo_terms  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_gflops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """Best fp32 throughput of a large square matmul: the machine's practical peak for MFU."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = 0.0
+    for _ in range(3):
+        a @ b
+    for size in (n, 2 * n) if device.type == "cpu" else (2 * n, 4 * n):
+        a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+        a @ b
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        sync(device)
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def timed_windows(step, batches, device: torch.device, warmup: int, windows: int, steps: int, batch_size: int) -> float:
+    """Median images/s over `windows` timed windows of `steps` steps, after `warmup` steps."""
+    it = iter(batches())
+    def next_batch():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(batches())
+            return next(it)
+    for _ in range(warmup):
+        step(next_batch())
+    sync(device)
+    rates = []
+    for _ in range(windows):
+        t = time.perf_counter()
+        for _ in range(steps):
+            step(next_batch())
+        sync(device)
+        rates.append(steps * batch_size / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def torchvision_root(data_dir: str, tmp: Path) -> str:
+    """A folder in torchvision's MNIST layout (MNIST/raw with uncompressed files) built from data_dir's files."""
+    raw = tmp / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name, path in data.find_mnist_files(data_dir).items():
+        if path is None:
+            raise SystemExit(f"{data_dir}: missing {name}")
+        payload = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        (raw / name).write_bytes(payload)
+    return str(tmp)
+
+
+def main_() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=os.environ.get("MNIST_DIR", "data"), help="folder with the four MNIST files (default: $MNIST_DIR or data)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--windows", type=int, default=5, help="timed windows per loop; the median is reported (default: 5)")
+    p.add_argument("--steps", type=int, default=60, help="steps per timed window (default: 60)")
+    p.add_argument("--warmup", type=int, default=30, help="untimed steps first (default: 30)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the project's step (default: as main.py does)")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the naive torchvision loop")
+    p.add_argument("--full-run", action="store_true", help="also time a real full default run of main.py (20 epochs + evaluation + pictures)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's table of where the project's training step spends its time")
+    args = p.parse_args()
+
+    device = main.pick_device(args.device)
+    torch.set_flush_denormal(True)  # as main.py does; switched off again for the naive loop below
+    compile_step = main.default_compile(device) if args.compile is None else args.compile
+    print(f"device: {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}")
+    print(f"torch: {torch.__version__}")
+    print(f"threads: {torch.get_num_threads()}")
+    print(f"batch_size: {args.batch_size}")
+    print(f"compile: {compile_step}")
+    mnist = data.load_mnist(args.data_dir, download=False)
+    train_images = mnist["train_images"][:55000].to(device)
+    config = VAEConfig()
+    print(f"model: {config}")
+
+    # --- FLOPs of one training step, counted (not estimated) ---
+    torch.manual_seed(0)
+    probe = VAE(config).to(device)
+    x = data.to_float(train_images[: args.batch_size])
+    with FlopCounterMode(display=False) as counter:
+        logits, mu, logvar = probe(x)
+        bce, kl = neg_elbo_terms(logits, x, mu, logvar)
+        (bce + kl).mean().backward()
+    flops_per_image = counter.get_total_flops() / args.batch_size
+    print(f"model_flops_per_image_fwd_bwd: {flops_per_image / 1e6:.2f} M")
+
+    peak = matmul_peak_gflops(device)
+    print(f"fp32_matmul_peak_gflops: {peak:.1f}")
+
+    # --- the project's loop ---
+    torch.manual_seed(0)
+    model = main.prepare_model(VAE(config).to(device), device)
+    opt = main.make_optimizer(model, 1e-3, device)
+    step = main.train_step_fn(model, opt, compile_step)
+    gen = torch.Generator(device=device).manual_seed(1)
+    shuffle = torch.Generator().manual_seed(0)
+    t = time.perf_counter()
+    project_ips = timed_windows(lambda xb: step(xb, gen, 1.0), lambda: data.batches(train_images, args.batch_size, shuffle),
+                                device, args.warmup, args.windows, args.steps, args.batch_size)
+    print(f"project_images_per_second: {project_ips:.0f}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        it = data.batches(train_images, args.batch_size, shuffle)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(50):
+                step(next(it), gen, 1.0)
+            sync(device)
+        sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25))
+    print(f"project_achieved_gflops: {flops_per_image * project_ips / 1e9:.1f}")
+    print(f"project_mfu_percent: {100 * flops_per_image * project_ips / 1e9 / peak:.1f}")
+
+    # --- the naive loop ---
+    if args.baseline:
+        from torchvision import datasets, transforms
+
+        tmp = Path(tempfile.mkdtemp())
+        try:
+            dataset = datasets.MNIST(torchvision_root(args.data_dir, tmp), train=True, download=False, transform=transforms.ToTensor())
+            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
+            torch.manual_seed(0)
+            naive = VAE(config).to(device)
+            naive_opt = torch.optim.Adam(naive.parameters(), lr=1e-3)
+            total = [0.0]
+
+            def naive_step(batch):
+                xb = batch[0].to(device)
+                naive_opt.zero_grad()
+                logits, mu, logvar = naive(xb)
+                bce, kl = neg_elbo_terms(logits, xb, mu, logvar)
+                loss = (bce + kl).mean()
+                loss.backward()
+                total[0] += loss.item()
+                naive_opt.step()
+
+            torch.set_flush_denormal(False)
+            naive_ips = timed_windows(naive_step, lambda: loader, device, args.warmup, args.windows, args.steps, args.batch_size)
+        finally:
+            shutil.rmtree(tmp)
+        torch.set_flush_denormal(True)
+        print(f"naive_images_per_second: {naive_ips:.0f}")
+        print(f"naive_mfu_percent: {100 * flops_per_image * naive_ips / 1e9 / peak:.1f}")
+        print(f"speedup_over_naive: {project_ips / naive_ips:.2f}")
+
+    # --- evaluation throughput (test-set negative ELBO, as validation computes it) ---
+    test_x = data.to_float(mnist["test_images"].to(device))
+    model.eval()
+    main.neg_elbo(model, test_x[:2000], seed=0)
+    sync(device)
+    t = time.perf_counter()
+    main.neg_elbo(model, test_x, seed=0)
+    sync(device)
+    eval_seconds = time.perf_counter() - t
+    print(f"eval_images_per_second: {len(test_x) / eval_seconds:.0f}")
+    t = time.perf_counter()
+    main.test_metrics(model, test_x[:1000], iwae_k=100, seed=0)
+    sync(device)
+    final_eval_seconds = (time.perf_counter() - t) * len(test_x) / 1000
+    print(f"final_evaluation_seconds_k100: {final_eval_seconds:.1f} (extrapolated from 1,000 test images)")
+
+    epoch_seconds = 55000 / project_ips + 5000 / len(test_x) * eval_seconds
+    print(f"epoch_seconds: {epoch_seconds:.1f} (extrapolated: 55,000 training steps' images at the measured rate + validation)")
+    print(f"full_run_minutes_extrapolated: {(20 * epoch_seconds + final_eval_seconds) / 60:.2f} (20 epochs + final evaluation; data loading and pictures not included)")
+
+    if args.full_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, str(ROOT / "main.py"), "--data-dir", args.data_dir, "--device", args.device,
+                   "--checkpoint-dir", f"{tmp}/ckpt", "--image-dir", f"{tmp}/img", "--no-progress"]
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            if proc.returncode != 0:
+                raise SystemExit(f"full run failed:\n{proc.stderr}")
+            loss_line = next(l for l in proc.stdout.splitlines() if "negative ELBO (test loss)" in l)
+        print(f"full_run_minutes_measured: {wall / 60:.2f} (python main.py, 20 epochs + evaluation + pictures, wall clock)")
+        print(f"full_run_test_loss: {loss_line.split()[-1]}")
+
+
+if __name__ == "__main__":
+    main_()

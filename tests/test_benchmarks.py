@@ -1,0 +1,33 @@
+"""The benchmark scripts run and print their `name: value` figures (tiny settings: a smoke test, not a measurement)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from helpers import MNIST_DIR, ROOT, needs_mnist
+
+pytestmark = needs_mnist
+
+
+def figures(stdout: str) -> dict[str, str]:
+    return {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in stdout.splitlines() if ": " in line}
+
+
+def test_train_speed_prints_every_figure():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--data-dir", MNIST_DIR,
+                           "--windows", "1", "--steps", "3", "--warmup", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    f = figures(proc.stdout)
+    for key in ("project_images_per_second", "naive_images_per_second", "speedup_over_naive", "model_flops_per_image_fwd_bwd",
+                "fp32_matmul_peak_gflops", "project_mfu_percent", "eval_images_per_second", "full_run_minutes_extrapolated"):
+        assert key in f, key
+    assert float(f["project_images_per_second"]) > 0 and 0 < float(f["project_mfu_percent"]) < 100
+
+
+def test_quality_measures_a_finished_run(trained):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--data-dir", MNIST_DIR,
+                           "--reuse", str(trained.ckpt_dir), "--iwae-k", "3"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    f = figures(proc.stdout)
+    assert float(f["test_iwae_nll"]) <= float(f["test_loss"]) + 1.0
+    assert f["iwae_k"] == "3" and f["epochs"] == "2" and "active_units" in f
