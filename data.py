@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -80,7 +81,9 @@ def download_mnist(data_dir: str | os.PathLike) -> None:
                 p.rmdir()
             except OSError:
                 pass
-        reason = " ".join(str(err).split())[:160]
+        text = " ".join(str(err).split())
+        got = re.search(r"got: (.+?)(?= Tried |$)", text)  # torchvision: "... Tried <mirror>, got: <error> ..."
+        reason = got.group(1) if got else text[:160]
         raise DataError(
             f"MNIST is not in {data_dir} and the download failed ({reason}); if you are offline, copy "
             f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
@@ -142,7 +145,7 @@ class ImageError(UserError):
 
 
 def load_digit_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read an image file: (the picture as grayscale intensities, light ink on dark; the (1, 28, 28) model input)."""
+    """Read an image file: (the picture as grayscale intensities in [0, 1], as given; the (1, 28, 28) model input)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -154,10 +157,11 @@ def load_digit_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tenso
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         reason = "not an image file PIL can read" if isinstance(err, UnidentifiedImageError) else f"unreadable image ({err})"
         raise ImageError(f"{path}: {reason}; give a PNG or JPEG of a single digit") from None
-    ink = to_ink(torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0))
+    picture = torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0)
+    ink = to_ink(picture)
     if ink is None:
         raise ImageError(f"{path}: the image is empty or all one colour, so there is no digit to find")
-    return ink, mnist_like(ink)[None]
+    return picture, mnist_like(ink)[None]
 
 
 def flatten_alpha(img):

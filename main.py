@@ -200,6 +200,11 @@ def eval_images(images: torch.Tensor, binarized: bool, seed: int) -> torch.Tenso
     return x
 
 
+def held_out_test_images(mnist: dict[str, torch.Tensor], config: dict, device: torch.device) -> torch.Tensor:
+    """The 10,000 test images as the checkpoint's run evaluates them (binarized once in --binarize runs)."""
+    return eval_images(mnist["test_images"].to(device), config.get("binarize", False), config["seed"])
+
+
 @torch.inference_mode()
 def neg_elbo(model: VAE, x: torch.Tensor, seed: int, batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """Mean negative ELBO, bce and kl per image in nats over float images x, z sampled with a seeded generator."""
@@ -537,7 +542,7 @@ def run_evaluation(checkpoint: str | Path, mnist: dict[str, torch.Tensor], devic
     model, ckpt, device = load_for_use(checkpoint, device_name)
     config = ckpt["config"]
     seed = config["seed"] if seed is None else seed
-    x = eval_images(mnist["test_images"].to(device), config.get("binarize", False), config["seed"])
+    x = held_out_test_images(mnist, config, device)
     t0 = time.perf_counter()
     metrics, mu = test_metrics(model, x, iwae_k, seed)
     metrics |= {"checkpoint": str(checkpoint), "epoch": ckpt.get("epoch"), "binarized": bool(config.get("binarize")),
@@ -592,7 +597,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     model, ckpt, device = load_for_use(args.checkpoint, args.device)
     config = ckpt["config"]
     mnist = data.load_mnist(args.data_dir)
-    x = eval_images(mnist["test_images"].to(device), config.get("binarize", False), config["seed"])
+    x = held_out_test_images(mnist, config, device)
     labels = mnist["test_labels"]
     scores = anomaly_scores(model, x, args.samples, args.seed, args.iwae_k)
     columns = ["score", "bce", "kl"] + (["iwae_nll"] if args.iwae_k else [])
@@ -630,7 +635,7 @@ def test_set_scores(args: argparse.Namespace, model: VAE, config: dict, device: 
             return torch.tensor([float(r.split(",")[2]) for r in rows])
     print("scoring the test set for comparison (run `python main.py score` once to keep these in anomaly_scores.csv)")
     mnist = data.load_mnist(args.data_dir)
-    x = eval_images(mnist["test_images"].to(device), config.get("binarize", False), config["seed"])
+    x = held_out_test_images(mnist, config, device)
     return anomaly_scores(model, x, args.samples, args.seed)["score"]
 
 

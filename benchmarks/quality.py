@@ -59,7 +59,7 @@ def main_() -> None:
         model = main.prepare_model(VAE.from_checkpoint(ckpt_dir / "best.pt", device), device)
         config = last["config"]
         mnist = data.load_mnist(args.data_dir, download=False)
-        x = main.eval_images(mnist["test_images"].to(device), config.get("binarize", False), config["seed"])
+        x = main.held_out_test_images(mnist, config, device)
         t = time.perf_counter()
         metrics, _ = main.test_metrics(model, x, args.iwae_k, config["seed"])
         iwae_seconds = time.perf_counter() - t
