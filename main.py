@@ -345,16 +345,13 @@ def train(args: argparse.Namespace) -> int:
     with StopFlag() as stop:
         while state["epoch"] < config["epochs"] and not stop.stop:
             epoch = state["epoch"] + 1
-            partial = state.pop("partial", None) or None
-            state["partial"] = None
+            partial, state["partial"] = state["partial"], None
             if partial:  # replay this epoch's shuffle, then skip the batches already done
                 shuffle_gen.set_state(partial["shuffle_at_start"])
             shuffle_start = shuffle_gen.get_state()
             first = partial["step"] if partial else 0
             sums = partial["sums"].to(device) if partial else torch.zeros(2, device=device, dtype=torch.float64)
             seconds = partial["seconds"] if partial else 0.0
-            if partial and bin_gen is not None:
-                bin_gen.set_state(partial["binarize"])
             model.train()
             t0 = time.perf_counter()
             bar = tqdm(data.batches(train_x, config["batch_size"], shuffle_gen, start=first), total=n_batches, initial=first,
@@ -380,17 +377,15 @@ def train(args: argparse.Namespace) -> int:
             bar.close()
             seconds += time.perf_counter() - t0
             if done < n_batches:  # interrupted inside the epoch: save a resumable mid-epoch state and stop
-                state["partial"] = {"step": done, "sums": sums.cpu(), "seconds": seconds, "shuffle_at_start": shuffle_start,
-                                    **({"binarize": bin_gen.get_state()} if bin_gen else {})}
+                state["partial"] = {"step": done, "sums": sums.cpu(), "seconds": seconds, "shuffle_at_start": shuffle_start}
                 utils.save_atomic(checkpoint(state["partial"]), ckpt_dir / "last.pt")
                 break
             model.eval()
             val = neg_elbo(model, val_x, config["seed"])
             bce, kl = (sums / len(train_x)).tolist()
-            seconds_total = seconds + 0.0
             state["epoch"] = epoch
             state["history"].append({"epoch": epoch, "train_loss": bce + kl, "train_bce": bce, "train_kl": kl,
-                                     "val_loss": val["loss"], "val_bce": val["bce"], "val_kl": val["kl"], "seconds": seconds_total})
+                                     "val_loss": val["loss"], "val_bce": val["bce"], "val_kl": val["kl"], "seconds": seconds})
             improved = val["loss"] < state["best_val_loss"]
             if improved:
                 state["best_val_loss"] = val["loss"]
@@ -399,7 +394,7 @@ def train(args: argparse.Namespace) -> int:
                 utils.save_atomic(ckpt_now, ckpt_dir / "best.pt")
             utils.save_atomic(ckpt_now, ckpt_dir / "last.pt")
             print(f"epoch {epoch:3d}/{config['epochs']}  train {bce + kl:8.3f}  val {val['loss']:8.3f} "
-                  f"(bce {val['bce']:.3f}, kl {val['kl']:.3f})  {seconds_total:6.1f}s" + ("  saved best.pt" if improved else ""), flush=True)
+                  f"(bce {val['bce']:.3f}, kl {val['kl']:.3f})  {seconds:6.1f}s" + ("  saved best.pt" if improved else ""), flush=True)
 
     if stop.stop:
         print(f"stopped; {ckpt_dir / 'last.pt'} holds the run so far. Resume with:\n  {resume_command(args, ckpt_dir)}", flush=True)
@@ -412,9 +407,9 @@ def train(args: argparse.Namespace) -> int:
 
 def resume_command(args: argparse.Namespace, ckpt_dir: Path) -> str:
     parts = ["python", "main.py", "--resume", str(ckpt_dir / "last.pt")]
+    parser = build_parsers()["train"]
     for flag in ("data_dir", "image_dir", "device"):
-        default = build_parsers()["train"].get_default(flag)
-        if getattr(args, flag) != default:
+        if getattr(args, flag) != parser.get_default(flag):
             parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     if args.epochs is not None:
         parts += ["--epochs", str(args.epochs)]

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import data  # noqa: E402
 import main  # noqa: E402
-from model import VAE, VAEConfig, neg_elbo_terms  # noqa: E402
+from model import VAE, VAEConfig, load_checkpoint, model_config, neg_elbo_terms  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -104,6 +104,8 @@ def main_() -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the project's step (default: as main.py does)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the naive torchvision loop")
     p.add_argument("--full-run", action="store_true", help="also time a real full default run of main.py (20 epochs + evaluation + pictures)")
+    p.add_argument("--init", metavar="CKPT", help="start both loops from this checkpoint's weights and Adam state (steady-state training, "
+                   "where denormals have built up) instead of fresh weights")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table of where the project's training step spends its time")
     args = p.parse_args()
 
@@ -117,7 +119,8 @@ def main_() -> None:
     print(f"compile: {compile_step}")
     mnist = data.load_mnist(args.data_dir, download=False)
     train_images = mnist["train_images"][:55000].to(device)
-    config = VAEConfig()
+    init = load_checkpoint(args.init) if args.init else None
+    config = model_config(init, args.init) if init is not None else VAEConfig()
     print(f"model: {config}")
 
     # --- FLOPs of one training step, counted (not estimated) ---
@@ -138,6 +141,10 @@ def main_() -> None:
     torch.manual_seed(0)
     model = main.prepare_model(VAE(config).to(device), device)
     opt = main.make_optimizer(model, 1e-3, device)
+    if init is not None:
+        print(f"init: {args.init} (epoch {init['epoch']})")
+        model.load_state_dict(init["model"])
+        opt.load_state_dict(init["optimizer"])
     step = main.train_step_fn(model, opt, compile_step)
     gen = torch.Generator(device=device).manual_seed(1)
     shuffle = torch.Generator().manual_seed(0)
@@ -170,6 +177,11 @@ def main_() -> None:
             torch.manual_seed(0)
             naive = VAE(config).to(device)
             naive_opt = torch.optim.Adam(naive.parameters(), lr=1e-3)
+            if init is not None:
+                naive.load_state_dict(init["model"])
+                naive_opt.load_state_dict(init["optimizer"])
+                for group in naive_opt.param_groups:  # the saved groups say fused=True; the naive loop keeps the default
+                    group["fused"], group["foreach"] = None, None
             total = [0.0]
 
             def naive_step(batch):

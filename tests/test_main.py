@@ -194,3 +194,32 @@ def test_offline_without_data_is_one_line_exit_2(tmp_path, monkeypatch):
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and "download failed" in err and "--data-dir" in err
     assert not target.exists() and not (tmp_path / "ck").exists()
+
+
+@needs_mnist
+def test_binarized_resume_equals_uninterrupted(tmp_path):
+    """--binarize draws fresh Bernoulli pixels every step: its generator must resume exactly too."""
+    run_main(train_args(tmp_path / "a", epochs=2, subset=1000) + ["--binarize", "--iwae-k", "1"])
+    run_main(train_args(tmp_path / "b", epochs=1, subset=1000) + ["--binarize", "--iwae-k", "1"])
+    code, out, err = run_main(["--resume", tmp_path / "b" / "ckpt" / "last.pt", "--epochs", "2", "--data-dir", MNIST_DIR,
+                               "--image-dir", tmp_path / "b" / "img", "--iwae-k", "1", "--no-progress"])
+    assert code == 0, err
+    assert torch.load(tmp_path / "a" / "ckpt" / "last.pt", weights_only=True)["config"]["binarize"] is True
+    same_run(tmp_path / "a" / "ckpt", tmp_path / "b" / "ckpt")
+
+
+@pytest.mark.parametrize("broken", ["magic", "md5"])
+def test_bad_idx_files_through_the_cli_are_one_line_exit_2(tmp_path, broken):
+    """Tiny IDX files the test writes: a wrong magic number, or valid files whose content is not MNIST's (md5)."""
+    import idx_helpers
+
+    idx_helpers.write_tiny_mnist(tmp_path, gz=False)
+    if broken == "magic":  # train-images is the first file read
+        path = tmp_path / "train-images-idx3-ubyte"
+        raw = bytearray(path.read_bytes())
+        raw[3] = 7  # magic 2051 -> 2055
+        path.write_bytes(bytes(raw))
+    code, out, err = run_main(["--data-dir", tmp_path, "--checkpoint-dir", tmp_path / "ck", "--no-progress"])
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert ("magic number" in err and "train-images-idx3-ubyte" in err) if broken == "magic" else "md5" in err
+    assert not (tmp_path / "ck").exists()
