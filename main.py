@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 import data
 import utils
-from model import VAE, CheckpointError, VAEConfig, config_dict, iwae_log_weights, iwae_nll, load_checkpoint, model_config, neg_elbo_terms
+from model import (VAE, CheckpointError, VAEConfig, config_dict, iwae_log_weights, iwae_nll, kl_per_dim, load_checkpoint,
+                   model_config, neg_elbo_terms)
 from utils import UserError
 
 COMMANDS = ("train", "evaluate", "sample", "score", "reconstruct")
@@ -437,17 +438,17 @@ def test_metrics(model: VAE, x: torch.Tensor, iwae_k: int, seed: int, batch_size
         xb = x[i : i + batch_size]
         nll_sum += iwae_nll(iwae_log_weights(model, xb, iwae_k, gen)).sum()
         mu, logvar = model.encode(xb)
-        kl_dims += (0.5 * (mu.square() + logvar.exp() - 1 - logvar)).sum(0)
+        kl_dims += kl_per_dim(mu, logvar).sum(0)
         means.append(mu)
     mu = torch.cat(means)
     floor = bce_floor(x).mean().item()
-    kl_per_dim = (kl_dims / len(x)).tolist()
+    kl_means = (kl_dims / len(x)).tolist()
     metrics = {
         "test_loss": elbo["loss"], "test_bce": elbo["bce"], "test_kl": elbo["kl"],
         "test_iwae_nll": nll_sum.item() / len(x), "iwae_k": iwae_k,
         "bce_floor": floor, "bce_above_floor": elbo["bce"] - floor,
         "active_units": int((mu.var(0) > 0.01).sum()), "latent_dim": model.config.latent_dim,
-        "kl_per_dim": kl_per_dim, "images": len(x), "seed": seed,
+        "kl_per_dim": kl_means, "images": len(x), "seed": seed,
     }
     return metrics, mu
 
@@ -474,7 +475,7 @@ INTERPOLATION_PAIRS = ((0, 6), (1, 7), (2, 5), (3, 8), (4, 9), (7, 2))
 
 @torch.inference_mode()
 def draw_pictures(model: VAE, history: list[dict], x: torch.Tensor, labels: torch.Tensor, mu: torch.Tensor,
-                  kl_per_dim: list[float], image_dir: Path, seed: int) -> list[Path]:
+                  kl_means: list[float], image_dir: Path, seed: int) -> list[Path]:
     """Every picture `evaluate` promises, from the model and the test set (float images x, posterior means mu)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     written = [
@@ -498,14 +499,14 @@ def draw_pictures(model: VAE, history: list[dict], x: torch.Tensor, labels: torc
     _, s, v = torch.linalg.svd(centred, full_matrices=False)
     explained = (s.square() / s.square().sum()).tolist()
     written.append(utils.plot_latent_space((centred @ v[:2].T).float(), labels, explained, image_dir / "latent_space.png"))
-    dims = sorted(range(len(kl_per_dim)), key=lambda d: -kl_per_dim[d])[:8]
+    dims = sorted(range(len(kl_means)), key=lambda d: -kl_means[d])[:8]
     values = torch.linspace(-3, 3, 11, device=mu.device)
     rows = []
     for d in dims:
         z = mu[0].repeat(len(values), 1)
         z[:, d] = values
         rows.append(torch.sigmoid(model.decode(z)))
-    written.append(utils.plot_rows(rows, [f"z{d} (KL {kl_per_dim[d]:.1f})" for d in dims],
+    written.append(utils.plot_rows(rows, [f"z{d} (KL {kl_means[d]:.1f})" for d in dims],
                                    f"Latent traversal: the {len(dims)} dimensions with most KL, swept from -3 to 3 (others at a test digit's mean)",
                                    image_dir / "latent_traversal.png", column_labels=[f"{v:+.1f}" for v in values.tolist()]))
     return written
@@ -575,10 +576,9 @@ def anomaly_scores(model: VAE, x: torch.Tensor, samples: int, seed: int, iwae_k:
         xb = x[i : i + batch_size]
         mu, logvar = model.encode(xb)
         bce = torch.zeros(len(xb), device=x.device)
-        for _ in range(samples):
-            logits = model.decode(model.reparameterize(mu, logvar, gen))
-            bce += neg_elbo_terms(logits, xb, mu, logvar)[0]
-        kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum(1)
+        for _ in range(samples):  # kl is analytic: the same for every draw
+            sample_bce, kl = neg_elbo_terms(model.decode(model.reparameterize(mu, logvar, gen)), xb, mu, logvar)
+            bce += sample_bce
         bce /= samples
         out["score"].append(bce + kl)
         out["bce"].append(bce)

@@ -145,8 +145,12 @@ def neg_elbo_terms(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logv
     bce sums the Bernoulli negative log-likelihood over the 784 pixels; kl is KL(q(z|x) || N(0, I)) in closed form.
     """
     bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
-    kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum(1)
-    return bce, kl
+    return bce, kl_per_dim(mu, logvar).sum(1)
+
+
+def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) of each latent dimension in closed form, (B, latent_dim)."""
+    return 0.5 * (mu.square() + logvar.exp() - 1 - logvar)
 
 
 @torch.inference_mode()
