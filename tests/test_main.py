@@ -223,3 +223,24 @@ def test_bad_idx_files_through_the_cli_are_one_line_exit_2(tmp_path, broken):
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert ("magic number" in err and "train-images-idx3-ubyte" in err) if broken == "magic" else "md5" in err
     assert not (tmp_path / "ck").exists()
+
+
+def test_learning_rate_schedules():
+    config = {"lr": 1e-3, "epochs": 10, "lr_schedule": "cosine"}
+    assert main.learning_rate(config, 0) == pytest.approx(1e-3)
+    assert main.learning_rate(config, 5) == pytest.approx(5e-4)
+    assert main.learning_rate(config, 10) == pytest.approx(0, abs=1e-12)
+    assert main.learning_rate(dict(config, lr_schedule="constant"), 7.3) == 1e-3
+
+
+@needs_mnist
+def test_kl_warmup_cosine_and_compile_options_train_and_report_plain_loss(tmp_path):
+    code, out, err = run_main(train_args(tmp_path, epochs=2, subset=640)[:-1]
+                              + ["--kl-warmup", "2", "--lr-schedule", "cosine", "--compile", "--iwae-k", "1"])
+    assert code == 0, err
+    ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    assert ckpt["config"]["kl_warmup"] == 2 and ckpt["config"]["lr_schedule"] == "cosine"
+    for h in ckpt["history"]:  # the reported figures are the plain negative ELBO, whatever the KL weight was
+        assert h["val_loss"] == pytest.approx(h["val_bce"] + h["val_kl"])
+        assert h["train_loss"] == pytest.approx(h["train_bce"] + h["train_kl"])
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] < 1e-3  # the schedule moved the learning rate
