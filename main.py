@@ -108,7 +108,7 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     r.add_argument("--checkpoint-dir", help="where best.pt and last.pt go (default: models_mnist, or the folder of --resume's file)")
     r.add_argument("--resume", nargs="?", const=True, metavar="PATH", help="continue training from a checkpoint (default PATH: CHECKPOINT_DIR/last.pt) with its stored settings")
     r.add_argument("--iwae-k", type=positive_int, default=100, help="importance samples per test image for the final IWAE bound (default: 100)")
-    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the training step (default: off; see the README's speed table)")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the training step (default: off; see the README's speed table)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (epoch lines still print)")
 
     evaluate = Parser(prog="main.py evaluate", description="Test-set metrics (negative ELBO, IWAE bound, active units, KL per dimension) and pictures for a checkpoint; writes metrics.json beside it.")
@@ -237,11 +237,6 @@ def make_optimizer(model: VAE, lr: float, device: torch.device) -> torch.optim.A
     return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
-def default_compile(device: torch.device) -> bool:
-    """Whether --compile is on by default on this device."""
-    return False
-
-
 def train_step_fn(model: VAE, opt: torch.optim.Optimizer, compile_step: bool):
     """One Adam step on a batch; returns the batch's summed bce and kl as tensors (no host sync per step).
 
@@ -321,7 +316,7 @@ def train(args: argparse.Namespace) -> int:
         run_evaluation(ckpt_dir / "best.pt", mnist, args.device, args.image_dir, args.iwae_k, seed=None)
         return 0
 
-    step = train_step_fn(model, opt, default_compile(device) if args.compile is None else args.compile)
+    step = train_step_fn(model, opt, args.compile)
     train_x, val_x = sets["train"], eval_images(sets["val"], config["binarize"], config["seed"])
     n_batches = math.ceil(len(train_x) / config["batch_size"])
     bin_gen = torch.Generator(device=device).manual_seed(config["seed"] + 2) if config["binarize"] else None
@@ -527,15 +522,18 @@ def run_history(checkpoint: Path, ckpt: dict) -> list[dict]:
 
 
 def load_for_use(checkpoint: str | Path, device_name: str) -> tuple[VAE, dict, torch.device]:
+    """The checkpoint's model ready for inference on the chosen device, and the checkpoint itself (read once)."""
     device = pick_device(device_name)
-    ckpt = load_checkpoint(checkpoint)
-    return prepare_model(VAE.from_checkpoint(checkpoint, device), device), ckpt, device
+    ckpt = load_checkpoint(checkpoint, map_location=device)
+    return prepare_model(VAE.from_loaded(ckpt, checkpoint, device), device), ckpt, device
 
 
-def run_evaluation(checkpoint: str | Path, mnist: dict[str, torch.Tensor], device_name: str, image_dir: str, iwae_k: int, seed: int | None) -> dict:
-    """`python main.py evaluate`, also run at the end of training: prints the table, writes metrics.json and the pictures."""
+def run_evaluation(checkpoint: str | Path, mnist: dict[str, torch.Tensor], device_name: str, image_dir: str, iwae_k: int,
+                   seed: int | None, loaded: tuple[VAE, dict, torch.device] | None = None) -> dict:
+    """`python main.py evaluate`, also run at the end of training: prints the table, writes metrics.json and the pictures.
+    `loaded` is load_for_use's result when the caller already has it."""
     checkpoint = Path(checkpoint)
-    model, ckpt, device = load_for_use(checkpoint, device_name)
+    model, ckpt, device = loaded or load_for_use(checkpoint, device_name)
     config = ckpt["config"]
     seed = config["seed"] if seed is None else seed
     x = held_out_test_images(mnist, config, device)
@@ -551,8 +549,8 @@ def run_evaluation(checkpoint: str | Path, mnist: dict[str, torch.Tensor], devic
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    load_checkpoint(args.checkpoint)  # a bad checkpoint is reported before the data set is read
-    run_evaluation(args.checkpoint, data.load_mnist(args.data_dir), args.device, args.image_dir, args.iwae_k, args.seed)
+    loaded = load_for_use(args.checkpoint, args.device)  # a bad checkpoint is reported before the data set is read
+    run_evaluation(args.checkpoint, data.load_mnist(args.data_dir), args.device, args.image_dir, args.iwae_k, args.seed, loaded)
     return 0
 
 

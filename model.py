@@ -130,7 +130,11 @@ class VAE(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "VAE":
         """Rebuild the model a checkpoint describes, on `device`, in eval mode."""
-        ckpt = load_checkpoint(path, map_location=device)
+        return cls.from_loaded(load_checkpoint(path, map_location=device), path, device)
+
+    @classmethod
+    def from_loaded(cls, ckpt: dict, path: str | os.PathLike = "checkpoint", device: str | torch.device = "cpu") -> "VAE":
+        """The same, from a checkpoint dict that load_checkpoint already returned (path only names it in errors)."""
         model = cls(model_config(ckpt, path))
         try:
             model.load_state_dict(ckpt["model"])

@@ -101,7 +101,7 @@ def main_() -> None:
     p.add_argument("--windows", type=int, default=5, help="timed windows per loop; the median is reported (default: 5)")
     p.add_argument("--steps", type=int, default=60, help="steps per timed window (default: 60)")
     p.add_argument("--warmup", type=int, default=30, help="untimed steps first (default: 30)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the project's step (default: as main.py does)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the project's step (default: off, as in main.py)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the naive torchvision loop")
     p.add_argument("--full-run", action="store_true", help="also time a real full default run of main.py (20 epochs + evaluation + pictures)")
     p.add_argument("--init", metavar="CKPT", help="start both loops from this checkpoint's weights and Adam state (steady-state training, "
@@ -111,12 +111,11 @@ def main_() -> None:
 
     device = main.pick_device(args.device)
     torch.set_flush_denormal(True)  # as main.py does; switched off again for the naive loop below
-    compile_step = main.default_compile(device) if args.compile is None else args.compile
     print(f"device: {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}")
     print(f"torch: {torch.__version__}")
     print(f"threads: {torch.get_num_threads()}")
     print(f"batch_size: {args.batch_size}")
-    print(f"compile: {compile_step}")
+    print(f"compile: {args.compile}")
     mnist = data.load_mnist(args.data_dir, download=False)
     train_images = mnist["train_images"][:55000].to(device)
     init = load_checkpoint(args.init) if args.init else None
@@ -145,7 +144,7 @@ def main_() -> None:
         print(f"init: {args.init} (epoch {init['epoch']})")
         model.load_state_dict(init["model"])
         opt.load_state_dict(init["optimizer"])
-    step = main.train_step_fn(model, opt, compile_step)
+    step = main.train_step_fn(model, opt, args.compile)
     gen = torch.Generator(device=device).manual_seed(1)
     shuffle = torch.Generator().manual_seed(0)
     t = time.perf_counter()
