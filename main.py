@@ -100,8 +100,11 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     m = train.add_argument_group("model")
     m.add_argument("--latent-dim", type=positive_int, help=f"size of z (default: {MODEL_DEFAULTS['latent_dim']})")
     m.add_argument("--channels", type=positive_int, nargs=2, metavar=("C1", "C2"), help=f"widths of the two stride-2 conv layers (default: {' '.join(map(str, MODEL_DEFAULTS['channels']))})")
-    m.add_argument("--hidden-dim", type=int, help=f"fully connected layer between conv features and z, 0 for none (default: {MODEL_DEFAULTS['hidden_dim']})")
+    m.add_argument("--hidden-dim", type=int, help=f"width of the fully connected layers between conv features and z, 0 for none (default: {MODEL_DEFAULTS['hidden_dim']})")
+    m.add_argument("--fc-layers", type=positive_int, help=f"number of those fully connected layers, in encoder and decoder each (default: {MODEL_DEFAULTS['fc_layers']})")
     m.add_argument("--res-blocks", type=int, help=f"residual blocks at 7x7 in encoder and decoder (default: {MODEL_DEFAULTS['res_blocks']})")
+    m.add_argument("--out-conv", type=int, help=f"channels of an extra 3x3 convolution at 28x28 that makes the output logits, 0 for none (default: {MODEL_DEFAULTS['out_conv']})")
+    m.add_argument("--norm", choices=["none", "batch"], help=f"normalisation after the hidden convolutions (default: {MODEL_DEFAULTS['norm']})")
     m.add_argument("--activation", choices=["relu", "silu", "elu", "leaky_relu", "gelu"], help=f"nonlinearity (default: {MODEL_DEFAULTS['activation']})")
     r = train.add_argument_group("files and running")
     add_common(r, checkpoint=False)
@@ -166,8 +169,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict | None, Path]:
         return config, None, Path(args.checkpoint_dir or "models_mnist")
     path = Path(args.checkpoint_dir or "models_mnist") / "last.pt" if args.resume is True else Path(args.resume)
     ckpt = load_checkpoint(path)
-    model_config(ckpt, path)  # validates the stored architecture
-    config = dict(ckpt["config"])
+    # the stored architecture, validated; settings added to the code after the checkpoint was written take their defaults
+    config = dict(ckpt["config"]) | config_dict(model_config(ckpt, path))
     for key in keys:
         if key in given and key != "epochs" and given[key] != config.get(key):
             flag = "--" + key.replace("_", "-")

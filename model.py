@@ -30,18 +30,23 @@ class VAEConfig:
 
     latent_dim: int = 32
     channels: tuple[int, int] = (32, 64)  # widths of the two stride-2 convs (28 -> 14 -> 7); the decoder mirrors them
-    hidden_dim: int = 512  # fully connected layer between the 7x7 feature map and the latent; 0 for none
+    hidden_dim: int = 512  # width of the fully connected layers between the 7x7 feature map and the latent; 0 for none
+    fc_layers: int = 1  # how many such layers, in the encoder and again in the decoder
     res_blocks: int = 0  # residual 3x3 blocks at 7x7, in the encoder and again in the decoder
     activation: str = "silu"
+    norm: str = "none"  # "batch": BatchNorm after every hidden convolution
+    out_conv: int = 0  # width of an extra 3x3 conv at 28x28 that makes the logits (0: the last transposed conv makes them)
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
         if len(self.channels) != 2 or min(self.channels) < 1:
             raise ValueError(f"channels must be two positive widths, got {self.channels}")
-        if self.latent_dim < 1 or self.hidden_dim < 0 or self.res_blocks < 0:
+        if self.latent_dim < 1 or self.hidden_dim < 0 or self.res_blocks < 0 or self.fc_layers < 1 or self.out_conv < 0:
             raise ValueError(f"invalid VAE config: {self}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.norm not in ("none", "batch"):
+            raise ValueError(f"norm must be 'none' or 'batch', got {self.norm!r}")
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU}
@@ -70,22 +75,27 @@ class VAE(nn.Module):
         c1, c2 = config.channels
         act = ACTIVATIONS[config.activation]
         flat = c2 * 7 * 7
-        encoder: list[nn.Module] = [nn.Conv2d(1, c1, 4, 2, 1), act(), nn.Conv2d(c1, c2, 4, 2, 1)]
+        norm = (lambda c: [nn.BatchNorm2d(c)]) if config.norm == "batch" else (lambda c: [])
+        encoder: list[nn.Module] = [nn.Conv2d(1, c1, 4, 2, 1), *norm(c1), act(), nn.Conv2d(c1, c2, 4, 2, 1), *norm(c2)]
         encoder += [ResBlock(c2, act) for _ in range(config.res_blocks)]
         encoder += [act(), nn.Flatten()]
-        if config.hidden_dim:
-            encoder += [nn.Linear(flat, config.hidden_dim), act()]
+        hidden = [config.hidden_dim] * config.fc_layers if config.hidden_dim else []
+        for n_in, n_out in zip([flat] + hidden, hidden):
+            encoder += [nn.Linear(n_in, n_out), act()]
         self.encoder = nn.Sequential(*encoder)
         self.to_stats = nn.Linear(config.hidden_dim or flat, 2 * config.latent_dim)  # mu and logvar in one matmul
 
         decoder: list[nn.Module] = []
-        if config.hidden_dim:
-            decoder += [nn.Linear(config.latent_dim, config.hidden_dim), act(), nn.Linear(config.hidden_dim, flat)]
-        else:
-            decoder += [nn.Linear(config.latent_dim, flat)]
+        for n_in, n_out in zip([config.latent_dim] + hidden, hidden):
+            decoder += [nn.Linear(n_in, n_out), act()]
+        decoder += [nn.Linear(hidden[-1] if hidden else config.latent_dim, flat)]
         decoder += [nn.Unflatten(1, (c2, 7, 7))]
         decoder += [ResBlock(c2, act) for _ in range(config.res_blocks)]
-        decoder += [act(), nn.ConvTranspose2d(c2, c1, 4, 2, 1), act(), nn.ConvTranspose2d(c1, 1, 4, 2, 1)]
+        decoder += [act(), nn.ConvTranspose2d(c2, c1, 4, 2, 1), *norm(c1), act()]
+        if config.out_conv:
+            decoder += [nn.ConvTranspose2d(c1, config.out_conv, 4, 2, 1), *norm(config.out_conv), act(), nn.Conv2d(config.out_conv, 1, 3, padding=1)]
+        else:
+            decoder += [nn.ConvTranspose2d(c1, 1, 4, 2, 1)]
         self.decoder = nn.Sequential(*decoder)
 
     @staticmethod

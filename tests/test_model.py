@@ -15,7 +15,7 @@ import model
 import utils
 from model import VAE, VAEConfig
 
-SMALL = dict(latent_dim=8, channels=(8, 16), hidden_dim=0)
+SMALL = dict(latent_dim=8, channels=(8, 16), hidden_dim=0, res_blocks=0)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,6 +52,7 @@ CONFIGS = {
     "default": {},
     "small_no_hidden": SMALL,
     "res_block": dict(latent_dim=6, channels=(8, 16), hidden_dim=32, res_blocks=1, activation="silu"),
+    "out_conv_batch_norm": dict(SMALL, out_conv=4, norm="batch"),
 }
 
 
@@ -85,7 +86,7 @@ def test_vae_shapes(name):
 
 def test_res_blocks_change_architecture():
     plain = make_model(**SMALL)
-    deep = make_model(**SMALL, res_blocks=1)
+    deep = make_model(**dict(SMALL, res_blocks=1))
     n_plain = sum(p.numel() for p in plain.parameters())
     n_deep = sum(p.numel() for p in deep.parameters())
     c2 = SMALL["channels"][1]
@@ -93,8 +94,43 @@ def test_res_blocks_change_architecture():
     assert n_deep - n_plain == 2 * per_block  # one block in the encoder, one in the decoder
 
 
+def test_fc_layers_add_hidden_layers_in_encoder_and_decoder():
+    one = make_model(**dict(SMALL, hidden_dim=16))
+    three = make_model(**dict(SMALL, hidden_dim=16), fc_layers=3)
+    extra = sum(p.numel() for p in three.parameters()) - sum(p.numel() for p in one.parameters())
+    assert extra == 2 * 2 * (16 * 16 + 16)  # two more 16x16 layers with bias, in the encoder and in the decoder
+    assert three(fake_images(2), generator=torch.Generator().manual_seed(0))[0].shape == (2, 1, 28, 28)
+    with pytest.raises(ValueError):
+        VAEConfig(fc_layers=0)
+
+
+def test_out_conv_adds_a_full_resolution_layer_before_the_logits():
+    plain = make_model(**SMALL)
+    wide = make_model(**SMALL, out_conv=4)
+    c1 = SMALL["channels"][0]
+    extra = (c1 * 4 * 16 + 4) + (4 * 9 + 1) - (c1 * 16 + 1)  # transposed conv c1->4 and 3x3 conv 4->1 replace transposed conv c1->1
+    assert sum(p.numel() for p in wide.parameters()) - sum(p.numel() for p in plain.parameters()) == extra
+    assert isinstance(wide.decoder[-1], torch.nn.Conv2d) and wide.decoder[-1].out_channels == 1
+    with pytest.raises(ValueError):
+        VAEConfig(out_conv=-1)
+
+
+def test_batch_norm_option_adds_norm_layers_and_evaluates_per_image():
+    m = make_model(**SMALL, norm="batch")
+    assert sum(isinstance(layer, torch.nn.BatchNorm2d) for layer in m.modules()) == 3
+    m.train()
+    m(fake_images(8), generator=torch.Generator().manual_seed(0))  # updates the running statistics
+    m.eval()
+    x = fake_images(4, seed=3)
+    alone = m.decode(m.encode(x[:1])[0])
+    batched = m.decode(m.encode(x)[0])[:1]
+    assert torch.allclose(alone, batched, atol=1e-5)  # eval mode uses running statistics, not the batch's
+    with pytest.raises(ValueError):
+        VAEConfig(norm="layer")
+
+
 def test_gradients_reach_every_parameter():
-    m = make_model(**SMALL, res_blocks=1)
+    m = make_model(**dict(SMALL, hidden_dim=16, res_blocks=1), fc_layers=2, out_conv=4)
     x = fake_images(4)
     logits, mu, logvar = m(x, generator=torch.Generator().manual_seed(0))
     bce, kl = model.neg_elbo_terms(logits, x, mu, logvar)
