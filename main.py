@@ -34,7 +34,7 @@ EVAL_BATCH = 1000
 # `epochs` may change, because any other change would no longer continue the same run.
 TRAIN_DEFAULTS = dict(
     epochs=20, batch_size=64, lr=1e-3, seed=1, val_size=5000, subset=None, exclude_digit=None,
-    binarize=False, kl_warmup=0, lr_schedule="constant",
+    binarize=False, kl_warmup=0, lr_schedule="constant", precision="auto",
 )
 MODEL_DEFAULTS = config_dict(VAEConfig())
 
@@ -97,6 +97,8 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     g.add_argument("--binarize", action="store_true", default=None, help="dynamically binarized MNIST (pixels resampled as Bernoulli every draw; test set binarized once), as in the literature")
     g.add_argument("--kl-warmup", type=int, help="epochs over which the KL weight ramps from 0 to 1 (default: 0, none); reported losses are always the plain BCE + KL")
     g.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning rate over the run: constant, or cosine decay to 0 (default: constant)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="arithmetic of the training step: bf16 autocast (weights, Adam and every "
+                   "reported loss stay fp32) or plain fp32; auto picks bf16 on CUDA GPUs with bf16 and on CPUs with Intel AMX, fp32 elsewhere (default: auto)")
     m = train.add_argument_group("model")
     m.add_argument("--latent-dim", type=positive_int, help=f"size of z (default: {MODEL_DEFAULTS['latent_dim']})")
     m.add_argument("--channels", type=positive_int, nargs=2, metavar=("C1", "C2"), help=f"widths of the two stride-2 conv layers (default: {' '.join(map(str, MODEL_DEFAULTS['channels']))})")
@@ -137,6 +139,25 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     return {"train": train, "evaluate": evaluate, "sample": sample, "score": score, "reconstruct": reconstruct}
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX tiles (native bf16 matrix units), as torch's own CPU feature check reports it."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so guarded: absent means "no"
+    return bool(check()) if check is not None else False
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """The training step's arithmetic: bf16 autocast where the hardware multiplies bf16 natively, else fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
+    if name == "bf16" and device.type == "mps":
+        raise UserError("--precision bf16 is supported on cpu and cuda; on mps use --precision fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this GPU has no bf16 support; use --precision fp32")
+    return name
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -171,6 +192,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict | None, Path]:
     ckpt = load_checkpoint(path)
     # the stored architecture, validated; settings added to the code after the checkpoint was written take their defaults
     config = dict(ckpt["config"]) | config_dict(model_config(ckpt, path))
+    config.setdefault("precision", "fp32")  # runs from before --precision existed trained in fp32
     for key in keys:
         if key in given and key != "epochs" and given[key] != config.get(key):
             flag = "--" + key.replace("_", "-")
@@ -240,17 +262,22 @@ def make_optimizer(model: VAE, lr: float, device: torch.device) -> torch.optim.A
     return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
-def train_step_fn(model: VAE, opt: torch.optim.Optimizer, compile_step: bool):
+def train_step_fn(model: VAE, opt: torch.optim.Optimizer, compile_step: bool, precision: str = "fp32"):
     """One Adam step on a batch; returns the batch's summed bce and kl as tensors (no host sync per step).
 
     The noise is drawn outside the differentiable part, so the compiled and the eager step consume the
     same random numbers; kl_weight is a tensor so that KL warm-up does not trigger recompiles.
+    With precision "bf16" the convolutions and matrix products run in bf16 (torch.autocast); the loss is
+    computed in fp32 from their outputs, and the weights and Adam's state stay fp32.
     """
+    device_type = next(model.parameters()).device.type
 
     def loss_terms(x: torch.Tensor, eps: torch.Tensor, kl_weight: torch.Tensor):
-        mu, logvar = model.encode(x)
-        logits = model.decode(mu + eps * torch.exp(0.5 * logvar))
-        bce, kl = neg_elbo_terms(logits, x, mu, logvar)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            mu, logvar = model.encode(x)
+            logits = model.decode(mu + eps * torch.exp(0.5 * logvar))
+        mu, logvar = mu.float(), logvar.float()
+        bce, kl = neg_elbo_terms(logits.float(), x, mu, logvar)
         return (bce + kl_weight * kl).mean(), bce.detach().sum(), kl.detach().sum()
 
     if compile_step:
@@ -297,6 +324,7 @@ def learning_rate(config: dict, epoch_progress: float) -> float:
 def train(args: argparse.Namespace) -> int:
     config, ckpt, ckpt_dir = resolve_config(args)
     device = pick_device(args.device)
+    config["precision"] = pick_precision(config["precision"], device)
     mnist = data.load_mnist(args.data_dir)
     sets = prepare_data(config, mnist, device)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -319,13 +347,14 @@ def train(args: argparse.Namespace) -> int:
         run_evaluation(ckpt_dir / "best.pt", mnist, args.device, args.image_dir, args.iwae_k, seed=None)
         return 0
 
-    step = train_step_fn(model, opt, args.compile)
+    step = train_step_fn(model, opt, args.compile, config["precision"])
     train_x, val_x = sets["train"], eval_images(sets["val"], config["binarize"], config["seed"])
     n_batches = math.ceil(len(train_x) / config["batch_size"])
     bin_gen = torch.Generator(device=device).manual_seed(config["seed"] + 2) if config["binarize"] else None
     if bin_gen is not None and ckpt is not None:
         bin_gen.set_state(ckpt["rng"]["binarize"])
-    print(f"training on {len(train_x)} images ({len(val_x)} for validation) on {device}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(f"training on {len(train_x)} images ({len(val_x)} for validation) on {device} ({config['precision']}), "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
     def checkpoint(partial: dict | None = None) -> dict:
         return {

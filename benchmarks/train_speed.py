@@ -4,11 +4,12 @@
 
 Prints one `name: value` line per figure, so runs can be compared. Everything runs in one process on the
 current device with the default model at batch 64:
-  - the project's training step (in-memory uint8 data, channels-last, fused Adam, no per-step host sync),
+  - the project's training step (in-memory uint8 data, channels-last, fused Adam, no per-step host sync, and bf16
+    autocast where main.py's --precision auto picks it),
   - a naive baseline as pytorch/examples writes it: torchvision datasets.MNIST + ToTensor + DataLoader(shuffle=True),
     the same model and loss, default Adam, loss.item() every step,
   - model FLOPs per image (forward + backward) from torch.utils.flop_counter, achieved GFLOP/s, and MFU against
-    the fp32 matmul peak measured here on the spot (as nanoGPT reports MFU),
+    the fp32 matmul peak measured here on the spot (as nanoGPT reports MFU); with bf16, also against the bf16 peak,
   - evaluation throughput, and the time of a full default run (measured with --full-run, else extrapolated).
 """
 from __future__ import annotations
@@ -40,14 +41,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak_gflops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 throughput of a large square matmul: the machine's practical peak for MFU."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 10) -> float:
+    """Best throughput of a large square matmul in `dtype`: the machine's practical peak for MFU."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
     for _ in range(3):
         a @ b
     for size in (n, 2 * n) if device.type == "cpu" else (2 * n, 4 * n):
-        a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+        a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
         a @ b
         sync(device)
         t = time.perf_counter()
@@ -101,6 +102,7 @@ def main_() -> None:
     p.add_argument("--windows", type=int, default=5, help="timed windows per loop; the median is reported (default: 5)")
     p.add_argument("--steps", type=int, default=60, help="steps per timed window (default: 60)")
     p.add_argument("--warmup", type=int, default=30, help="untimed steps first (default: 30)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the project's training step arithmetic, as main.py's --precision (default: auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the project's step (default: off, as in main.py)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the naive torchvision loop")
     p.add_argument("--full-run", action="store_true", help="also time a real full default run of main.py (20 epochs + evaluation + pictures)")
@@ -116,6 +118,8 @@ def main_() -> None:
     print(f"threads: {torch.get_num_threads()}")
     print(f"batch_size: {args.batch_size}")
     print(f"compile: {args.compile}")
+    precision = main.pick_precision(args.precision, device)
+    print(f"precision: {precision}")
     mnist = data.load_mnist(args.data_dir, download=False)
     train_images = mnist["train_images"][:55000].to(device)
     init = load_checkpoint(args.init) if args.init else None
@@ -135,6 +139,9 @@ def main_() -> None:
 
     peak = matmul_peak_gflops(device)
     print(f"fp32_matmul_peak_gflops: {peak:.1f}")
+    peak_bf16 = matmul_peak_gflops(device, torch.bfloat16) if precision == "bf16" else None
+    if peak_bf16:
+        print(f"bf16_matmul_peak_gflops: {peak_bf16:.1f}")
 
     # --- the project's loop ---
     torch.manual_seed(0)
@@ -144,7 +151,7 @@ def main_() -> None:
         print(f"init: {args.init} (epoch {init['epoch']})")
         model.load_state_dict(init["model"])
         opt.load_state_dict(init["optimizer"])
-    step = main.train_step_fn(model, opt, args.compile)
+    step = main.train_step_fn(model, opt, args.compile, precision)
     gen = torch.Generator(device=device).manual_seed(1)
     shuffle = torch.Generator().manual_seed(0)
     t = time.perf_counter()
@@ -163,7 +170,9 @@ def main_() -> None:
         sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=25))
     print(f"project_achieved_gflops: {flops_per_image * project_ips / 1e9:.1f}")
-    print(f"project_mfu_percent: {100 * flops_per_image * project_ips / 1e9 / peak:.1f}")
+    print(f"project_mfu_percent: {100 * flops_per_image * project_ips / 1e9 / peak:.1f}")  # of the fp32 peak
+    if peak_bf16:
+        print(f"project_mfu_percent_of_bf16_peak: {100 * flops_per_image * project_ips / 1e9 / peak_bf16:.1f}")
 
     # --- the naive loop ---
     if args.baseline:
@@ -224,7 +233,7 @@ def main_() -> None:
 
     if args.full_run:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, str(ROOT / "main.py"), "--data-dir", args.data_dir, "--device", args.device,
+            cmd = [sys.executable, str(ROOT / "main.py"), "--data-dir", args.data_dir, "--device", args.device, "--precision", args.precision,
                    "--checkpoint-dir", f"{tmp}/ckpt", "--image-dir", f"{tmp}/img", "--no-progress"]
             t = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -244,3 +244,55 @@ def test_kl_warmup_cosine_and_compile_options_train_and_report_plain_loss(tmp_pa
         assert h["val_loss"] == pytest.approx(h["val_bce"] + h["val_kl"])
         assert h["train_loss"] == pytest.approx(h["train_bce"] + h["train_kl"])
     assert ckpt["optimizer"]["param_groups"][0]["lr"] < 1e-3  # the schedule moved the learning rate
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(main, "cpu_has_amx", lambda: False)
+    assert main.pick_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(main, "cpu_has_amx", lambda: True)
+    assert main.pick_precision("auto", cpu) == "bf16"
+    assert main.pick_precision("fp32", cpu) == "fp32" and main.pick_precision("bf16", cpu) == "bf16"
+    assert main.pick_precision("auto", torch.device("mps")) == "fp32"
+    with pytest.raises(main.UserError, match="--precision fp32"):
+        main.pick_precision("bf16", torch.device("mps"))
+
+
+def test_bf16_step_rounds_but_keeps_fp32_weights_and_loss():
+    from model import VAE
+
+    x = torch.rand(16, 1, 28, 28) ** 3
+    results = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = main.prepare_model(VAE(latent_dim=8, channels=(8, 16), hidden_dim=32), torch.device("cpu"))
+        opt = main.make_optimizer(model, 1e-3, torch.device("cpu"))
+        step = main.train_step_fn(model, opt, compile_step=False, precision=precision)
+        bce, kl = step(x, torch.Generator().manual_seed(1), 1.0)
+        assert bce.dtype == torch.float32 and kl.dtype == torch.float32
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(v.dtype == torch.float32 for state in opt.state.values() for k, v in state.items() if k != "step")
+        results[precision] = (bce.item(), kl.item(), [p.detach().clone() for p in model.parameters()])
+    (bce32, kl32, w32), (bce16, kl16, w16) = results["fp32"], results["bf16"]
+    assert bce16 != bce32  # bf16 arithmetic really ran
+    assert bce16 == pytest.approx(bce32, rel=1e-2) and kl16 == pytest.approx(kl32, rel=5e-2, abs=1e-2)
+    assert all(torch.allclose(a, b, atol=2e-3) for a, b in zip(w32, w16))  # one Adam step moves each weight by about lr
+
+
+@needs_mnist
+def test_precision_is_stored_and_kept_on_resume(tmp_path):
+    code, _, err = run_main(train_args(tmp_path, epochs=1, subset=640) + ["--precision", "bf16"])
+    assert code == 0, err
+    last = tmp_path / "ckpt" / "last.pt"
+    assert torch.load(last, weights_only=True)["config"]["precision"] == "bf16"
+    code, _, err = run_main(["--resume", str(last), "--epochs", "2", "--precision", "fp32", "--data-dir", MNIST_DIR])
+    assert code == 2 and "--precision" in err and len(err.strip().splitlines()) == 1
+
+    # a checkpoint from before --precision existed resumes in fp32, the arithmetic it was trained with
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["config"]["precision"]
+    torch.save(ckpt, last)
+    code, out, err = run_main(["--resume", str(last), "--epochs", "2", "--data-dir", MNIST_DIR, "--image-dir", str(tmp_path / "img"),
+                               "--iwae-k", "1", "--no-progress"])
+    assert code == 0, err
+    assert "(fp32)" in out and torch.load(last, weights_only=True)["config"]["precision"] == "fp32"
