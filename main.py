@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -34,8 +35,10 @@ EVAL_BATCH = 1000
 # `epochs` may change, because any other change would no longer continue the same run.
 TRAIN_DEFAULTS = dict(
     epochs=20, batch_size=64, lr=1e-3, seed=1, val_size=5000, subset=None, exclude_digit=None,
-    binarize=False, kl_warmup=0, lr_schedule="constant", precision="auto",
+    binarize=False, kl_warmup=0, lr_schedule="constant", precision="auto", ema=0.0,
 )
+# What a checkpoint written before a setting existed was trained with, so that --resume continues it faithfully.
+SETTINGS_BEFORE_THEY_EXISTED = dict(precision="fp32", ema=0.0)
 MODEL_DEFAULTS = config_dict(VAEConfig())
 
 
@@ -60,6 +63,13 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def decay(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text}")
     return value
 
 
@@ -97,6 +107,9 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     g.add_argument("--binarize", action="store_true", default=None, help="dynamically binarized MNIST (pixels resampled as Bernoulli every draw; test set binarized once), as in the literature")
     g.add_argument("--kl-warmup", type=int, help="epochs over which the KL weight ramps from 0 to 1 (default: 0, none); reported losses are always the plain BCE + KL")
     g.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning rate over the run: constant, or cosine decay to 0 (default: constant)")
+    g.add_argument("--ema", type=decay, metavar="DECAY", help="keep an exponential moving average of the weights (Polyak averaging): after every Adam step, "
+                   "average = DECAY * average + (1 - DECAY) * weights; validation, best.pt and the evaluation use the average, "
+                   f"the optimizer keeps training the weights. 0 turns it off (default: {TRAIN_DEFAULTS['ema']})")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="arithmetic of the training step: bf16 autocast (weights, Adam and every "
                    "reported loss stay fp32) or plain fp32; auto picks bf16 on CUDA GPUs with bf16 and on CPUs with Intel AMX, fp32 elsewhere (default: auto)")
     m = train.add_argument_group("model")
@@ -192,7 +205,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict | None, Path]:
     ckpt = load_checkpoint(path)
     # the stored architecture, validated; settings added to the code after the checkpoint was written take their defaults
     config = dict(ckpt["config"]) | config_dict(model_config(ckpt, path))
-    config.setdefault("precision", "fp32")  # runs from before --precision existed trained in fp32
+    for key, value in SETTINGS_BEFORE_THEY_EXISTED.items():
+        config.setdefault(key, value)
     for key in keys:
         if key in given and key != "epochs" and given[key] != config.get(key):
             flag = "--" + key.replace("_", "-")
@@ -262,8 +276,10 @@ def make_optimizer(model: VAE, lr: float, device: torch.device) -> torch.optim.A
     return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
-def train_step_fn(model: VAE, opt: torch.optim.Optimizer, compile_step: bool, precision: str = "fp32"):
-    """One Adam step on a batch; returns the batch's summed bce and kl as tensors (no host sync per step).
+def train_step_fn(model: VAE, opt: torch.optim.Optimizer, compile_step: bool, precision: str = "fp32",
+                  average: "WeightAverage | None" = None):
+    """One Adam step on a batch (and the weight average's update, if any); returns the batch's summed bce and kl
+    as tensors (no host sync per step).
 
     The noise is drawn outside the differentiable part, so the compiled and the eager step consume the
     same random numbers; kl_weight is a tensor so that KL warm-up does not trigger recompiles.
@@ -289,9 +305,31 @@ def train_step_fn(model: VAE, opt: torch.optim.Optimizer, compile_step: bool, pr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if average is not None:
+            average.update()
         return bce, kl
 
     return step
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (and float buffers), updated after every step in one
+    fused pass (no host sync). The decay ramps up as min(decay, (1 + t) / (10 + t)) over the first steps, so a
+    short run is not dominated by the initial weights."""
+
+    def __init__(self, model: VAE, decay: float, updates: int = 0) -> None:
+        self.decay, self.updates = decay, updates
+        self.model = copy.deepcopy(model)
+        self.live = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        self.avg = [t for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point()]
+        for t in self.model.parameters():
+            t.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.avg, self.live, 1 - decay)
+        self.updates += 1
 
 
 class StopFlag:
@@ -332,11 +370,15 @@ def train(args: argparse.Namespace) -> int:
     torch.manual_seed(config["seed"])
     model = prepare_model(VAE(VAEConfig(**{k: config[k] for k in MODEL_DEFAULTS})), device)
     opt = make_optimizer(model, config["lr"], device)
+    average = WeightAverage(model, config["ema"]) if config["ema"] else None
+    evaluated = average.model if average else model  # the weights that are validated, saved as "model" and evaluated
     shuffle_gen = torch.Generator().manual_seed(config["seed"])
     noise_gen = torch.Generator(device=device).manual_seed(config["seed"] + 1)
     state = {"epoch": 0, "best_val_loss": math.inf, "history": [], "partial": None}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["train_weights"] if average else ckpt["model"])
+        if average:
+            average.model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         shuffle_gen.set_state(ckpt["rng"]["shuffle"])
         noise_gen.set_state(ckpt["rng"]["noise"])
@@ -347,9 +389,11 @@ def train(args: argparse.Namespace) -> int:
         run_evaluation(ckpt_dir / "best.pt", mnist, args.device, args.image_dir, args.iwae_k, seed=None)
         return 0
 
-    step = train_step_fn(model, opt, args.compile, config["precision"])
     train_x, val_x = sets["train"], eval_images(sets["val"], config["binarize"], config["seed"])
     n_batches = math.ceil(len(train_x) / config["batch_size"])
+    if average and ckpt is not None:  # the steps taken so far set where the average's decay ramp stands
+        average.updates = state["epoch"] * n_batches + (state["partial"]["step"] if state["partial"] else 0)
+    step = train_step_fn(model, opt, args.compile, config["precision"], average)
     bin_gen = torch.Generator(device=device).manual_seed(config["seed"] + 2) if config["binarize"] else None
     if bin_gen is not None and ckpt is not None:
         bin_gen.set_state(ckpt["rng"]["binarize"])
@@ -360,7 +404,8 @@ def train(args: argparse.Namespace) -> int:
         return {
             "format": "vae-mnist/1",
             "config": config,
-            "model": model.state_dict(),
+            "model": evaluated.state_dict(),
+            **({"train_weights": model.state_dict()} if average else {}),
             "optimizer": opt.state_dict(),
             "epoch": state["epoch"],
             "best_val_loss": state["best_val_loss"],
@@ -408,8 +453,8 @@ def train(args: argparse.Namespace) -> int:
                 state["partial"] = {"step": done, "sums": sums.cpu(), "seconds": seconds, "shuffle_at_start": shuffle_start}
                 utils.save_atomic(checkpoint(state["partial"]), ckpt_dir / "last.pt")
                 break
-            model.eval()
-            val = neg_elbo(model, val_x, config["seed"])
+            evaluated.eval()
+            val = neg_elbo(evaluated, val_x, config["seed"])
             bce, kl = (sums / len(train_x)).tolist()
             state["epoch"] = epoch
             state["history"].append({"epoch": epoch, "train_loss": bce + kl, "train_bce": bce, "train_kl": kl,

@@ -149,7 +149,7 @@ def main_() -> None:
     opt = main.make_optimizer(model, 1e-3, device)
     if init is not None:
         print(f"init: {args.init} (epoch {init['epoch']})")
-        model.load_state_dict(init["model"])
+        model.load_state_dict(init.get("train_weights", init["model"]))
         opt.load_state_dict(init["optimizer"])
     step = main.train_step_fn(model, opt, args.compile, precision)
     gen = torch.Generator(device=device).manual_seed(1)
@@ -186,7 +186,7 @@ def main_() -> None:
             naive = VAE(config).to(device)
             naive_opt = torch.optim.Adam(naive.parameters(), lr=1e-3)
             if init is not None:
-                naive.load_state_dict(init["model"])
+                naive.load_state_dict(init.get("train_weights", init["model"]))
                 naive_opt.load_state_dict(init["optimizer"])
                 for group in naive_opt.param_groups:  # the saved groups say fused=True; the naive loop keeps the default
                     group["fused"], group["foreach"] = None, None

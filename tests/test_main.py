@@ -51,8 +51,10 @@ def test_checkpoint_is_self_describing(trained):
 def same_run(a: Path, b: Path) -> None:
     """Two checkpoint folders hold bitwise-identical weights, optimizer state, history (but wall time) and test figures."""
     ca, cb = (torch.load(d / "last.pt", weights_only=True) for d in (a, b))
-    for key in ca["model"]:
-        assert torch.equal(ca["model"][key], cb["model"][key]), key
+    assert ("train_weights" in ca) == ("train_weights" in cb)
+    for weights in ("model", "train_weights") if "train_weights" in ca else ("model",):
+        for key in ca[weights]:
+            assert torch.equal(ca[weights][key], cb[weights][key]), (weights, key)
     for pa, pb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]
@@ -296,3 +298,50 @@ def test_precision_is_stored_and_kept_on_resume(tmp_path):
                                "--iwae-k", "1", "--no-progress"])
     assert code == 0, err
     assert "(fp32)" in out and torch.load(last, weights_only=True)["config"]["precision"] == "fp32"
+
+
+def test_weight_average_ramps_its_decay_and_follows_the_weights():
+    from model import VAE
+
+    torch.manual_seed(0)
+    model = VAE(latent_dim=4, channels=(4, 8), hidden_dim=0)
+    average = main.WeightAverage(model, decay=0.9)
+    assert not any(p.requires_grad for p in average.model.parameters())
+    start = [p.detach().clone() for p in model.parameters()]
+    expected = [p.clone() for p in start]
+    for step in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)  # the live weights move; the average must trail them
+        average.update()
+        decay = min(0.9, (1 + step) / (10 + step))  # 0.1, 0.18, ... then capped at 0.9
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, model.parameters())]
+    assert average.updates == 30
+    for e, a, p in zip(expected, average.model.parameters(), model.parameters()):
+        assert torch.allclose(a, e, atol=1e-4)
+        assert (p - a).min() > 1  # the average trails weights that keep moving
+
+
+def test_ema_flag_must_be_a_decay_below_one():
+    for bad in ("1", "1.5", "-0.1", "x"):
+        code, _, err = run_main(["--ema", bad])
+        assert code == 2 and "--ema" in err and len(err.strip().splitlines()) == 1
+
+
+@needs_mnist
+def test_ema_checkpoint_holds_the_average_and_resumes_exactly(tmp_path):
+    run_main(train_args(tmp_path / "a", epochs=2, subset=640) + ["--ema", "0.95", "--iwae-k", "1"])
+    run_main(train_args(tmp_path / "b", epochs=1, subset=640) + ["--ema", "0.95", "--iwae-k", "1"])
+    code, out, err = run_main(["--resume", tmp_path / "b" / "ckpt" / "last.pt", "--epochs", "2", "--data-dir", MNIST_DIR,
+                               "--image-dir", tmp_path / "b" / "img", "--iwae-k", "1", "--no-progress"])
+    assert code == 0, err
+    same_run(tmp_path / "a" / "ckpt", tmp_path / "b" / "ckpt")
+    ckpt = torch.load(tmp_path / "a" / "ckpt" / "last.pt", weights_only=True)
+    assert ckpt["config"]["ema"] == 0.95
+    differs = [k for k in ckpt["model"] if not torch.equal(ckpt["model"][k], ckpt["train_weights"][k])]
+    assert differs  # "model" is the average, not the live weights
+    from model import VAE
+
+    vae = VAE.from_checkpoint(tmp_path / "a" / "ckpt" / "best.pt")  # what a notebook gets is the average
+    best = torch.load(tmp_path / "a" / "ckpt" / "best.pt", weights_only=True)
+    assert all(torch.equal(v, best["model"][k]) for k, v in vae.state_dict().items())
