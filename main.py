@@ -35,7 +35,7 @@ EVAL_BATCH = 1000
 # `epochs` may change, because any other change would no longer continue the same run.
 TRAIN_DEFAULTS = dict(
     epochs=20, batch_size=64, lr=1e-3, seed=1, val_size=5000, subset=None, exclude_digit=None,
-    binarize=False, kl_warmup=0, lr_schedule="constant", precision="auto", ema=0.0,
+    binarize=False, kl_warmup=0, lr_schedule="constant", precision="auto", ema=0.999,
 )
 # What a checkpoint written before a setting existed was trained with, so that --resume continues it faithfully.
 SETTINGS_BEFORE_THEY_EXISTED = dict(precision="fp32", ema=0.0)

@@ -151,7 +151,10 @@ def main_() -> None:
         print(f"init: {args.init} (epoch {init['epoch']})")
         model.load_state_dict(init.get("train_weights", init["model"]))
         opt.load_state_dict(init["optimizer"])
-    step = main.train_step_fn(model, opt, args.compile, precision)
+    ema = init["config"].get("ema", 0.0) if init is not None else main.TRAIN_DEFAULTS["ema"]
+    average = main.WeightAverage(model, ema) if ema else None  # the weight average's update is part of main.py's step
+    print(f"ema: {ema}")
+    step = main.train_step_fn(model, opt, args.compile, precision, average)
     gen = torch.Generator(device=device).manual_seed(1)
     shuffle = torch.Generator().manual_seed(0)
     t = time.perf_counter()

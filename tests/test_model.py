@@ -15,7 +15,7 @@ import model
 import utils
 from model import VAE, VAEConfig
 
-SMALL = dict(latent_dim=8, channels=(8, 16), hidden_dim=0, res_blocks=0)
+SMALL = dict(latent_dim=8, channels=(8, 16), hidden_dim=0, res_blocks=0, out_conv=0)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -106,7 +106,7 @@ def test_fc_layers_add_hidden_layers_in_encoder_and_decoder():
 
 def test_out_conv_adds_a_full_resolution_layer_before_the_logits():
     plain = make_model(**SMALL)
-    wide = make_model(**SMALL, out_conv=4)
+    wide = make_model(**dict(SMALL, out_conv=4))
     c1 = SMALL["channels"][0]
     extra = (c1 * 4 * 16 + 4) + (4 * 9 + 1) - (c1 * 16 + 1)  # transposed conv c1->4 and 3x3 conv 4->1 replace transposed conv c1->1
     assert sum(p.numel() for p in wide.parameters()) - sum(p.numel() for p in plain.parameters()) == extra
@@ -130,7 +130,7 @@ def test_batch_norm_option_adds_norm_layers_and_evaluates_per_image():
 
 
 def test_gradients_reach_every_parameter():
-    m = make_model(**dict(SMALL, hidden_dim=16, res_blocks=1), fc_layers=2, out_conv=4)
+    m = make_model(**dict(SMALL, hidden_dim=16, res_blocks=1, out_conv=4), fc_layers=2)
     x = fake_images(4)
     logits, mu, logvar = m(x, generator=torch.Generator().manual_seed(0))
     bce, kl = model.neg_elbo_terms(logits, x, mu, logvar)
