@@ -224,11 +224,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
+# The architecture a checkpoint was built with when it predates a setting: the setting's value then, not today's default.
+SETTINGS_BEFORE_THEY_EXISTED = dict(fc_layers=1, norm="none", out_conv=0)
+
+
 def model_config(ckpt: dict, path: str | os.PathLike = "checkpoint") -> VAEConfig:
     """The VAEConfig stored in a checkpoint's config."""
     names = {f.name for f in fields(VAEConfig)}
     try:
-        return VAEConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
+        return VAEConfig(**(SETTINGS_BEFORE_THEY_EXISTED | {k: v for k, v in ckpt["config"].items() if k in names}))
     except (TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path}: stored model config is invalid ({err})") from None
 

@@ -283,21 +283,24 @@ def test_bf16_step_rounds_but_keeps_fp32_weights_and_loss():
 
 @needs_mnist
 def test_precision_is_stored_and_kept_on_resume(tmp_path):
-    code, _, err = run_main(train_args(tmp_path, epochs=1, subset=640) + ["--precision", "bf16"])
+    code, _, err = run_main(train_args(tmp_path, epochs=1, subset=640) + ["--precision", "bf16", "--ema", "0", "--out-conv", "0"])
     assert code == 0, err
     last = tmp_path / "ckpt" / "last.pt"
     assert torch.load(last, weights_only=True)["config"]["precision"] == "bf16"
     code, _, err = run_main(["--resume", str(last), "--epochs", "2", "--precision", "fp32", "--data-dir", MNIST_DIR])
     assert code == 2 and "--precision" in err and len(err.strip().splitlines()) == 1
 
-    # a checkpoint from before --precision existed resumes in fp32, the arithmetic it was trained with
+    # a checkpoint from before --precision, --ema, --out-conv, --fc-layers and --norm existed resumes as it was
+    # trained: fp32, no weight average, the architecture of then
     ckpt = torch.load(last, weights_only=True)
-    del ckpt["config"]["precision"]
+    for key in ("precision", "ema", "out_conv", "fc_layers", "norm"):
+        del ckpt["config"][key]
     torch.save(ckpt, last)
     code, out, err = run_main(["--resume", str(last), "--epochs", "2", "--data-dir", MNIST_DIR, "--image-dir", str(tmp_path / "img"),
                                "--iwae-k", "1", "--no-progress"])
     assert code == 0, err
-    assert "(fp32)" in out and torch.load(last, weights_only=True)["config"]["precision"] == "fp32"
+    config = torch.load(last, weights_only=True)["config"]
+    assert "(fp32)" in out and config["precision"] == "fp32" and config["ema"] == 0.0 and config["out_conv"] == 0
 
 
 def test_weight_average_ramps_its_decay_and_follows_the_weights():

@@ -362,6 +362,22 @@ def make_checkpoint(path: Path, seed: int = 0, **cfg) -> VAE:
     return m
 
 
+def test_checkpoint_from_before_newer_settings_loads_its_own_architecture(tmp_path):
+    """A checkpoint written before --fc-layers, --norm and --out-conv existed has no such keys; it must rebuild the
+    architecture it was trained with (one FC layer, no norm, no output conv), not today's defaults."""
+    torch.manual_seed(0)
+    old = VAE(latent_dim=8, channels=(8, 16), hidden_dim=32, fc_layers=1, norm="none", out_conv=0).eval()
+    config = {k: v for k, v in model.config_dict(old.config).items() if k not in ("fc_layers", "norm", "out_conv")}
+    path = tmp_path / "old.pt"
+    torch.save({"format": "vae-mnist/1", "config": config, "model": old.state_dict()}, path)
+    assert VAEConfig().out_conv != 0  # today's default differs, so a naive fill-in would fail to load
+    loaded = VAE.from_checkpoint(path)
+    assert loaded.config.out_conv == 0 and loaded.config.fc_layers == 1 and loaded.config.norm == "none"
+    z = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(z), old.decode(z))
+
+
 def test_checkpoint_round_trip(tmp_path):
     path = tmp_path / "vae.pt"
     m = make_checkpoint(path)
