@@ -1,9 +1,10 @@
 """Training speed of the project's loop against a naive PyTorch loop, with FLOPs and MFU.
 
-    python benchmarks/train_speed.py --data-dir ../shared/mnist [--full-run]
+    python benchmarks/train_speed.py --data-dir ../shared/mnist [--full-run] [main.py model flags, --ema]
 
 Prints one `name: value` line per figure, so runs can be compared. Everything runs in one process on the
-current device with the default model at batch 64:
+current device with the default model at batch 64 (or the one main.py's model flags and --ema describe, e.g.
+`--hidden-dim 512 --out-conv 0 --ema 0` for the previous default):
   - the project's training step (in-memory uint8 data, channels-last, fused Adam, no per-step host sync, and bf16
     autocast where main.py's --precision auto picks it),
   - a naive baseline as pytorch/examples writes it: torchvision datasets.MNIST + ToTensor + DataLoader(shuffle=True),
@@ -109,7 +110,8 @@ def main_() -> None:
     p.add_argument("--init", metavar="CKPT", help="start both loops from this checkpoint's weights and Adam state (steady-state training, "
                    "where denormals have built up) instead of fresh weights")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table of where the project's training step spends its time")
-    args = p.parse_args()
+    args, model_flags = p.parse_known_args()
+    chosen = vars(main.build_parsers()["train"].parse_args(model_flags))  # main.py's own flags, checked by its parser
 
     device = main.pick_device(args.device)
     torch.set_flush_denormal(True)  # as main.py does; switched off again for the naive loop below
@@ -123,7 +125,11 @@ def main_() -> None:
     mnist = data.load_mnist(args.data_dir, download=False)
     train_images = mnist["train_images"][:55000].to(device)
     init = load_checkpoint(args.init) if args.init else None
-    config = model_config(init, args.init) if init is not None else VAEConfig()
+    if init is not None:
+        config, ema = model_config(init, args.init), init["config"].get("ema", 0.0)
+    else:
+        config = VAEConfig(**{k: v if chosen.get(k) is None else chosen[k] for k, v in main.MODEL_DEFAULTS.items()})
+        ema = main.TRAIN_DEFAULTS["ema"] if chosen["ema"] is None else chosen["ema"]
     print(f"model: {config}")
 
     # --- FLOPs of one training step, counted (not estimated) ---
@@ -151,7 +157,6 @@ def main_() -> None:
         print(f"init: {args.init} (epoch {init['epoch']})")
         model.load_state_dict(init.get("train_weights", init["model"]))
         opt.load_state_dict(init["optimizer"])
-    ema = init["config"].get("ema", 0.0) if init is not None else main.TRAIN_DEFAULTS["ema"]
     average = main.WeightAverage(model, ema) if ema else None  # the weight average's update is part of main.py's step
     print(f"ema: {ema}")
     step = main.train_step_fn(model, opt, args.compile, precision, average)
@@ -236,7 +241,7 @@ def main_() -> None:
 
     if args.full_run:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, str(ROOT / "main.py"), "--data-dir", args.data_dir, "--device", args.device, "--precision", args.precision,
+            cmd = [sys.executable, str(ROOT / "main.py"), "--data-dir", args.data_dir, "--device", args.device, "--precision", args.precision, *model_flags,
                    "--checkpoint-dir", f"{tmp}/ckpt", "--image-dir", f"{tmp}/img", "--no-progress"]
             t = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -15,9 +15,11 @@ def figures(stdout: str) -> dict[str, str]:
 
 def test_train_speed_prints_every_figure():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--data-dir", MNIST_DIR,
-                           "--windows", "1", "--steps", "3", "--warmup", "1"], capture_output=True, text=True, timeout=600)
+                           "--windows", "1", "--steps", "3", "--warmup", "1", "--hidden-dim", "64", "--ema", "0.9"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     f = figures(proc.stdout)
+    assert "hidden_dim=64" in f["model"] and f["ema"] == "0.9"  # main.py's model flags and --ema pass through
     for key in ("project_images_per_second", "naive_images_per_second", "speedup_over_naive", "model_flops_per_image_fwd_bwd",
                 "fp32_matmul_peak_gflops", "project_mfu_percent", "eval_images_per_second", "full_run_minutes_extrapolated"):
         assert key in f, key
@@ -31,3 +33,9 @@ def test_quality_measures_a_finished_run(trained):
     f = figures(proc.stdout)
     assert float(f["test_iwae_nll"]) <= float(f["test_loss"]) + 1.0
     assert f["iwae_k"] == "3" and f["epochs"] == "2" and "active_units" in f
+
+
+def test_train_speed_rejects_a_bad_model_flag_in_one_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--data-dir", MNIST_DIR, "--out-conv", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--out-conv" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
