@@ -65,9 +65,12 @@ def main_() -> None:
         iwae_seconds = time.perf_counter() - t
 
     seconds = [h["seconds"] for h in last["history"]]
-    flags = " ".join(f"{k}={v}" for k, v in config.items() if v != main.TRAIN_DEFAULTS.get(k, main.MODEL_DEFAULTS.get(k)))
+    defaults = main.TRAIN_DEFAULTS | main.MODEL_DEFAULTS
+    # settings that differ from today's defaults; precision has its own line (it is stored as what "auto" resolved to)
+    flags = " ".join(f"{k}={v}" for k, v in config.items() if v != defaults.get(k) and k != "precision")
     print(f"device: {device}")
     print(f"config: {flags or 'defaults'}")
+    print(f"precision: {config.get('precision', 'fp32')}")
     print(f"epochs: {last['epoch']}")
     print(f"best_epoch: {min(last['history'], key=lambda h: h['val_loss'])['epoch']}")
     print(f"binarized: {bool(config.get('binarize'))}")
