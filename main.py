@@ -204,7 +204,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict | None, Path]:
         return config, None, Path(args.checkpoint_dir or "models_mnist")
     path = Path(args.checkpoint_dir or "models_mnist") / "last.pt" if args.resume is True else Path(args.resume)
     ckpt = load_checkpoint(path)
-    # the stored architecture, validated; settings added to the code after the checkpoint was written take their defaults
+    # the stored settings, the architecture validated; settings the checkpoint predates take the values they had then
     config = dict(ckpt["config"]) | config_dict(model_config(ckpt, path))
     for key, value in SETTINGS_BEFORE_THEY_EXISTED.items():
         config.setdefault(key, value)
