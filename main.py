@@ -29,7 +29,7 @@ from model import (VAE, CheckpointError, VAEConfig, config_dict, iwae_log_weight
 from utils import UserError
 
 COMMANDS = ("train", "evaluate", "sample", "score", "reconstruct")
-EVAL_BATCH = 1000
+EVAL_BATCH = 250
 
 # Training settings and their defaults. Every key is stored in a checkpoint's config; on --resume only
 # `epochs` may change, because any other change would no longer continue the same run.
@@ -502,9 +502,9 @@ def bce_floor(x: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def test_metrics(model: VAE, x: torch.Tensor, iwae_k: int, seed: int) -> tuple[dict, torch.Tensor]:
     """Negative ELBO, IWAE bound, bce floor, active units and KL per dimension over float images x; also the posterior means."""
-    # On the CPU, decode ~1,000 images per pass: larger activations (over glibc's 32 MB mmap threshold) are
-    # mapped and page-faulted in afresh on every pass, which made the k=100 bound 1.4x slower here.
-    batch_size, chunk = (500, 8192) if x.device.type == "cuda" else (250, 1000)
+    # 100 test images at a time; on the CPU, decode 200 samples per pass: activations of ~10 MB stay in cache,
+    # and larger passes were slower (1,000 per pass, 50 MB, took 1.5x as long here). A GPU takes 8,192 at once.
+    batch_size, chunk = 100, (8192 if x.device.type == "cuda" else 200)
     elbo = neg_elbo(model, x, seed)
     gen = torch.Generator(device=x.device).manual_seed(seed + 1)
     nll_sum = torch.zeros((), dtype=torch.float64, device=x.device)

@@ -175,10 +175,12 @@ def iwae_log_weights(model: VAE, x: torch.Tensor, k: int, generator: torch.Gener
     batch = x.shape[0]
     pixels = x.reshape(batch, -1)
     out = torch.empty(batch, k, device=x.device)
+    # all k x B noise draws first, so the bound does not depend on how the decoding is chunked
+    noise = torch.randn(k, batch, mu.shape[1], generator=generator, device=x.device)
     per_pass = max(1, chunk // batch)  # samples per image decoded in one pass, so a pass holds ~chunk images
     for start in range(0, k, per_pass):
         n = min(per_pass, k - start)
-        eps = torch.randn(n, batch, mu.shape[1], generator=generator, device=x.device)
+        eps = noise[start : start + n]
         z = mu + eps * std  # (n, B, D)
         logits = model.decode(z.flatten(0, 1)).reshape(n, batch, -1)
         # log Bernoulli(x | sigmoid(l)) summed over pixels = x.l - sum softplus(l): the same value as -BCE-with-logits,

@@ -321,20 +321,20 @@ def test_iwae_k50_bound_is_tighter_than_elbo():
     assert float(iwae) <= float(neg_elbo) + 0.5, (float(iwae), float(neg_elbo))
 
 
-def test_iwae_same_seed_same_result_with_one_pass():
+def test_iwae_same_seed_same_result_however_chunked():
     m = posterior_shifted_model()
-    x = fake_images(4, seed=5)
+    x = fake_images(3, seed=5)  # 3 images: passes of 1 to 4 samples draw blocks that torch's normal sampler fills differently
     k = 9
-    a = model.iwae_log_weights(m, x, k, generator=torch.Generator().manual_seed(11), chunk=4 * k)
+    a = model.iwae_log_weights(m, x, k, generator=torch.Generator().manual_seed(11), chunk=3 * k)
     b = model.iwae_log_weights(m, x, k, generator=torch.Generator().manual_seed(11))
-    c = model.iwae_log_weights(m, x, k, generator=torch.Generator().manual_seed(11), chunk=10 * 4 * k)
-    assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(a, b)
     d = model.iwae_log_weights(m, x, k, generator=torch.Generator().manual_seed(12))
-    assert not torch.equal(a, d)
-    # small chunks draw differently but are just as reproducible
-    e1 = model.iwae_log_weights(m, x, k, generator=torch.Generator().manual_seed(11), chunk=7)
-    e2 = model.iwae_log_weights(m, x, k, generator=torch.Generator().manual_seed(11), chunk=7)
-    assert torch.equal(e1, e2)
+    assert not torch.allclose(a, d)
+    # the noise is drawn before the decoding is split into passes: any chunk size gives the same samples
+    # (equal up to the rounding of differently shaped matrix products)
+    for chunk in (1, 4, 7, 13):
+        e = model.iwae_log_weights(m, x, k, generator=torch.Generator().manual_seed(11), chunk=chunk)
+        torch.testing.assert_close(e, a, rtol=1e-5, atol=1e-4)
 
 
 def test_iwae_nll_hand_computed():
