@@ -327,7 +327,8 @@ def test_iwae_same_seed_same_result_however_chunked():
     k = 9
     a = model.iwae_log_weights(m, x, k, generator=torch.Generator().manual_seed(11), chunk=3 * k)
     b = model.iwae_log_weights(m, x, k, generator=torch.Generator().manual_seed(11))
-    assert torch.equal(a, b)
+    c = model.iwae_log_weights(m, x, k, generator=torch.Generator().manual_seed(11), chunk=10 * 3 * k)
+    assert torch.equal(a, b) and torch.equal(a, c)
     d = model.iwae_log_weights(m, x, k, generator=torch.Generator().manual_seed(12))
     assert not torch.allclose(a, d)
     # the noise is drawn before the decoding is split into passes: any chunk size gives the same samples
