@@ -256,6 +256,10 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     assert main.pick_precision("auto", cpu) == "bf16"
     assert main.pick_precision("fp32", cpu) == "fp32" and main.pick_precision("bf16", cpu) == "bf16"
     assert main.pick_precision("auto", torch.device("mps")) == "fp32"
+    # a GPU with bf16 still trains in fp32 (TF32) by default: at batch 64 autocast's extra casts cost more than they save
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert main.pick_precision("auto", torch.device("cuda")) == "fp32"
+    assert main.pick_precision("bf16", torch.device("cuda")) == "bf16"
     with pytest.raises(main.UserError, match="--precision fp32"):
         main.pick_precision("bf16", torch.device("mps"))
 
