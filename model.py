@@ -29,10 +29,10 @@ class VAEConfig:
     """Everything needed to rebuild the architecture (plain Python values, stored in checkpoints)."""
 
     latent_dim: int = 32
-    channels: tuple[int, int] = (32, 64)  # widths of the two stride-2 convs (28 -> 14 -> 7); the decoder mirrors them
+    channels: tuple[int, int] = (32, 32)  # widths of the two stride-2 convs (28 -> 14 -> 7); the decoder mirrors them
     hidden_dim: int = 256  # width of the fully connected layers between the 7x7 feature map and the latent; 0 for none
     fc_layers: int = 1  # how many such layers, in the encoder and again in the decoder
-    res_blocks: int = 0  # residual 3x3 blocks at 7x7, in the encoder and again in the decoder
+    res_blocks: int = 1  # residual 3x3 blocks at 7x7, in the encoder and again in the decoder
     activation: str = "silu"
     norm: str = "none"  # "batch": BatchNorm after every hidden convolution
     out_conv: int = 16  # width of an extra 3x3 conv at 28x28 that makes the logits (0: the last transposed conv makes them)
