@@ -168,8 +168,14 @@ def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def iwae_log_weights(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None, chunk: int = 8192):
-    """log p(x|z) + log p(z) - log q(z|x) for k samples z ~ q(z|x) per image: a (B, k) tensor."""
+def iwae_log_weights(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None, chunk: int | None = None):
+    """log p(x|z) + log p(z) - log q(z|x) for k samples z ~ q(z|x) per image: a (B, k) tensor.
+
+    chunk is about how many images one decoding pass holds; the result does not depend on it. By default 200 off CUDA,
+    whose ~10 MB of activations stay in a CPU's cache (passes of 1,000, 50 MB, took 1.5x as long), and 8,192 on a GPU.
+    """
+    if chunk is None:
+        chunk = 8192 if x.device.type == "cuda" else 200
     mu, logvar = model.encode(x)
     std = torch.exp(0.5 * logvar)
     batch = x.shape[0]
