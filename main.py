@@ -59,6 +59,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or not math.isfinite(value):
@@ -105,7 +112,7 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     g.add_argument("--subset", type=positive_int, help="train on only the first N training images, for quick runs (default: all)")
     g.add_argument("--exclude-digit", type=digit, help="leave this digit out of training and validation, to test anomaly detection on it (default: none)")
     g.add_argument("--binarize", action="store_true", default=None, help="dynamically binarized MNIST (pixels resampled as Bernoulli every draw; test set binarized once), as in the literature")
-    g.add_argument("--kl-warmup", type=int, help="epochs over which the KL weight ramps from 0 to 1 (default: 0, none); reported losses are always the plain BCE + KL")
+    g.add_argument("--kl-warmup", type=non_negative_int, help="epochs over which the KL weight ramps from 0 to 1 (default: 0, none); reported losses are always the plain BCE + KL")
     g.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning rate over the run: constant, or cosine decay to 0 (default: constant)")
     g.add_argument("--ema", type=decay, metavar="DECAY", help="keep an exponential moving average of the weights (Polyak averaging): after every Adam step, "
                    "average = DECAY * average + (1 - DECAY) * weights; validation, best.pt and the evaluation use the average, "

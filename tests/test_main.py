@@ -335,6 +335,14 @@ def test_ema_flag_must_be_a_decay_below_one():
         assert code == 2 and "--ema" in err and len(err.strip().splitlines()) == 1
 
 
+def test_kl_warmup_flag_must_not_be_negative(tmp_path):
+    # a negative warm-up gave a negative KL weight (training that rewards a spread-out posterior) without a word
+    for bad in ("-1", "1.5", "x"):
+        code, _, err = run_main(["--kl-warmup", bad, "--data-dir", tmp_path / "no-data", "--checkpoint-dir", tmp_path / "ck"])
+        assert code == 2 and "--kl-warmup" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ck").exists()
+
+
 @needs_mnist
 def test_ema_checkpoint_holds_the_average_and_resumes_exactly(tmp_path):
     run_main(train_args(tmp_path / "a", epochs=2, subset=640) + ["--ema", "0.95", "--iwae-k", "1"])
