@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import UserError
+import checkpoint
+from checkpoint import CheckpointError
 
-CHECKPOINT_FORMAT = "vae-mnist/1"
 IMAGE_SHAPE = (1, 28, 28)
 _LOG_2PI = math.log(2 * math.pi)
-
-
-class CheckpointError(UserError):
-    """A file that is not a usable checkpoint of this project."""
 
 
 @dataclass
@@ -140,11 +135,11 @@ class VAE(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "VAE":
         """Rebuild the model a checkpoint describes, on `device`, in eval mode."""
-        return cls.from_loaded(load_checkpoint(path, map_location=device), path, device)
+        return cls.from_loaded(checkpoint.load(path, map_location=device), path, device)
 
     @classmethod
     def from_loaded(cls, ckpt: dict, path: str | os.PathLike = "checkpoint", device: str | torch.device = "cpu") -> "VAE":
-        """The same, from a checkpoint dict that load_checkpoint already returned (path only names it in errors)."""
+        """The same, from a checkpoint dict that checkpoint.load already returned (path only names it in errors)."""
         model = cls(model_config(ckpt, path))
         try:
             model.load_state_dict(ckpt["model"])
@@ -207,40 +202,15 @@ def iwae_nll(log_weights: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load and check a checkpoint with weights_only=True: no arbitrary object is ever unpickled."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint; train one with `python main.py` or pass --checkpoint PATH")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for a bad file; all mean "not a checkpoint we can read"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            reason = "it contains pickled objects that are not plain tensors or values, so it was refused unread"
-        raise CheckpointError(f"{path}: not a readable vae-mnist checkpoint ({reason[:200]})") from None
-    if not isinstance(ckpt, dict) or "format" not in ckpt:
-        raise CheckpointError(f"{path}: not a vae-mnist checkpoint (no format tag)")
-    fmt = ckpt["format"]
-    name, _, version = str(fmt).partition("/")
-    if name != "vae-mnist" or not re.fullmatch(r"[0-9]+", version):
-        raise CheckpointError(f"{path}: not a vae-mnist checkpoint (format {fmt!r})")
-    if int(version) > 1:
-        raise CheckpointError(f"{path}: checkpoint format {fmt!r} is newer than this code reads ({CHECKPOINT_FORMAT}); update the code")
-    for key in ("config", "model"):
-        if key not in ckpt:
-            raise CheckpointError(f"{path}: checkpoint is missing {key!r}")
-    return ckpt
-
-
-# The architecture a checkpoint was built with when it predates a setting: the setting's value then, not today's default.
-SETTINGS_BEFORE_THEY_EXISTED = dict(fc_layers=1, norm="none", out_conv=0)
+# The architecture a checkpoint was built with when it predates a setting: the setting's value then, not the current default.
+ARCHITECTURE_BEFORE_IT_EXISTED = dict(fc_layers=1, norm="none", out_conv=0)
 
 
 def model_config(ckpt: dict, path: str | os.PathLike = "checkpoint") -> VAEConfig:
     """The VAEConfig stored in a checkpoint's config."""
     names = {f.name for f in fields(VAEConfig)}
     try:
-        return VAEConfig(**(SETTINGS_BEFORE_THEY_EXISTED | {k: v for k, v in ckpt["config"].items() if k in names}))
+        return VAEConfig(**(ARCHITECTURE_BEFORE_IT_EXISTED | {k: v for k, v in ckpt["config"].items() if k in names}))
     except (TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path}: stored model config is invalid ({err})") from None
 
@@ -248,3 +218,13 @@ def model_config(ckpt: dict, path: str | os.PathLike = "checkpoint") -> VAEConfi
 def config_dict(config: VAEConfig) -> dict:
     """A VAEConfig as plain values (tuples become lists) for a checkpoint."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+def prepare_model(model: VAE, device: torch.device) -> VAE:
+    """The model on `device`: channels-last on the CPU (oneDNN's fast layout for these convolutions); TF32 tensor
+    cores for convolutions and matrix products on CUDA (fp32 range, 10-bit mantissa products)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model

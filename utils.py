@@ -1,6 +1,7 @@
-"""Pictures and small helpers: image grids and plots, atomic file writes, library versions."""
+"""Pictures and small helpers: image grids and plots, atomic file writes, output checks, device choice, versions."""
 from __future__ import annotations
 
+import io
 import math
 import os
 import platform
@@ -19,13 +20,15 @@ class UserError(Exception):
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; once the body has written it, fsync it and os.replace it onto `path`.
 
-    A crash or kill at any instant leaves either the old complete file or the new complete one.
+    A crash or kill at any instant leaves either the old complete file or the new complete one. A write that fails
+    (disk full, folder not writable) is a UserError that says the old file is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
+        os.close(fd)
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
@@ -33,8 +36,12 @@ def atomic_path(path: str | os.PathLike):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        kept = f"the previous {path.name} is untouched" if path.exists() else "nothing was written"
+        raise UserError(f"cannot write {path} ({err.strerror or err}); {kept}. Free some disk space or choose another folder") from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -46,14 +53,45 @@ def atomic_path(path: str | os.PathLike):
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save, atomically (see atomic_path)."""
+    """torch.save, atomically (see atomic_path). Serialised in memory first, so that a failing disk raises an
+    OSError from the write itself (torch's own file writer reports it as an opaque RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        Path(tmp).write_bytes(buffer.getbuffer())
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> None:
+    """Stop before any long work if files cannot be written into folder `path` (creating nothing): the nearest
+    existing part of the path must be a folder we can create a file in."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; pass a folder to write into")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot write in {existing} ({err.strerror or err}); pass a folder you can write to") from None
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: cuda, then mps, then cpu; a device that is asked for by name must exist."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here; use --device auto or cpu")
+    if name == "mps" and not mps:
+        raise UserError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
+    return torch.device(name)
 
 
 def versions() -> dict[str, str]:
@@ -167,12 +205,12 @@ def plot_latent_space(points: torch.Tensor, labels: torch.Tensor, explained: lis
     return save_figure(fig, path)
 
 
-def plot_anomalies(sections: list[tuple[str, torch.Tensor, torch.Tensor, list[str]]], path: str | os.PathLike) -> Path:
+def plot_anomalies(sections: list[tuple[str, torch.Tensor, torch.Tensor, list[str]]], path: str | os.PathLike, title: str = "") -> Path:
     """For each (title, digits, reconstructions, captions): a titled panel of digits above their reconstructions."""
     plt = _plt()
     n = sections[0][1].shape[0]
     fig = plt.figure(figsize=(n * 0.8, 2.3 * len(sections)), dpi=100, layout="constrained")
-    for sub, (title, digits, recons, captions) in zip(fig.subfigures(len(sections), 1), sections):
+    for sub, (heading, digits, recons, captions) in zip(fig.subfigures(len(sections), 1), sections):
         axes = sub.subplots(2, n, squeeze=False)
         for i in range(n):
             for row, images in enumerate((digits, recons)):
@@ -182,7 +220,9 @@ def plot_anomalies(sections: list[tuple[str, torch.Tensor, torch.Tensor, list[st
             axes[0, i].set_title(captions[i], fontsize=7)
         axes[0, 0].set_ylabel("digit", fontsize=8)
         axes[1, 0].set_ylabel("recon.", fontsize=8)
-        sub.suptitle(title, fontsize=11)
+        sub.suptitle(heading, fontsize=11)
+    if title:
+        fig.suptitle(title, fontsize=12)
     return save_figure(fig, path)
 
 
@@ -198,17 +238,3 @@ def plot_user_reconstruction(original: torch.Tensor, model_input: torch.Tensor, 
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """Area under the ROC curve of telling positives (higher score expected) from negatives: the Mann-Whitney U
-    statistic with average ranks for ties, so a tie counts one half."""
-    scores, positive = torch.as_tensor(scores, dtype=torch.float64).flatten(), torch.as_tensor(positive, dtype=torch.bool).flatten()
-    n_pos = int(positive.sum())
-    n_neg = len(scores) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUROC needs at least one positive and one negative")
-    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    first_rank = torch.cumsum(counts, 0) - counts + 1  # 1-based rank of each distinct value's first occurrence
-    ranks = (first_rank + (counts - 1) / 2.0)[inverse]
-    return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()

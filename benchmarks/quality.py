@@ -24,9 +24,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import checkpoint  # noqa: E402
 import data  # noqa: E402
-import main  # noqa: E402
-from model import VAE, load_checkpoint  # noqa: E402
+import evaluate  # noqa: E402
+import train  # noqa: E402
+import utils  # noqa: E402
+from model import VAE, prepare_model  # noqa: E402
 
 
 def main_() -> None:
@@ -38,7 +41,7 @@ def main_() -> None:
     p.add_argument("--keep", metavar="CKPT_DIR", help="train into CKPT_DIR and keep it (default: a temporary folder)")
     args, train_flags = p.parse_known_args()
 
-    device = main.pick_device(args.device)
+    device = utils.pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         if args.reuse:
             ckpt_dir, wall = Path(args.reuse), None
@@ -55,18 +58,18 @@ def main_() -> None:
             for line in proc.stdout.splitlines():
                 if line.startswith("epoch "):
                     print("  " + line, flush=True)
-        last = load_checkpoint(ckpt_dir / "last.pt")
-        model = main.prepare_model(VAE.from_checkpoint(ckpt_dir / "best.pt", device), device)
+        last = checkpoint.load(ckpt_dir / "last.pt")
+        model = prepare_model(VAE.from_checkpoint(ckpt_dir / "best.pt", device), device)
         config = last["config"]
         mnist = data.load_mnist(args.data_dir, download=False)
-        x = main.held_out_test_images(mnist, config, device)
+        x = evaluate.test_images(mnist, config, device)
         t = time.perf_counter()
-        metrics, _ = main.test_metrics(model, x, args.iwae_k, config["seed"])
+        metrics, _ = evaluate.test_metrics(model, x, args.iwae_k, config["seed"])
         iwae_seconds = time.perf_counter() - t
 
     seconds = [h["seconds"] for h in last["history"]]
-    defaults = main.TRAIN_DEFAULTS | main.MODEL_DEFAULTS
-    # settings that differ from today's defaults; precision has its own line (it is stored as what "auto" resolved to)
+    defaults = train.TRAIN_DEFAULTS | train.MODEL_DEFAULTS
+    # settings that differ from the defaults; precision has its own line (it is stored as what "auto" resolved to)
     flags = " ".join(f"{k}={v}" for k, v in config.items() if v != defaults.get(k) and k != "precision")
     print(f"device: {device}")
     print(f"config: {flags or 'defaults'}")

@@ -32,9 +32,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import main  # noqa: E402
-from model import VAE, VAEConfig, load_checkpoint, model_config, neg_elbo_terms  # noqa: E402
+import evaluate  # noqa: E402
+import train  # noqa: E402
+import utils  # noqa: E402
+from model import VAE, VAEConfig, model_config, neg_elbo_terms, prepare_model  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -113,23 +117,23 @@ def main_() -> None:
     args, model_flags = p.parse_known_args()
     chosen = vars(main.build_parsers()["train"].parse_args(model_flags))  # main.py's own flags, checked by its parser
 
-    device = main.pick_device(args.device)
+    device = utils.pick_device(args.device)
     torch.set_flush_denormal(True)  # as main.py does; switched off again for the naive loop below
     print(f"device: {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}")
     print(f"torch: {torch.__version__}")
     print(f"threads: {torch.get_num_threads()}")
     print(f"batch_size: {args.batch_size}")
     print(f"compile: {args.compile}")
-    precision = main.pick_precision(args.precision, device)
+    precision = train.pick_precision(args.precision, device)
     print(f"precision: {precision}")
     mnist = data.load_mnist(args.data_dir, download=False)
     train_images = mnist["train_images"][:55000].to(device)
-    init = load_checkpoint(args.init) if args.init else None
+    init = checkpoint.load(args.init) if args.init else None
     if init is not None:
         config, ema = model_config(init, args.init), init["config"].get("ema", 0.0)
     else:
-        config = VAEConfig(**{k: v if chosen.get(k) is None else chosen[k] for k, v in main.MODEL_DEFAULTS.items()})
-        ema = main.TRAIN_DEFAULTS["ema"] if chosen["ema"] is None else chosen["ema"]
+        config = VAEConfig(**{k: v if chosen.get(k) is None else chosen[k] for k, v in train.MODEL_DEFAULTS.items()})
+        ema = train.TRAIN_DEFAULTS["ema"] if chosen["ema"] is None else chosen["ema"]
     print(f"model: {config}")
 
     # --- FLOPs of one training step, counted (not estimated) ---
@@ -151,15 +155,15 @@ def main_() -> None:
 
     # --- the project's loop ---
     torch.manual_seed(0)
-    model = main.prepare_model(VAE(config).to(device), device)
-    opt = main.make_optimizer(model, 1e-3, device)
+    model = prepare_model(VAE(config).to(device), device)
+    opt = train.make_optimizer(model, 1e-3, device)
     if init is not None:
         print(f"init: {args.init} (epoch {init['epoch']})")
         model.load_state_dict(init.get("train_weights", init["model"]))
         opt.load_state_dict(init["optimizer"])
-    average = main.WeightAverage(model, ema) if ema else None  # the weight average's update is part of main.py's step
+    average = train.WeightAverage(model, ema) if ema else None  # the weight average's update is part of main.py's step
     print(f"ema: {ema}")
-    step = main.train_step_fn(model, opt, args.compile, precision, average)
+    step = train.train_step_fn(model, opt, args.compile, precision, average)
     gen = torch.Generator(device=device).manual_seed(1)
     shuffle = torch.Generator().manual_seed(0)
     t = time.perf_counter()
@@ -222,15 +226,15 @@ def main_() -> None:
     # --- evaluation throughput (test-set negative ELBO, as validation computes it) ---
     test_x = data.to_float(mnist["test_images"].to(device))
     model.eval()
-    main.neg_elbo(model, test_x[:2000], seed=0)
+    evaluate.neg_elbo(model, test_x[:2000], seed=0)
     sync(device)
     t = time.perf_counter()
-    main.neg_elbo(model, test_x, seed=0)
+    evaluate.neg_elbo(model, test_x, seed=0)
     sync(device)
     eval_seconds = time.perf_counter() - t
     print(f"eval_images_per_second: {len(test_x) / eval_seconds:.0f}")
     t = time.perf_counter()
-    main.test_metrics(model, test_x[:1000], iwae_k=100, seed=0)
+    evaluate.test_metrics(model, test_x[:1000], iwae_k=100, seed=0)
     sync(device)
     final_eval_seconds = (time.perf_counter() - t) * len(test_x) / 1000
     print(f"final_evaluation_seconds_k100: {final_eval_seconds:.1f} (extrapolated from 1,000 test images)")

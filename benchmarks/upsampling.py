@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import main  # noqa: E402
+import utils  # noqa: E402
+from main import positive_int  # noqa: E402
 from benchmarks.train_speed import sync  # noqa: E402
 from model import VAEConfig  # noqa: E402
 
@@ -47,12 +48,12 @@ def timed(layer: nn.Module, x: torch.Tensor, steps: int, device: torch.device) -
 def main_() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--batch-size", type=main.positive_int, default=64)
-    p.add_argument("--windows", type=main.positive_int, default=7, help="timed windows per layer; the median is reported (default: 7)")
-    p.add_argument("--steps", type=main.positive_int, default=30, help="forward + backward passes per window (default: 30)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--windows", type=positive_int, default=7, help="timed windows per layer; the median is reported (default: 7)")
+    p.add_argument("--steps", type=positive_int, default=30, help="forward + backward passes per window (default: 30)")
     args = p.parse_args()
 
-    device = main.pick_device(args.device)
+    device = utils.pick_device(args.device)
     torch.set_flush_denormal(True)
     fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     print(f"device: {device}")
