@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -38,15 +39,18 @@ class CheckpointError(UserError):
     """A file that is not a usable checkpoint of this project."""
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load and check a checkpoint with weights_only=True: no arbitrary object is ever unpickled."""
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", flag: str = "--checkpoint") -> dict:
+    """Load and check a checkpoint with weights_only=True: no arbitrary object is ever unpickled.
+    `flag` is the option that names the file, for the error message."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint; train one with `python main.py` or pass --checkpoint PATH")
+        raise CheckpointError(f"{path}: no such checkpoint; train one with `python main.py` or pass {flag} PATH")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise CheckpointError(f"{path}: not a checkpoint (not a file torch.save wrote); pass {flag} PATH of a vae-mnist checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for a bad file; all mean "not a checkpoint we can read"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "Unsupported global" in str(err):
             reason = "it contains pickled objects that are not plain tensors or values, so it was refused unread"
         raise CheckpointError(f"{path}: not a readable vae-mnist checkpoint ({reason[:200]})") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:

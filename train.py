@@ -54,7 +54,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict | None, Path, P
             raise UserError(f"invalid model settings: {err}") from None
         return config, None, Path(args.checkpoint_dir or "models_mnist"), None
     path = Path(args.checkpoint_dir or "models_mnist") / "last.pt" if args.resume is True else Path(args.resume)
-    ckpt = checkpoint.load(path)
+    ckpt = checkpoint.load(path, flag="--resume")
     checkpoint.require_resumable(ckpt, path)
     # the stored settings, the architecture validated; settings the checkpoint predates take the values they had then
     config = checkpoint.TRAINING_BEFORE_IT_EXISTED | dict(ckpt["config"]) | config_dict(model_config(ckpt, path))

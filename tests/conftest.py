@@ -1,5 +1,9 @@
-"""Make the project root (data.py, model.py, utils.py) and tests/ (idx_helpers.py, helpers.py) importable, and share
-one small trained model among the tests that need one."""
+"""Make the project root and tests/ importable, and share one small trained run among the tests that need one.
+
+The shared run is read-only for the tests: a test that writes beside a checkpoint (metrics.json, anomaly_scores.csv)
+works on its own copy (helpers.copy_run), and the fixture checks at the end that its files were not changed.
+"""
+import hashlib
 import pathlib
 import sys
 from types import SimpleNamespace
@@ -12,6 +16,10 @@ import pytest  # noqa: E402
 from helpers import MNIST_DIR, run_main, train_args  # noqa: E402
 
 
+def digest(folder: pathlib.Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """2 epochs on 2,000 real training images (about 10 s): checkpoint folder, image folder and the printed output."""
@@ -20,4 +28,6 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained")
     code, out, err = run_main(train_args(folder, epochs=2))
     assert code == 0, err
-    return SimpleNamespace(ckpt_dir=folder / "ckpt", image_dir=folder / "img", output=out, folder=folder)
+    before = digest(folder / "ckpt")
+    yield SimpleNamespace(ckpt_dir=folder / "ckpt", image_dir=folder / "img", output=out, folder=folder)
+    assert digest(folder / "ckpt") == before, "a test wrote into the shared trained run; use helpers.copy_run"

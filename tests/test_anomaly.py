@@ -1,4 +1,4 @@
-"""Anomaly scores, the held-out-digit AUROC, and the user's own digit images."""
+"""Anomaly scores (every method), AUROC, the scores' CSV and its provenance, and the user's own digit images."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,10 +6,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import anomaly
 import data
-import main
-import utils
-from helpers import MNIST_DIR, needs_mnist, run_main, train_args
+from helpers import MNIST_DIR, copy_run, needs_mnist, run_main, train_args
 from model import VAE
 
 
@@ -84,76 +83,123 @@ def test_blank_and_unreadable_images_raise_one_line_errors(tmp_path):
     ([5, 5, 1, 9, 5], [1, 0, 0, 1, 0], 5 / 6),  # pairs (pos, neg): (5,5)=.5 (5,1)=1 (5,5)=.5 (9,*)=1,1,1 -> 5/6
 ])
 def test_auroc_hand_computed(scores, labels, expected):
-    assert utils.auroc(torch.tensor(scores, dtype=torch.float64), torch.tensor(labels)) == pytest.approx(expected)
+    assert anomaly.auroc(torch.tensor(scores, dtype=torch.float64), torch.tensor(labels)) == pytest.approx(expected)
 
 
 def test_auroc_needs_both_classes():
     with pytest.raises(ValueError):
-        utils.auroc(torch.tensor([1.0, 2.0]), torch.tensor([1, 1]))
+        anomaly.auroc(torch.tensor([1.0, 2.0]), torch.tensor([1, 1]))
+
+
+def test_auroc_matches_the_pairwise_definition_on_random_scores():
+    g = torch.Generator().manual_seed(0)
+    scores, positive = torch.randint(0, 20, (60,), generator=g).double(), torch.rand(60, generator=g) < 0.3
+    pos, neg = scores[positive], scores[~positive]
+    pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+    assert anomaly.auroc(scores, positive) == pytest.approx(pairs.mean().item())
+
+
+def small_model() -> VAE:
+    torch.manual_seed(0)
+    return VAE(latent_dim=4, channels=(4, 8), hidden_dim=16).eval()
+
+
+@pytest.mark.parametrize("method", anomaly.METHODS)
+def test_every_method_gives_one_finite_reproducible_score_per_image(method):
+    model, x = small_model(), torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    a = anomaly.score(model, x, method, samples=2, seed=1)
+    assert a.shape == (6,) and a.dtype == torch.float32 and torch.isfinite(a).all()
+    assert torch.equal(a, anomaly.score(model, x, method, samples=2, seed=1))
+    assert not torch.equal(a, anomaly.score(model, x, method, samples=2, seed=2))  # the seed picks the z draws
+
+
+def test_default_method_and_bad_input():
+    model, x = small_model(), torch.rand(3, 1, 28, 28)
+    assert anomaly.DEFAULT_METHOD in anomaly.METHODS
+    assert torch.equal(anomaly.score(model, x, None, seed=3), anomaly.score(model, x, anomaly.DEFAULT_METHOD, seed=3))
+    with pytest.raises(ValueError, match="unknown anomaly method"):
+        anomaly.score(model, x, "magic")
+    with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
+        anomaly.score(model, x[:, 0])
+
+
+def test_complexity_is_the_negative_elbo_minus_the_png_length():
+    model, x = small_model(), torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    x[0] = 0.0  # a blank image compresses to almost nothing; noise hardly at all
+    length = anomaly.png_nats(x)
+    assert length[0] < 0.2 * length[1:].min()
+    elbo = anomaly.score(model, x, "elbo", samples=3, seed=4)
+    assert torch.allclose(anomaly.score(model, x, "complexity", samples=3, seed=4), elbo - length)
+
+
+def test_regret_is_the_gain_of_refitting_the_posterior():
+    """Re-fitting the posterior to each image can only improve its ELBO much (a positive gain), and more steps gain more."""
+    model, x = small_model(), torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    few = anomaly.refit_gain(model, x, 4, torch.Generator().manual_seed(0), steps=3)
+    many = anomaly.refit_gain(model, x, 4, torch.Generator().manual_seed(0), steps=40)
+    assert (many > 0).all() and (many > few).all()
+    assert not any(p.grad is not None for p in model.parameters())  # the model's weights were never touched
 
 
 @needs_mnist
-def test_non_digits_score_higher_than_test_digits(trained):
+@pytest.mark.parametrize("method", anomaly.METHODS)
+def test_foreign_images_score_higher_than_test_digits(trained, method):
     model = VAE.from_checkpoint(trained.ckpt_dir / "best.pt")
     digits = data.to_float(data.load_mnist(MNIST_DIR, download=False)["test_images"][:200])
-    noise = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    square = torch.zeros(20, 1, 28, 28)
-    square[:, :, 6:22, 6:22] = 1.0
-    s_digits = main.anomaly_scores(model, digits, samples=4, seed=0)["score"]
-    s_noise = main.anomaly_scores(model, noise, samples=4, seed=0)["score"]
-    s_square = main.anomaly_scores(model, square, samples=4, seed=0)["score"]
-    assert s_noise.min() > s_digits.max()
-    assert s_square.median() > torch.quantile(s_digits, 0.95)
+    s_digits = anomaly.score(model, digits, method, samples=4)
+    s_inverted = anomaly.score(model, 1 - digits[:20], method, samples=4)
+    assert s_inverted.min() > torch.quantile(s_digits, 0.95)
+    if method != "complexity":  # uniform noise is as long as a PNG gets: its complexity cancels much of its likelihood
+        noise = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        assert anomaly.score(model, noise, method, samples=4).min() > s_digits.max()
 
 
-def test_scores_are_deterministic_for_a_seed_and_average_samples():
-    torch.manual_seed(0)
-    model = VAE(latent_dim=4, channels=(4, 8), hidden_dim=16).eval()
-    x = torch.rand(10, 1, 28, 28)
-    a, b = (main.anomaly_scores(model, x, samples=5, seed=1) for _ in range(2))
-    assert torch.equal(a["score"], b["score"])
-    c = main.anomaly_scores(model, x, samples=5, seed=2)
-    assert not torch.equal(a["score"], c["score"])
-    assert torch.allclose(a["score"], a["bce"] + a["kl"])
+def test_csv_is_reused_only_for_the_same_checkpoint_method_samples_and_seed(tmp_path):
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"weights one")
+    header = anomaly.provenance(ckpt, "elbo", 10, 0)
+    labels, scores = torch.tensor([3, 1, 4]), torch.tensor([90.5, 40.25, 100.0])
+    anomaly.write_csv(tmp_path / "anomaly_scores.csv", header, labels, scores)
+    assert torch.equal(anomaly.read_csv_scores(tmp_path / "anomaly_scores.csv", header, 3), scores)
+    for other in (anomaly.provenance(ckpt, "complexity", 10, 0), anomaly.provenance(ckpt, "elbo", 5, 0), anomaly.provenance(ckpt, "elbo", 10, 1)):
+        assert anomaly.read_csv_scores(tmp_path / "anomaly_scores.csv", other, 3) is None
+    ckpt.write_bytes(b"weights two")  # retrained at the same path
+    assert anomaly.read_csv_scores(tmp_path / "anomaly_scores.csv", anomaly.provenance(ckpt, "elbo", 10, 0), 3) is None
+    assert anomaly.read_csv_scores(tmp_path / "anomaly_scores.csv", header, 4) is None  # not the expected number of rows
 
 
 @needs_mnist
-def test_score_command_writes_csv_and_picture(trained, tmp_path):
-    code, out, err = run_main(["score", "--checkpoint", trained.ckpt_dir / "best.pt", "--data-dir", MNIST_DIR,
-                               "--image-dir", tmp_path, "--samples", "2"])
+def test_score_command_writes_csv_with_provenance_and_reconstruct_reuses_it(trained, tmp_path):
+    folder = copy_run(trained, tmp_path)
+    code, out, err = run_main(["score", "--checkpoint", folder / "best.pt", "--data-dir", MNIST_DIR, "--image-dir", tmp_path / "img",
+                               "--samples", "2", "--method", "elbo"])
     assert code == 0, err
-    lines = (trained.ckpt_dir / "anomaly_scores.csv").read_text().splitlines()
-    assert lines[0] == "index,label,score,bce,kl" and len(lines) == 10001
-    index, label, score, bce, kl = lines[1].split(",")
-    assert index == "0" and 0 <= int(label) <= 9 and float(score) == pytest.approx(float(bce) + float(kl), abs=2e-4)
-    assert "percentiles" in out and "mean score by digit" in out and "AUROC" not in out
-    with Image.open(tmp_path / "anomalies.png") as img:
+    lines = (folder / "anomaly_scores.csv").read_text().splitlines()
+    assert lines[0] == anomaly.provenance(folder / "best.pt", "elbo", 2, 0) and lines[1] == "index,label,score" and len(lines) == 10002
+    assert "method elbo" in out and "percentiles" in out and "AUROC" not in out
+    with Image.open(tmp_path / "img" / "anomalies.png") as img:
         assert img.width > 600 and np.asarray(img.convert("L")).std() > 10
+    draw_digit((120, 90), "L", 255, 0, (30, 10, 80, 80)).save(tmp_path / "mine.png")
+    same = ["reconstruct", tmp_path / "mine.png", "--checkpoint", folder / "best.pt", "--data-dir", MNIST_DIR, "--image-dir", tmp_path / "img", "--samples", "2"]
+    code, out, err = run_main(same + ["--method", "elbo"])
+    assert code == 0 and "scoring the 10,000 test digits" not in out and "mine.png: elbo score" in out
+    stored = anomaly.read_csv_scores(folder / "anomaly_scores.csv", lines[0], 10000)
+    value = float(out.split("elbo score ")[1].split(",")[0])
+    percentile = float(out.split("percentile ")[1].split(" ")[0])
+    assert percentile == pytest.approx(100 * (stored <= value).double().mean().item(), abs=0.05)
+    code, out, err = run_main(same + ["--method", "complexity"])  # another method: the CSV is not reused
+    assert code == 0 and "scoring the 10,000 test digits" in out and "mine.png: complexity score" in out
 
 
 @needs_mnist
-def test_held_out_digit_is_recorded_and_gets_an_auroc(tmp_path):
+def test_held_out_digit_gets_the_auroc_of_its_scores(tmp_path):
     code, out, err = run_main(train_args(tmp_path, epochs=1) + ["--exclude-digit", "3", "--iwae-k", "1"])
     assert code == 0, err
-    ckpt = torch.load(tmp_path / "ckpt" / "best.pt", weights_only=True)
-    assert ckpt["config"]["exclude_digit"] == 3
+    assert torch.load(tmp_path / "ckpt" / "best.pt", weights_only=True)["config"]["exclude_digit"] == 3
     code, out, err = run_main(["score", "--checkpoint", tmp_path / "ckpt" / "best.pt", "--data-dir", MNIST_DIR,
                                "--image-dir", tmp_path / "img", "--samples", "1"])
     assert code == 0, err
     line = next(l for l in out.splitlines() if "AUROC" in l)
-    auc = float(line.split("=")[-1])
-    assert "digit 3" in line and 0.0 <= auc <= 1.0
-
-
-@needs_mnist
-def test_reconstruct_command_processes_good_files_and_reports_bad_ones(trained, tmp_path):
-    draw_digit((120, 90), "RGBA", (255, 255, 255, 255), (0, 0, 0, 255), (30, 10, 80, 80)).save(tmp_path / "mine.png")
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    (tmp_path / "readme.txt").write_text("not a picture")
-    code, out, err = run_main(["reconstruct", tmp_path / "broken.png", tmp_path / "mine.png", tmp_path / "readme.txt",
-                               "--checkpoint", trained.ckpt_dir / "best.pt", "--data-dir", MNIST_DIR, "--image-dir", tmp_path / "img", "--samples", "2"])
-    assert code == 2
-    assert err.count("\n") == 2 and "broken.png" in err and "readme.txt" in err and "Traceback" not in err
-    assert "mine.png: score" in out and "percentile" in out
-    with Image.open(tmp_path / "img" / "reconstructed_mine.png") as img:
-        assert img.format == "PNG" and np.asarray(img.convert("L")).std() > 10
+    rows = [r.split(",") for r in (tmp_path / "ckpt" / "anomaly_scores.csv").read_text().splitlines()[2:]]
+    labels, scores = torch.tensor([int(r[1]) for r in rows]), torch.tensor([float(r[2]) for r in rows])
+    assert "digit 3" in line and float(line.split("=")[-1]) == pytest.approx(anomaly.auroc(scores, labels == 3), abs=1e-3)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import model
 import utils
 from model import VAE, VAEConfig
@@ -399,12 +400,12 @@ def test_checkpoint_round_trip(tmp_path):
 def test_load_checkpoint_returns_dict(tmp_path):
     path = tmp_path / "vae.pt"
     m = make_checkpoint(path)
-    ckpt = model.load_checkpoint(path)
-    assert ckpt["format"] == model.CHECKPOINT_FORMAT
+    ckpt = checkpoint.load(path)
+    assert ckpt["format"] == checkpoint.FORMAT
     assert model.model_config(ckpt, path) == m.config
 
 
-def expect_checkpoint_error(path, load=model.load_checkpoint) -> str:
+def expect_checkpoint_error(path, load=checkpoint.load) -> str:
     with pytest.raises(model.CheckpointError) as excinfo:
         load(path)
     return one_line_with(excinfo, path)
@@ -481,7 +482,7 @@ def test_from_checkpoint_bad_config(tmp_path, bad):
     m = make_model()
     config = dict(model.config_dict(m.config), **bad)
     torch.save({"format": "vae-mnist/1", "config": config, "model": m.state_dict()}, path)
-    model.load_checkpoint(path)  # the file itself is fine
+    checkpoint.load(path)  # the file itself is fine
     expect_checkpoint_error(path, VAE.from_checkpoint)
 
 
@@ -563,17 +564,21 @@ def test_save_atomic_writes_loadable_file_and_no_temp(tmp_path):
     assert torch.equal(loaded["a"], torch.arange(3)) and set(loaded) == {"a"}
 
 
-def test_save_atomic_failure_keeps_old_file(tmp_path, monkeypatch):
+def fail_midway(exc):
+    """A stand-in for Path.write_bytes that writes half the bytes to the temporary file, then fails like a full disk would."""
+    def write_bytes(self, blob):
+        with open(self, "wb") as fh:
+            fh.write(bytes(blob)[: len(blob) // 2])
+        raise exc
+    return write_bytes
+
+
+def test_save_atomic_failure_keeps_old_file_and_says_so(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     utils.save_atomic({"a": torch.arange(4)}, path)
     before = path.read_bytes()
-
-    def failing_save(obj, f, *args, **kwargs):
-        write_some(f, b"partial bytes of a checkpoint")
-        raise RuntimeError("disk full (simulated)")
-
-    monkeypatch.setattr(utils.torch, "save", failing_save)
-    with pytest.raises(RuntimeError, match="simulated"):
+    monkeypatch.setattr(utils.Path, "write_bytes", fail_midway(OSError(28, "No space left on device")))
+    with pytest.raises(utils.UserError, match="No space left on device.*previous ckpt.pt is untouched"):
         utils.save_atomic({"a": torch.arange(100)}, path)
     monkeypatch.undo()
     assert path.read_bytes() == before
@@ -581,12 +586,8 @@ def test_save_atomic_failure_keeps_old_file(tmp_path, monkeypatch):
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(4))
 
 
-def test_save_atomic_failure_without_old_file(tmp_path, monkeypatch):
-    def failing_save(obj, f, *args, **kwargs):
-        write_some(f, b"xx")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(utils.torch, "save", failing_save)
+def test_save_atomic_interrupted_without_old_file_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils.Path, "write_bytes", fail_midway(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         utils.save_atomic({"a": 1}, tmp_path / "new.pt")
     assert os.listdir(tmp_path) == []
