@@ -9,26 +9,28 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from torch import nn
 
 import data
 import evaluate
 import utils
-from model import VAE, kl_per_dim, neg_elbo_terms
+from model import VAE, neg_elbo_terms
 
-METHODS = ("elbo", "complexity", "regret")
-DEFAULT_METHOD = "complexity"
-NATS_PER_BYTE = 8 * math.log(2)
+METHODS = ("combined", "complexity", "knn", "elbo")
+DEFAULT_METHOD = "combined"
+LOCAL_WEIGHT = 2.0  # a in complexity = elbo - a * local_nll, chosen on the validation-based selection set (docs/anomaly.md)
+KNN_K = 5  # neighbours averaged in the latent kNN distance
+REFERENCE_IMAGES = 10_000  # training images whose codes the kNN distance compares against
+UNITS = {"combined": "standard deviations above the validation digits' mean", "complexity": "nats", "knn": "latent distance", "elbo": "nats"}
+CALIBRATION_IMAGES = 1_000  # validation images whose score statistics put the parts of `combined` on one scale
 
 
-# ----------------------------------------------------------------------------- the scores
+# ----------------------------------------------------------------------------- the parts of a score
 
 
 @torch.inference_mode()
@@ -42,68 +44,114 @@ def neg_elbo_per_image(model: VAE, x: torch.Tensor, samples: int, gen: torch.Gen
     return bce / samples + kl
 
 
-def png_nats(x: torch.Tensor) -> torch.Tensor:
-    """Each image's complexity: the length of its lossless PNG encoding (8-bit grey, zlib at level 9), in nats."""
-    pixels = (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()[:, 0]
-    lengths = []
-    for image in pixels:
-        buffer = io.BytesIO()
-        Image.fromarray(image, mode="L").save(buffer, format="PNG", optimize=True)
-        lengths.append(buffer.tell())
-    return torch.tensor(lengths, dtype=torch.float32, device=x.device) * NATS_PER_BYTE
+class LocalPixelModel(nn.Module):
+    """A deliberately short-sighted model of digit images: each pixel predicted from the 12 pixels above and to its
+    left (a masked 5x5 convolution, then two 1x1 layers), the same at every position. It learns stroke texture (how
+    ink continues locally) but cannot know what digit, or whether any digit, the strokes make. Its negative
+    log-likelihood, in the same Bernoulli nats as the VAE's, measures how complex an image is at that local level."""
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        mask = torch.zeros(1, 1, 5, 5)
+        mask[..., :2, :] = 1  # the two rows above
+        mask[..., 2, :2] = 1  # the two pixels to the left
+        self.register_buffer("mask", mask)
+        self.conv = nn.Conv2d(1, hidden, 5, padding=2)
+        self.head = nn.Sequential(nn.SiLU(), nn.Conv2d(hidden, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.conv2d(x, self.conv.weight * self.mask, self.conv.bias, padding=2))
+
+    def nll(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image negative log-likelihood in nats."""
+        return F.binary_cross_entropy_with_logits(self(x), x, reduction="none").flatten(1).sum(1)
 
 
-def refit_gain(model: VAE, x: torch.Tensor, samples: int, gen: torch.Generator, steps: int = 30, lr: float = 0.1) -> torch.Tensor:
-    """Likelihood Regret (Xiao et al. 2020), amortisation form: how many nats the negative ELBO falls when the
-    encoder's posterior (mu, logvar) is re-fitted to this one image by Adam with the decoder fixed. An image like
-    the training digits is already encoded about as well as it can be; an unfamiliar one gains more."""
-    with torch.no_grad():
-        mu, logvar = model.encode(x)
-    before = neg_elbo_per_image(model, x, samples, gen)
-    eps = torch.randn(samples, *mu.shape, generator=gen, device=x.device)  # one fixed set of draws for the whole fit
-    params = [mu.clone().requires_grad_(True), logvar.clone().requires_grad_(True)]
-    opt = torch.optim.Adam(params, lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            m, lv = params
-            grads = torch.autograd.grad(fixed_noise_neg_elbo(model, x, m, lv, eps).sum(), params)  # only the posterior moves: no gradient reaches the weights
-            for p, g in zip(params, grads):
-                p.grad = g
-            opt.step()
-    with torch.no_grad():
-        after = fixed_noise_neg_elbo(model, x, *params, eps)
-    return before - after
+def fit_local_model(images: torch.Tensor, steps: int = 600, batch_size: int = 64, seed: int = 0) -> LocalPixelModel:
+    """Fit the local pixel model to in-distribution float images by Adam (a few seconds on a CPU)."""
+    torch.manual_seed(seed)
+    local = LocalPixelModel().to(images.device)
+    opt = torch.optim.Adam(local.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = images[torch.randint(len(images), (batch_size,), generator=gen).to(images.device)]
+        loss = local.nll(x).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return local.eval()
 
 
-def fixed_noise_neg_elbo(model: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Per-image negative ELBO of the posterior N(mu, exp(logvar)), its bce averaged over the given noise draws."""
-    bce = torch.stack([neg_elbo_terms(model.decode(mu + e * torch.exp(0.5 * logvar)), x, mu, logvar)[0] for e in eps]).mean(0)
-    return bce + kl_per_dim(mu, logvar).sum(1)
+@torch.inference_mode()
+def score_parts(model: VAE, x: torch.Tensor, reference: dict | None, samples: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The raw scores of a batch: elbo (nats), and with a reference, complexity (nats) and knn (latent distance)."""
+    parts = {"elbo": neg_elbo_per_image(model, x, samples, gen)}
+    if reference is not None:
+        local = LocalPixelModel().to(x.device)
+        local.load_state_dict(reference["local_model"])
+        parts["complexity"] = parts["elbo"] - LOCAL_WEIGHT * local.nll(x)
+        mu, _ = model.encode(x)
+        nearest = torch.cdist(mu, reference["codes"].to(x.device)).topk(KNN_K, dim=1, largest=False).values
+        parts["knn"] = nearest.mean(1)
+    return parts
+
+
+def combine(parts: dict[str, torch.Tensor], calibration: dict[str, list[float]]) -> torch.Tensor:
+    """combined = max(z(z(complexity) + z(knn)), z(elbo)), z standardising by the validation images' mean and std.
+    The sum flags an unseen digit by either sign; the max with z(elbo) keeps far-off images (noise, say), whose
+    ELBO is enormous, from being excused by an equally unlikely local texture."""
+    z = {name: (parts[name] - mean) / std for name, (mean, std) in calibration.items() if name in parts}
+    mean, std = calibration["sum"]
+    return torch.maximum((z["complexity"] + z["knn"] - mean) / std, z["elbo"])
+
+
+# ----------------------------------------------------------------------------- the reference a model is scored against
+
+
+def fit_reference(model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, samples: int = 10, seed: int = 0) -> dict:
+    """What the complexity, knn and combined scores compare an image against, from the model's own training images
+    (float, any number) and validation images: the local pixel model, the codes of up to 10,000 training images, and
+    the mean and std of each score over up to 1,000 validation images. Plain tensors and floats: it is stored in
+    best.pt at the end of training."""
+    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:REFERENCE_IMAGES].to(train_x.device)
+    reference_x = train_x[pick]
+    with torch.inference_mode():
+        codes = torch.cat([model.encode(reference_x[i : i + 1000])[0] for i in range(0, len(reference_x), 1000)])
+    reference = {"codes": codes.cpu(), "local_model": {k: v.cpu() for k, v in fit_local_model(reference_x, seed=seed).state_dict().items()}}
+    parts = score_parts(model, val_x[:CALIBRATION_IMAGES], reference, samples, torch.Generator(device=val_x.device).manual_seed(seed))
+    calibration = {name: [v.mean().item(), v.std().item()] for name, v in parts.items()}
+    z_sum = sum((parts[n] - calibration[n][0]) / calibration[n][1] for n in ("complexity", "knn"))
+    reference["calibration"] = calibration | {"sum": [z_sum.mean().item(), z_sum.std().item()]}
+    return reference
 
 
 def score(model: VAE, images: torch.Tensor, method: str | None = None, samples: int = 10, seed: int = 0,
-          batch_size: int = 1000) -> torch.Tensor:
+          batch_size: int = 1000, reference: dict | None = None) -> torch.Tensor:
     """Anomaly scores (B,) of float images (B, 1, 28, 28) in [0, 1], higher = more anomalous; on the images' device.
 
     elbo        the negative ELBO in nats: what the model fails to explain. Flags badly written digits, but ranks
                 simple images (a 1, a blank page) as typical whatever the model learned.
-    complexity  the negative ELBO minus the image's PNG length in nats (Serra et al. 2020): the nats the model
-                needs beyond what a general-purpose compressor needs, so simplicity no longer passes for typicality.
-    regret      Likelihood Regret: the nats gained by re-fitting the posterior to the single image (slower).
+    complexity  the negative ELBO minus twice the nats a local pixel model needs (a likelihood ratio against a model
+                of stroke texture): what remains is what the VAE finds unlike a digit, not merely complex.
+    knn         distance of the image's code to its 5 nearest codes of training images: how far from familiar ground.
+    combined    complexity and knn on one scale, guarded by elbo (see combine): the default, best on held-out digits.
+
+    All but elbo need the reference the model was trained with (fit_reference): by default the one its checkpoint
+    holds (VAE.from_checkpoint keeps it as model.anomaly_reference).
     """
     method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise ValueError(f"unknown anomaly method {method!r}; choose one of {', '.join(METHODS)}")
     VAE.check_input(images)
+    reference = reference if reference is not None else getattr(model, "anomaly_reference", None)
+    if method != "elbo" and reference is None:
+        raise ValueError(f"method {method!r} needs the model's anomaly reference, which its checkpoint does not hold: pass "
+                         f"reference=anomaly.fit_reference(model, training_images, validation_images), or method='elbo'")
     gen = torch.Generator(device=images.device).manual_seed(seed)
     out = []
     for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size]
-        if method == "regret":
-            out.append(refit_gain(model, x, samples, gen))
-            continue
-        nll = neg_elbo_per_image(model, x, samples, gen)
-        out.append(nll - png_nats(x) if method == "complexity" else nll)
+        parts = score_parts(model, images[i : i + batch_size], reference if method != "elbo" else None, samples, gen)
+        out.append(combine(parts, reference["calibration"]) if method == "combined" else parts[method])
     return torch.cat(out)
 
 
@@ -149,6 +197,17 @@ def read_csv_scores(path: Path, header: str, n: int) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------- commands
 
 
+def checkpoint_reference(model: VAE, config: dict, mnist: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """The reference stored in the checkpoint, or for a checkpoint that predates it, one fitted now from its own
+    training and validation images (the split its config describes)."""
+    if getattr(model, "anomaly_reference", None) is None:
+        print("note: this checkpoint holds no anomaly reference; fitting one from its training images")
+        train_idx, val_idx = data.run_split(config, mnist["train_labels"])
+        images = lambda idx: evaluate.eval_images(mnist["train_images"][idx], config.get("binarize", False), device)
+        model.anomaly_reference = fit_reference(model, images(train_idx), images(val_idx))
+    return model.anomaly_reference
+
+
 def run_score(args: argparse.Namespace) -> int:
     """python main.py score"""
     utils.check_output_dir(args.image_dir, "--image-dir")
@@ -157,6 +216,8 @@ def run_score(args: argparse.Namespace) -> int:
     mnist = data.load_mnist(args.data_dir)
     x = evaluate.test_images(mnist, ckpt["config"], device)
     labels = mnist["test_labels"]
+    if args.method != "elbo":
+        checkpoint_reference(model, ckpt["config"], mnist, device)
     s = score(model, x, args.method, args.samples, args.seed).cpu()
     csv_path = Path(args.checkpoint).parent / "anomaly_scores.csv"
     write_csv(csv_path, provenance(args.checkpoint, args.method, args.samples, args.seed), labels, s)
@@ -173,7 +234,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 def print_summary(s: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, held_out: int | None) -> None:
     q = torch.quantile(s.double(), torch.tensor([0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99], dtype=torch.float64)).tolist()
-    print(f"anomaly scores (method {args.method}, nats; {args.samples} z samples per image) of {len(s):,} test digits, checkpoint {args.checkpoint}")
+    print(f"anomaly scores (method {args.method}, {UNITS[args.method]}; {args.samples} z samples per image) of {len(s):,} test digits, checkpoint {args.checkpoint}")
     print(f"  mean {s.mean():.2f}  std {s.std():.2f}  min {s.min():.2f}  max {s.max():.2f}")
     print("  percentiles  " + "  ".join(f"p{p}: {v:.2f}" for p, v in zip((1, 5, 25, 50, 75, 95, 99), q)))
     print("  mean score by digit  " + "  ".join(f"{d}: {s[labels == d].mean():.1f}" for d in range(10)))
@@ -191,6 +252,8 @@ def test_set_scores(args: argparse.Namespace, model: VAE, config: dict, device: 
         return stored
     print(f"scoring the 10,000 test digits for comparison (`python main.py score --method {args.method}` keeps them in anomaly_scores.csv)")
     mnist = data.load_mnist(args.data_dir)
+    if args.method != "elbo":
+        checkpoint_reference(model, config, mnist, device)
     return score(model, evaluate.test_images(mnist, config, device), args.method, args.samples, args.seed).cpu()
 
 

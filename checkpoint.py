@@ -13,6 +13,8 @@ A checkpoint is one dict of plain values and tensors, so it loads with torch.loa
     rng            generator states for an exact resume, and the device type they belong to
     partial        where a Ctrl-C stopped inside an epoch, else None
     versions       torch, torchvision, python
+    anomaly_reference  (best.pt, once training has ended) what anomaly scores compare an image against: a local pixel
+                   model, codes of training images, and score statistics of validation images (anomaly.fit_reference)
 
 A file with only format, config and model (say, saved from a notebook) loads for use but cannot be resumed.
 """

@@ -118,6 +118,18 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch
     return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
+def run_split(config: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's (train, validation) indices into the 60,000 training images, as its config asks: the seeded split,
+    without the held-out digit (--exclude-digit), training cut to --subset."""
+    train_idx, val_idx = split_indices(len(labels), config["val_size"], config["seed"])
+    if config.get("exclude_digit") is not None:
+        keep = labels != config["exclude_digit"]
+        train_idx, val_idx = train_idx[keep[train_idx]], val_idx[keep[val_idx]]
+    if config.get("subset") is not None:
+        train_idx = train_idx[: config["subset"]]
+    return train_idx, val_idx
+
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1]."""
     return images.unsqueeze(1).float().div_(255)

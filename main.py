@@ -104,9 +104,10 @@ def add_running_flags(r) -> None:
 
 
 def add_scoring_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=anomaly.METHODS, default=anomaly.DEFAULT_METHOD, help="elbo: negative ELBO; complexity: negative ELBO "
-                   "minus the image's PNG length, so simple images no longer pass as typical; regret: gain from re-fitting the posterior "
-                   f"to the image (slower). See docs/anomaly.md (default: {anomaly.DEFAULT_METHOD})")
+    p.add_argument("--method", choices=anomaly.METHODS, default=anomaly.DEFAULT_METHOD, help="combined: complexity and knn on one "
+                   "scale, guarded by elbo, the best at telling a digit the model never saw; complexity: negative ELBO minus what a "
+                   "local pixel model needs, so simple images no longer pass as typical; knn: distance of the image's code to the "
+                   f"nearest codes of training images; elbo: the plain negative ELBO. See docs/anomaly.md (default: {anomaly.DEFAULT_METHOD})")
     p.add_argument("--samples", type=positive_int, default=10, help="z samples averaged per image (default: 10)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the z samples (default: 0)")
 

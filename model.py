@@ -145,6 +145,7 @@ class VAE(nn.Module):
             model.load_state_dict(ckpt["model"])
         except (RuntimeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{path}: weights do not match the stored architecture ({str(err).splitlines()[0]})")
+        model.anomaly_reference = ckpt.get("anomaly_reference")  # what anomaly.score compares against, if training stored it
         return model.to(device).eval()
 
 
@@ -167,7 +168,7 @@ def iwae_log_weights(model: VAE, x: torch.Tensor, k: int, generator: torch.Gener
     """log p(x|z) + log p(z) - log q(z|x) for k samples z ~ q(z|x) per image: a (B, k) tensor.
 
     chunk is about how many images one decoding pass holds; the result does not depend on it. By default 200 off CUDA,
-    whose ~10 MB of activations stay in a CPU's cache (passes of 1,000, 50 MB, took 1.5x as long), and 8,192 on a GPU.
+    whose ~10 MB of activations stay in a CPU's cache (larger passes are slower there: docs/speed.md), and 8,192 on a GPU.
     """
     if chunk is None:
         chunk = 8192 if x.device.type == "cuda" else 200

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
+import anomaly
 import checkpoint
 import data
 import evaluate
@@ -89,12 +90,7 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 def prepare_data(config: dict, mnist: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """uint8 training images on `device` and float validation images, as the config asks (split, held-out digit, subset)."""
-    train_idx, val_idx = data.split_indices(len(mnist["train_images"]), config["val_size"], config["seed"])
-    if config["exclude_digit"] is not None:
-        keep = mnist["train_labels"] != config["exclude_digit"]
-        train_idx, val_idx = train_idx[keep[train_idx]], val_idx[keep[val_idx]]
-    if config["subset"] is not None:
-        train_idx = train_idx[: config["subset"]]
+    train_idx, val_idx = data.run_split(config, mnist["train_labels"])
     return {"train": mnist["train_images"][train_idx].to(device),
             "val": evaluate.eval_images(mnist["train_images"][val_idx], config["binarize"], device)}
 
@@ -340,9 +336,20 @@ def train(args: argparse.Namespace) -> int:
     return final_evaluation(run)
 
 
+def store_anomaly_reference(run: SimpleNamespace, path: Path) -> None:
+    """Add to best.pt what anomaly scores compare against (anomaly.fit_reference), from this run's own images."""
+    ckpt = checkpoint.load(path, map_location=run.device)
+    model = prepare_model(VAE.from_loaded(ckpt, path, run.device), run.device)
+    train_x = evaluate.eval_images(run.train_x, run.config["binarize"], run.device)
+    ckpt["anomaly_reference"] = anomaly.fit_reference(model, train_x, run.val_x)
+    checkpoint.save(ckpt, path)
+
+
 def final_evaluation(run: SimpleNamespace) -> int:
     """Evaluate this run's best checkpoint: the one it wrote, or the one beside the checkpoint it resumed from."""
     best = run.best or run.ckpt_dir / "best.pt"
+    if best == run.ckpt_dir / "best.pt" and best.is_file() and "anomaly_reference" not in checkpoint.load(best):
+        store_anomaly_reference(run, best)
     print(f"training done; evaluating {best} on the 10,000 test images")
     loaded = evaluate.load_for_use(best, run.args.device)
     evaluate.evaluate(best, run.mnist, run.args.image_dir, run.args.iwae_k, None, loaded)

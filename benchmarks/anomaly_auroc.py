@@ -1,0 +1,98 @@
+"""How well each anomaly score tells an unseen digit, or a foreign image, from the digits a model was trained on.
+
+    python benchmarks/anomaly_auroc.py --data-dir ../shared/mnist RUN_DIR [RUN_DIR ...]
+
+Each RUN_DIR holds best.pt of a run trained with `--exclude-digit D`. For every method of anomaly.score it prints the
+AUROC of telling digit D apart from the other digits on two sets:
+  selection  the run's validation images (negatives) against its training-split images of digit D (positives, never
+             trained on): the set methods and their settings are chosen on;
+  test       the 10,000 test images: digit D against the rest, reported once a method is chosen.
+and, against the test digits other than D, for out-of-distribution sets built here: uniform noise, salt noise (sparse white
+pixels), inverted test digits, blank and white images, and capital letters drawn with PIL's font and prepared the way
+MNIST was made. Lines are `name: value`, one per figure.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import string
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+import anomaly  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+from model import VAE  # noqa: E402
+
+
+def letters() -> torch.Tensor:
+    """A to Z in PIL's built-in font, each prepared as MNIST was made (cropped, scaled to 20 px, centred)."""
+    font = ImageFont.load_default(size=40)
+    out = []
+    for ch in string.ascii_uppercase:
+        img = Image.new("L", (64, 64), 0)
+        ImageDraw.Draw(img).text((12, 4), ch, fill=255, font=font)
+        ink = data.to_ink(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255))
+        out.append(data.mnist_like(ink)[None])
+    return torch.stack(out)
+
+
+def foreign_sets(test_x: torch.Tensor) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    salt = (torch.rand(500, 1, 28, 28, generator=g) < 0.05).float()
+    return {"uniform_noise": torch.rand(500, 1, 28, 28, generator=g), "salt_noise": salt, "inverted_digits": 1 - test_x[:500],
+            "blank": torch.zeros(20, 1, 28, 28), "white": torch.ones(20, 1, 28, 28), "letters": letters()}
+
+
+def all_methods(model: VAE, x: torch.Tensor, reference: dict) -> dict[str, torch.Tensor]:
+    """Every method's scores of x, from one pass over its parts (anomaly.score computes the same, one method at a time)."""
+    gen = torch.Generator().manual_seed(0)
+    parts = [anomaly.score_parts(model, x[i : i + 1000], reference, 10, gen) for i in range(0, len(x), 1000)]
+    parts = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    return parts | {"combined": anomaly.combine(parts, reference["calibration"])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders holding best.pt of --exclude-digit runs")
+    p.add_argument("--data-dir", default=os.environ.get("MNIST_DIR", "data"), help="folder with the four MNIST files (default: $MNIST_DIR or data)")
+    args = p.parse_args()
+    mnist = data.load_mnist(args.data_dir, download=False)
+    test_x, test_labels = data.to_float(mnist["test_images"]), mnist["test_labels"]
+    foreign = foreign_sets(test_x)
+    for run in args.runs:
+        t0 = time.perf_counter()
+        model = VAE.from_checkpoint(Path(run) / "best.pt")
+        ckpt = torch.load(Path(run) / "best.pt", weights_only=True)
+        config, digit = ckpt["config"], ckpt["config"]["exclude_digit"]
+        reference = anomaly.checkpoint_reference(model, config, mnist, torch.device("cpu"))
+        split = data.split_indices(len(mnist["train_labels"]), config["val_size"], config["seed"])
+        unseen = split[0][mnist["train_labels"][split[0]] == digit]  # training-split images of D: never trained on
+        _, val_idx = data.run_split(config, mnist["train_labels"])
+        negatives, positives = (all_methods(model, evaluate.eval_images(mnist["train_images"][i], False, torch.device("cpu")), reference)
+                                for i in (val_idx, unseen))
+        on_test = all_methods(model, test_x, reference)
+        for method in anomaly.METHODS:
+            scores = torch.cat([negatives[method], positives[method]])
+            is_unseen = torch.cat([torch.zeros(len(negatives[method])), torch.ones(len(positives[method]))]).bool()
+            print(f"digit_{digit}_{method}_selection_auroc: {anomaly.auroc(scores, is_unseen):.4f}")
+            print(f"digit_{digit}_{method}_test_auroc: {anomaly.auroc(on_test[method], test_labels == digit):.4f}")
+        seen = test_labels != digit  # the foreign images against the test digits the model knows
+        for name, images in foreign.items():
+            scored = all_methods(model, images, reference)
+            for method in anomaly.METHODS:
+                both = torch.cat([on_test[method][seen], scored[method]])
+                is_foreign = torch.cat([torch.zeros(int(seen.sum())), torch.ones(len(images))]).bool()
+                print(f"digit_{digit}_{method}_{name}_auroc: {anomaly.auroc(both, is_foreign):.4f}")
+        print(f"digit_{digit}_seconds: {time.perf_counter() - t0:.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
