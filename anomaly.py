@@ -23,7 +23,7 @@ from model import VAE, neg_elbo_terms
 
 METHODS = ("combined", "complexity", "knn", "elbo")
 DEFAULT_METHOD = "combined"
-LOCAL_WEIGHT = 2.0  # a in complexity = elbo - a * local_nll, chosen on the validation-based selection set (docs/anomaly.md)
+LOCAL_WEIGHT = 1.5  # a in complexity = elbo - a * local_nll, chosen on the validation-based selection set (docs/anomaly.md)
 KNN_K = 5  # neighbours averaged in the latent kNN distance
 REFERENCE_IMAGES = 10_000  # training images whose codes the kNN distance compares against
 UNITS = {"combined": "standard deviations above the validation digits' mean", "complexity": "nats", "knn": "latent distance", "elbo": "nats"}
@@ -89,7 +89,7 @@ def score_parts(model: VAE, x: torch.Tensor, reference: dict | None, samples: in
     if reference is not None:
         local = LocalPixelModel().to(x.device)
         local.load_state_dict(reference["local_model"])
-        parts["complexity"] = parts["elbo"] - LOCAL_WEIGHT * local.nll(x)
+        parts["complexity"] = parts["elbo"] - reference["local_weight"] * local.nll(x)
         mu, _ = model.encode(x)
         nearest = torch.cdist(mu, reference["codes"].to(x.device)).topk(KNN_K, dim=1, largest=False).values
         parts["knn"] = nearest.mean(1)
@@ -117,7 +117,7 @@ def fit_reference(model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, sample
     reference_x = train_x[pick]
     with torch.inference_mode():
         codes = torch.cat([model.encode(reference_x[i : i + 1000])[0] for i in range(0, len(reference_x), 1000)])
-    reference = {"codes": codes.cpu(), "local_model": {k: v.cpu() for k, v in fit_local_model(reference_x, seed=seed).state_dict().items()}}
+    reference = {"local_weight": LOCAL_WEIGHT, "codes": codes.cpu(), "local_model": {k: v.cpu() for k, v in fit_local_model(reference_x, seed=seed).state_dict().items()}}
     parts = score_parts(model, val_x[:CALIBRATION_IMAGES], reference, samples, torch.Generator(device=val_x.device).manual_seed(seed))
     calibration = {name: [v.mean().item(), v.std().item()] for name, v in parts.items()}
     z_sum = sum((parts[n] - calibration[n][0]) / calibration[n][1] for n in ("complexity", "knn"))
@@ -131,8 +131,8 @@ def score(model: VAE, images: torch.Tensor, method: str | None = None, samples: 
 
     elbo        the negative ELBO in nats: what the model fails to explain. Flags badly written digits, but ranks
                 simple images (a 1, a blank page) as typical whatever the model learned.
-    complexity  the negative ELBO minus twice the nats a local pixel model needs (a likelihood ratio against a model
-                of stroke texture): what remains is what the VAE finds unlike a digit, not merely complex.
+    complexity  the negative ELBO minus 1.5 times the nats a local pixel model needs (a likelihood ratio against a
+                model of stroke texture): what remains is what the VAE finds unlike a digit, not merely complex.
     knn         distance of the image's code to its 5 nearest codes of training images: how far from familiar ground.
     combined    complexity and knn on one scale, guarded by elbo (see combine): the default, best on held-out digits.
 

@@ -140,23 +140,23 @@ def test_default_method_reference_and_bad_input(small):
 
 
 def test_scores_are_built_from_their_parts_as_documented(small):
-    """complexity = elbo - 2 * local nll; knn = mean distance to the 5 nearest reference codes; combined = the guarded
+    """complexity = elbo - 1.5 * local nll; knn = mean distance to the 5 nearest reference codes; combined = the guarded
     z-sum, with the statistics of the validation images."""
     model, reference, x, train_x = small
     local = anomaly.LocalPixelModel()
     local.load_state_dict(reference["local_model"])
     elbo = anomaly.score(model, x, "elbo", samples=2, seed=5)
     with torch.no_grad():
-        assert torch.allclose(anomaly.score(model, x, "complexity", samples=2, seed=5, reference=reference), elbo - 2 * local.nll(x), atol=1e-3)
+        assert torch.allclose(anomaly.score(model, x, "complexity", samples=2, seed=5, reference=reference), elbo - 1.5 * local.nll(x), atol=1e-3)
         mu, _ = model.encode(x)
     distances = torch.cdist(mu, reference["codes"]).sort(1).values[:, :5].mean(1)
     assert torch.allclose(anomaly.score(model, x, "knn", reference=reference), distances, atol=1e-5)
     c = reference["calibration"]
     z = lambda v, name: (v - c[name][0]) / c[name][1]
-    parts = {"elbo": elbo, "complexity": elbo - 2 * local.nll(x).detach(), "knn": distances}
+    parts = {"elbo": elbo, "complexity": elbo - 1.5 * local.nll(x).detach(), "knn": distances}
     expected = torch.maximum((z(parts["complexity"], "complexity") + z(parts["knn"], "knn") - c["sum"][0]) / c["sum"][1], z(elbo, "elbo"))
     assert torch.allclose(anomaly.score(model, x, "combined", samples=2, seed=5, reference=reference), expected, atol=1e-3)
-    assert reference["codes"].shape == (300, 4)  # every training image, up to 10,000
+    assert reference["codes"].shape == (300, 4) and reference["local_weight"] == anomaly.LOCAL_WEIGHT == 1.5
 
 
 def test_local_pixel_model_sees_only_pixels_above_and_to_the_left():
