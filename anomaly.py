@@ -1,6 +1,6 @@
 """Anomaly scores: how unlike the training digits an image is (higher = stranger), and the commands that use them.
 
-    python main.py score [--method M]        score every test digit: anomaly_scores.csv, images/anomalies.png
+    python main.py score [--method M]        score every test digit: anomaly_scores.csv, IMAGE_DIR/anomalies.png
     python main.py reconstruct FILE...        your own digit pictures: reconstructed, scored, ranked among the test digits
 
 In a notebook: `anomaly.score(model, images)` with float images (B, 1, 28, 28) in [0, 1] returns (B,) scores.
@@ -68,17 +68,19 @@ class LocalPixelModel(nn.Module):
 
 
 def fit_local_model(images: torch.Tensor, steps: int = 600, batch_size: int = 64, seed: int = 0) -> LocalPixelModel:
-    """Fit the local pixel model to in-distribution float images by Adam (a few seconds on a CPU)."""
-    torch.manual_seed(seed)
-    local = LocalPixelModel().to(images.device)
-    opt = torch.optim.Adam(local.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = images[torch.randint(len(images), (batch_size,), generator=gen).to(images.device)]
-        loss = local.nll(x).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    """Fit the local pixel model to in-distribution float images by Adam (a few seconds on a CPU). Seeded, without
+    touching the caller's random state, and with gradients on even when called under torch.no_grad()."""
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+        torch.manual_seed(seed)
+        local = LocalPixelModel().to(images.device)
+        opt = torch.optim.Adam(local.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            x = images[torch.randint(len(images), (batch_size,), generator=gen).to(images.device)].clone()
+            loss = local.nll(x).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return local.eval()
 
 
@@ -91,7 +93,8 @@ def score_parts(model: VAE, x: torch.Tensor, reference: dict | None, samples: in
         local.load_state_dict(reference["local_model"])
         parts["complexity"] = parts["elbo"] - reference["local_weight"] * local.nll(x)
         mu, _ = model.encode(x)
-        nearest = torch.cdist(mu, reference["codes"].to(x.device)).topk(KNN_K, dim=1, largest=False).values
+        codes = reference["codes"].to(x.device)
+        nearest = torch.cdist(mu, codes).topk(min(KNN_K, len(codes)), dim=1, largest=False).values
         parts["knn"] = nearest.mean(1)
     return parts
 
@@ -131,9 +134,9 @@ def score(model: VAE, images: torch.Tensor, method: str | None = None, samples: 
 
     elbo        the negative ELBO in nats: what the model fails to explain. Flags badly written digits, but ranks
                 simple images (a 1, a blank page) as typical whatever the model learned.
-    complexity  the negative ELBO minus 1.5 times the nats a local pixel model needs (a likelihood ratio against a
-                model of stroke texture): what remains is what the VAE finds unlike a digit, not merely complex.
-    knn         distance of the image's code to its 5 nearest codes of training images: how far from familiar ground.
+    complexity  the negative ELBO minus LOCAL_WEIGHT times the nats a local pixel model needs (a likelihood ratio
+                against a model of stroke texture): what remains is what the VAE finds unlike a digit, not merely complex.
+    knn         mean distance of the image's code to its KNN_K nearest codes of training images: how far from familiar ground.
     combined    complexity and knn on one scale, guarded by elbo (see combine): the default, best on held-out digits.
 
     All but elbo need the reference the model was trained with (fit_reference): by default the one its checkpoint
@@ -191,7 +194,10 @@ def read_csv_scores(path: Path, header: str, n: int) -> torch.Tensor | None:
     lines = path.read_text().splitlines()
     if len(lines) != n + 2 or lines[0] != header:
         return None
-    return torch.tensor([float(line.rsplit(",", 1)[1]) for line in lines[2:]])
+    try:
+        return torch.tensor([float(line.rsplit(",", 1)[1]) for line in lines[2:]])
+    except (ValueError, IndexError):  # edited or damaged by hand: compute the scores afresh
+        return None
 
 
 # ----------------------------------------------------------------------------- commands
@@ -201,6 +207,9 @@ def checkpoint_reference(model: VAE, config: dict, mnist: dict[str, torch.Tensor
     """The reference stored in the checkpoint, or for a checkpoint that predates it, one fitted now from its own
     training and validation images (the split its config describes)."""
     if getattr(model, "anomaly_reference", None) is None:
+        if "seed" not in config or "val_size" not in config:
+            raise utils.UserError("this checkpoint holds no anomaly reference and no record of its training data to fit one "
+                                  "from; use --method elbo")
         print("note: this checkpoint holds no anomaly reference; fitting one from its training images")
         train_idx, val_idx = data.run_split(config, mnist["train_labels"])
         images = lambda idx: evaluate.eval_images(mnist["train_images"][idx], config.get("binarize", False), device)
@@ -226,7 +235,7 @@ def run_score(args: argparse.Namespace) -> int:
     sections = []
     for title, idx in (("16 most anomalous test digits (highest score)", order.flip(0)[:16]), ("16 most typical test digits (lowest score)", order[:16])):
         xb = x[idx.to(device)]
-        sections.append((title, xb.cpu(), model.reconstruct(xb).cpu(), [f"{int(labels[i])}: {s[i]:.0f}" for i in idx]))
+        sections.append((title, xb.cpu(), model.reconstruct(xb).cpu(), [f"{int(labels[i])}: {s[i]:.1f}" for i in idx]))
     path = utils.plot_anomalies(sections, Path(args.image_dir) / "anomalies.png", f"anomaly score: {args.method}")
     print(f"wrote {csv_path} and {path}")
     return 0
@@ -270,6 +279,8 @@ def run_reconstruct(args: argparse.Namespace) -> int:
             failed += 1
     if inputs:
         test_scores = test_set_scores(args, model, ckpt["config"], device)
+        if args.method != "elbo" and model.anomaly_reference is None:  # the scores came from the CSV; the image needs it too
+            checkpoint_reference(model, ckpt["config"], data.load_mnist(args.data_dir), device)
         for name, original, x in inputs:
             xb = x.to(device)[None]
             if ckpt["config"].get("binarize"):

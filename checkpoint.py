@@ -21,6 +21,7 @@ A file with only format, config and model (say, saved from a notebook) loads for
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import zipfile
 from pathlib import Path
@@ -52,7 +53,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", flag
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for a bad file; all mean "not a checkpoint we can read"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "Unsupported global" in str(err):
+        if "Unsupported global" in str(err) or isinstance(err, pickle.UnpicklingError):
             reason = "it contains pickled objects that are not plain tensors or values, so it was refused unread"
         raise CheckpointError(f"{path}: not a readable vae-mnist checkpoint ({reason[:200]})") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
@@ -114,7 +115,7 @@ def restore_generators(ckpt: dict, generators: dict[str, torch.Generator], seed:
             gen.set_state(ckpt["rng"][name])
         except (RuntimeError, KeyError, TypeError):
             if name == "shuffle":
-                raise CheckpointError(f"checkpoint's shuffle generator state is unusable; start a new run without --resume") from None
+                raise CheckpointError("the checkpoint's shuffle generator state is unusable; start a new run without --resume") from None
             gen.manual_seed(seed + offset + 2 * steps_done)
             reseeded.append(name)
     return reseeded

@@ -65,7 +65,7 @@ def add_training_flags(g) -> None:
     g.add_argument("--epochs", type=positive_int, help=f"passes over the training set (default: {d['epochs']}); with --resume, the new total")
     g.add_argument("--batch-size", type=positive_int, help=f"images per Adam step (default: {d['batch_size']})")
     g.add_argument("--lr", type=positive_float, help=f"Adam learning rate (default: {d['lr']})")
-    g.add_argument("--seed", type=seed, help=f"seed of weights, validation split, shuffling and noise; the same seed gives the same run (default: {d['seed']})")
+    g.add_argument("--seed", type=seed, help=f"seed of weights, validation split, shuffling and noise; on one machine and device the same seed gives the same run (default: {d['seed']})")
     g.add_argument("--val-size", type=positive_int, help=f"training images held out for validation, which picks best.pt (default: {d['val_size']})")
     g.add_argument("--subset", type=positive_int, help="train on only the first N training images, for quick runs (default: all)")
     g.add_argument("--exclude-digit", type=digit, help="leave this digit out of training and validation, to test anomaly detection on it (default: none)")
@@ -97,17 +97,20 @@ def add_model_flags(m) -> None:
 def add_running_flags(r) -> None:
     add_common(r, checkpoint=False)
     r.add_argument("--checkpoint-dir", help="where best.pt and last.pt go (default: models_mnist, or the folder of --resume's file)")
-    r.add_argument("--resume", nargs="?", const=True, metavar="PATH", help="continue training from a checkpoint (default PATH: CHECKPOINT_DIR/last.pt) with its stored settings")
+    r.add_argument("--resume", nargs="?", const=True, metavar="PATH", help="continue training from a checkpoint (default PATH: CHECKPOINT_DIR/last.pt) with its stored settings; "
+                   "only --epochs may change")
     r.add_argument("--iwae-k", type=positive_int, default=100, help="importance samples per test image for the final IWAE bound; fewer is faster and looser (default: 100)")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the training step: compiling costs seconds up front and gains little on a CPU (default: off)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (epoch lines still print)")
 
 
 def add_scoring_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=anomaly.METHODS, default=anomaly.DEFAULT_METHOD, help="combined: complexity and knn on one "
-                   "scale, guarded by elbo, the best at telling a digit the model never saw; complexity: negative ELBO minus what a "
-                   "local pixel model needs, so simple images no longer pass as typical; knn: distance of the image's code to the "
-                   f"nearest codes of training images; elbo: the plain negative ELBO. See docs/anomaly.md (default: {anomaly.DEFAULT_METHOD})")
+    p.add_argument("--method", choices=anomaly.METHODS, default=anomaly.DEFAULT_METHOD, help="combined: the larger of the ELBO's z-score and "
+                   "the z-scored sum of complexity and knn, the best at telling a digit the model never saw; complexity: the negative "
+                   "ELBO minus 1.5 times a local pixel model's nats, so simple images no longer pass as typical; knn: mean distance of "
+                   "the image's code to the 5 nearest codes of training images; elbo: the plain negative ELBO. All but elbo use the "
+                   "reference stored in best.pt, or fit one from --data-dir for older checkpoints. See docs/anomaly.md "
+                   f"(default: {anomaly.DEFAULT_METHOD})")
     p.add_argument("--samples", type=positive_int, default=10, help="z samples averaged per image (default: 10)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the z samples (default: 0)")
 

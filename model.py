@@ -1,4 +1,4 @@
-"""The convolutional VAE: model, loss, importance-weighted bound and checkpoint round trip.
+"""The convolutional VAE: model, loss, importance-weighted bound, and rebuilding a model from a checkpoint.
 
 Nothing here reads files other than a checkpoint.
 """

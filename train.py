@@ -215,7 +215,7 @@ def setup(args: argparse.Namespace) -> SimpleNamespace:
                           model=model, opt=opt, average=average, generators=generators, ckpt_dir=ckpt_dir,
                           n_batches=math.ceil(len(sets["train"]) / config["batch_size"]),
                           state={"epoch": 0, "best_val_loss": math.inf, "history": [], "partial": None},
-                          best=None)  # the best.pt to evaluate at the end: where this run's best state lies
+                          best=None, wrote_best=False)  # best: the best.pt to evaluate at the end (where this run's best state lies)
     if ckpt is not None:
         restore(run, ckpt, resumed_from)
     run.step = train_step_fn(model, opt, args.compile, config["precision"], average)
@@ -248,7 +248,7 @@ def check_finite(run: SimpleNamespace, epoch: int, first: int, step_losses: torc
         step = first + int(bad[0]) + 1
         kept = f"the checkpoints keep the state after epoch {run.state['epoch']}" if run.state["epoch"] else "no checkpoint was written"
         raise UserError(f"epoch {epoch}, step {step}: the training loss became {float(step_losses[bad[0]]):.0f}, so training "
-                        f"stopped without saving; {kept}. Try a lower --lr (this run: {run.config['lr']:g})")
+                        f"stopped without saving; {kept}. Start a new run with a lower --lr (this run: {run.config['lr']:g})")
 
 
 def train_epoch(run: SimpleNamespace, epoch: int, stop: StopFlag) -> tuple[torch.Tensor, int, float]:
@@ -291,7 +291,7 @@ def save(run: SimpleNamespace, improved: bool) -> None:
                             run.opt, run.state, run.generators, run.device)
     if improved:
         checkpoint.save(ckpt, run.ckpt_dir / "best.pt")
-        run.best = run.ckpt_dir / "best.pt"
+        run.best, run.wrote_best = run.ckpt_dir / "best.pt", True
     checkpoint.save(ckpt, run.ckpt_dir / "last.pt")
 
 
@@ -300,6 +300,9 @@ def end_epoch(run: SimpleNamespace, epoch: int, sums: torch.Tensor, seconds: flo
     evaluated = run.average.model if run.average else run.model
     evaluated.eval()
     val = evaluate.neg_elbo(evaluated, run.val_x, run.config["seed"])
+    if not math.isfinite(val["loss"]):  # the weights went bad on the epoch's last steps
+        raise UserError(f"epoch {epoch}: the validation loss became {val['loss']}, so training stopped without saving; "
+                        f"start a new run with a lower --lr (this run: {run.config['lr']:g})")
     bce, kl = (sums / len(run.train_x)).tolist()
     run.state["epoch"] = epoch
     run.state["partial"] = None
@@ -347,8 +350,10 @@ def store_anomaly_reference(run: SimpleNamespace, path: Path) -> None:
 
 def final_evaluation(run: SimpleNamespace) -> int:
     """Evaluate this run's best checkpoint: the one it wrote, or the one beside the checkpoint it resumed from."""
-    best = run.best or run.ckpt_dir / "best.pt"
-    if best == run.ckpt_dir / "best.pt" and best.is_file() and "anomaly_reference" not in checkpoint.load(best):
+    best = run.best
+    if best is None:
+        raise UserError(f"no best.pt to evaluate: neither {run.ckpt_dir} nor the resumed checkpoint's folder holds one")
+    if (run.wrote_best or best.parent == run.ckpt_dir) and "anomaly_reference" not in checkpoint.load(best):
         store_anomaly_reference(run, best)
     print(f"training done; evaluating {best} on the 10,000 test images")
     loaded = evaluate.load_for_use(best, run.args.device)

@@ -5,7 +5,7 @@
 pytorch/examples' model, loss and optimizer as that script has them: an MLP 784-400-20 encoder and 20-400-784 decoder
 with ReLU, a sigmoid output, summed BCE + KL, Adam at 1e-3. Trained on the same 55,000 images main.py trains on
 (seed 1 split), for 20 epochs at batch 64 (its own defaults are 10 epochs at batch 128); like its script, the last
-epoch's weights are scored. Prints the test set's negative ELBO per image in nats, z sampled (as main.py's evaluate).
+epoch's weights are scored. Prints the test set's negative ELBO per image in nats, z sampled (as evaluate.py does).
 """
 from __future__ import annotations
 

@@ -161,7 +161,7 @@ def main_() -> None:
         print(f"init: {args.init} (epoch {init['epoch']})")
         model.load_state_dict(init.get("train_weights", init["model"]))
         opt.load_state_dict(init["optimizer"])
-    average = train.WeightAverage(model, ema) if ema else None  # the weight average's update is part of main.py's step
+    average = train.WeightAverage(model, ema) if ema else None  # the weight average's update is part of train.py's step
     print(f"ema: {ema}")
     step = train.train_step_fn(model, opt, args.compile, precision, average)
     gen = torch.Generator(device=device).manual_seed(1)

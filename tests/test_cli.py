@@ -149,7 +149,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoints(trained, tmp_p
     torch.save(ckpt, folder / "last.pt")
     before = {name: (folder / name).read_bytes() for name in ("best.pt", "last.pt")}
     code, out, err = run_cli(["--resume", folder / "last.pt", "--epochs", "4", "--data-dir", MNIST_DIR, "--no-progress"], cwd=tmp_path)
-    assert_one_line_error(code, err, "epoch 3, step", "nan", "--lr")
+    assert_one_line_error(code, err, "epoch 3, step", "nan", "new run with a lower --lr")
     assert "epoch   3/4" not in out
     assert {name: (folder / name).read_bytes() for name in before} == before
 
