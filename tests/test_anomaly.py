@@ -192,8 +192,10 @@ def test_foreign_images_score_higher_than_test_digits(trained, method):
     s_digits = anomaly.score(model, digits, method, samples=4)
     s_inverted = anomaly.score(model, 1 - digits[:20], method, samples=4)
     assert s_inverted.median() > torch.quantile(s_digits, 0.95)
-    noise = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    assert anomaly.score(model, noise, method, samples=4).median() > torch.quantile(s_digits, 0.95)
+    if method != "complexity":  # noise is as unlikely under the local pixel model as under the VAE: complexity alone
+        # may excuse it (docs/anomaly.md), which is why `combined` takes the larger of its sum and the ELBO's z-score
+        noise = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        assert anomaly.score(model, noise, method, samples=4).median() > torch.quantile(s_digits, 0.95)
 
 
 def test_csv_is_reused_only_for_the_same_checkpoint_method_samples_and_seed(tmp_path):
