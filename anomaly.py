@@ -111,7 +111,8 @@ def combine(parts: dict[str, torch.Tensor], calibration: dict[str, list[float]])
 # ----------------------------------------------------------------------------- the reference a model is scored against
 
 
-def fit_reference(model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, samples: int = 10, seed: int = 0) -> dict:
+def fit_reference(model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, samples: int = 10, seed: int = 0,
+                  local_steps: int = 600) -> dict:
     """What the complexity, knn and combined scores compare an image against, from the model's own training images
     (float, any number) and validation images: the local pixel model, the codes of up to 10,000 training images, and
     the mean and std of each score over up to 1,000 validation images. Plain tensors and floats: it is stored in
@@ -120,7 +121,8 @@ def fit_reference(model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, sample
     reference_x = train_x[pick]
     with torch.inference_mode():
         codes = torch.cat([model.encode(reference_x[i : i + 1000])[0] for i in range(0, len(reference_x), 1000)])
-    reference = {"local_weight": LOCAL_WEIGHT, "codes": codes.cpu(), "local_model": {k: v.cpu() for k, v in fit_local_model(reference_x, seed=seed).state_dict().items()}}
+    local = fit_local_model(reference_x, local_steps, seed=seed)
+    reference = {"local_weight": LOCAL_WEIGHT, "codes": codes.cpu(), "local_model": {k: v.cpu() for k, v in local.state_dict().items()}}
     parts = score_parts(model, val_x[:CALIBRATION_IMAGES], reference, samples, torch.Generator(device=val_x.device).manual_seed(seed))
     calibration = {name: [v.mean().item(), v.std().item()] for name, v in parts.items()}
     z_sum = sum((parts[n] - calibration[n][0]) / calibration[n][1] for n in ("complexity", "knn"))

@@ -109,7 +109,7 @@ def small():
     """A tiny untrained model, its reference fitted on random 'training' and 'validation' images, and test images."""
     model, g = small_model(), torch.Generator().manual_seed(1)
     train_x, val_x = torch.rand(300, 1, 28, 28, generator=g), torch.rand(200, 1, 28, 28, generator=g)
-    return model, anomaly.fit_reference(model, train_x, val_x, samples=2), torch.rand(6, 1, 28, 28, generator=g), train_x
+    return model, anomaly.fit_reference(model, train_x, val_x, samples=2, local_steps=50), torch.rand(6, 1, 28, 28, generator=g), train_x
 
 
 @pytest.mark.parametrize("method", anomaly.METHODS)
