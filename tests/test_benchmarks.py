@@ -51,3 +51,13 @@ def test_upsampling_times_both_ways_in_every_decoder_place():
     for place in ("32to32_at_7to14", "32to16_at_14to28", "32to1_at_14to28"):  # the default's two, and --out-conv 0's last
         assert float(f[f"transposed_conv_{place}_ms"]) > 0 and float(f[f"upsample_conv_{place}_ms"]) > 0
         assert float(f[f"upsample_conv_over_transposed_{place}"]) > 0
+
+
+@needs_mnist
+def test_baselines_trains_the_pytorch_examples_vae_and_prints_its_test_loss():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "baselines.py"), "--data-dir", MNIST_DIR, "--epochs", "1",
+                           "--batch-size", "512"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    f = figures(proc.stdout)
+    assert f["epochs"] == "1" and f["batch_size"] == "512" and "652,824 parameters" in f["model"]
+    assert 100 < float(f["test_loss"]) < 300  # one epoch of the MLP: well trained it reaches about 104
