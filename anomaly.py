@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import sys
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def combine(parts: dict[str, torch.Tensor], calibration: dict[str, list[float]])
 
 
 def fit_reference(model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, samples: int = 10, seed: int = 0,
-                  local_steps: int = 600) -> dict:
+                  local_steps: int | None = None) -> dict:
     """What the complexity, knn and combined scores compare an image against, from the model's own training images
     (float, any number) and validation images: the local pixel model, the codes of up to 10,000 training images, and
     the mean and std of each score over up to 1,000 validation images. Plain tensors and floats: it is stored in
@@ -121,6 +122,8 @@ def fit_reference(model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, sample
     reference_x = train_x[pick]
     with torch.inference_mode():
         codes = torch.cat([model.encode(reference_x[i : i + 1000])[0] for i in range(0, len(reference_x), 1000)])
+    # about four passes over the reference images at batch 64, at most 600 steps (the count for a full-size run)
+    local_steps = local_steps or min(600, math.ceil(4 * len(reference_x) / 64))
     local = fit_local_model(reference_x, local_steps, seed=seed)
     reference = {"local_weight": LOCAL_WEIGHT, "codes": codes.cpu(), "local_model": {k: v.cpu() for k, v in local.state_dict().items()}}
     parts = score_parts(model, val_x[:CALIBRATION_IMAGES], reference, samples, torch.Generator(device=val_x.device).manual_seed(seed))
