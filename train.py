@@ -339,12 +339,10 @@ def train(args: argparse.Namespace) -> int:
     return final_evaluation(run)
 
 
-def store_anomaly_reference(run: SimpleNamespace, path: Path) -> None:
+def store_anomaly_reference(run: SimpleNamespace, path: Path, model: VAE, ckpt: dict) -> None:
     """Add to best.pt what anomaly scores compare against (anomaly.fit_reference), from this run's own images."""
-    ckpt = checkpoint.load(path, map_location=run.device)
-    model = prepare_model(VAE.from_loaded(ckpt, path, run.device), run.device)
     train_x = evaluate.eval_images(run.train_x, run.config["binarize"], run.device)
-    ckpt["anomaly_reference"] = anomaly.fit_reference(model, train_x, run.val_x)
+    ckpt["anomaly_reference"] = model.anomaly_reference = anomaly.fit_reference(model, train_x, run.val_x)
     checkpoint.save(ckpt, path)
 
 
@@ -353,10 +351,11 @@ def final_evaluation(run: SimpleNamespace) -> int:
     best = run.best
     if best is None:
         raise UserError(f"no best.pt to evaluate: neither {run.ckpt_dir} nor the resumed checkpoint's folder holds one")
-    if (run.wrote_best or best.parent == run.ckpt_dir) and "anomaly_reference" not in checkpoint.load(best):
-        store_anomaly_reference(run, best)
+    loaded = evaluate.load_for_use(best, run.args.device)  # read once: the reference and the evaluation share it
+    model, ckpt, _ = loaded
+    if (run.wrote_best or best.parent == run.ckpt_dir) and "anomaly_reference" not in ckpt:
+        store_anomaly_reference(run, best, model, ckpt)
     print(f"training done; evaluating {best} on the 10,000 test images")
-    loaded = evaluate.load_for_use(best, run.args.device)
     evaluate.evaluate(best, run.mnist, run.args.image_dir, run.args.iwae_k, None, loaded)
     return 0
 
