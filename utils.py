@@ -1,10 +1,12 @@
 """Pictures and small helpers: image grids and plots, atomic file writes, output checks, device choice, versions."""
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
 import platform
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,13 +23,16 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; once the body has written it, fsync it and os.replace it onto `path`.
 
     A crash or kill at any instant leaves either the old complete file or the new complete one. A write that fails
-    (disk full, folder not writable) is a UserError that says the old file is untouched.
+    (disk full, folder not writable) is a UserError that says the old file is untouched. The temporary file is named
+    .{name}.{pid}.{random}.tmp, so that remove_stale_temporaries can tell one whose writer was killed.
     """
     path = Path(path)
+    if path.is_dir():  # os.replace would fail only after the whole body has run
+        raise UserError(folder_in_the_way(path))
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
         os.close(fd)
         yield tmp
         umask = os.umask(0)
@@ -37,8 +42,7 @@ def atomic_path(path: str | os.PathLike):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        kept = f"the previous {path.name} is untouched" if path.exists() else "nothing was written"
-        raise UserError(f"cannot write {path} ({err.strerror or err}); {kept}. Free some disk space or choose another folder") from None
+        raise UserError(write_failure(path, err)) from None
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -50,6 +54,79 @@ def atomic_path(path: str | os.PathLike):
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def folder_in_the_way(path: Path) -> str:
+    return f"{path} is a folder, not a file; move it away or choose another folder"
+
+
+def write_failure(path: Path, err: OSError) -> str:
+    """The one line that says why `path` could not be written, and what to do about it."""
+    if err.errno == errno.EISDIR:  # os.replace onto a folder
+        return folder_in_the_way(path)
+    kept = f"the previous {path.name} is untouched" if path.exists() else "nothing was written"
+    reason = f"cannot write {path} ({err.strerror or err}); {kept}"
+    if err.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"{reason}. Free some disk space or choose another folder"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{reason}. {path.parent} is not writable: choose another folder"
+    return f"{reason}. Choose another folder"
+
+
+TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[a-z0-9_]{8}\.tmp")  # .{name}.{pid}.{mkstemp's 8 random characters}.tmp
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files atomic_path left in `folder` when its process was killed mid-write (the pid in
+    the name is no longer running); return them. Call it holding lock_folder, so no live writer shares the folder."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there, not probe it
+        return []
+    removed = []
+    for p in sorted(Path(folder).glob(".*.tmp")):
+        match = TEMPORARY_NAME.fullmatch(p.name)
+        if match and p.is_file() and not process_running(int(match.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; or not a pid, so not ours to judge
+        return True
+    return True
+
+
+@contextmanager
+def lock_folder(folder: str | os.PathLike, what: str):
+    """Hold an exclusive advisory lock on `folder` (through folder/.lock) while the body runs; a UserError naming
+    the holder if another process has it. The kernel releases it when the holder exits, even by SIGKILL, so a
+    crash cannot leave the folder locked. Does nothing where there is no fcntl (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / ".lock", "a+")  # never truncated by opening: the holder's pid stays readable
+    except OSError as err:
+        raise UserError(f"cannot create {folder / '.lock'} ({err.strerror or err}); choose another folder") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise UserError(f"{folder} is in use by another {what} (pid {holder}); wait for it to finish or pass another --checkpoint-dir") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield  # closing the file releases the lock
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
@@ -92,6 +169,16 @@ def pick_device(name: str) -> torch.device:
     if name == "mps" and not mps:
         raise UserError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
     return torch.device(name)
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model on `device`: channels-last on the CPU (oneDNN's fast layout for these convolutions); TF32 tensor
+    cores for convolutions and matrix products on CUDA (fp32 range, 10-bit mantissa products)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
 
 
 def versions() -> dict[str, str]:
@@ -187,8 +274,8 @@ def plot_loss_curves(history: list[dict], path: str | os.PathLike) -> Path:
     return save_figure(fig, path)
 
 
-def plot_latent_space(points: torch.Tensor, labels: torch.Tensor, explained: list[float], path: str | os.PathLike) -> Path:
-    """2-D projection of posterior means, one colour per digit."""
+def plot_latent_space(points: torch.Tensor, labels: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Posterior means placed on the latent map (evaluate.latent_map), one colour per digit."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
     cmap = plt.get_cmap("tab10")
@@ -197,9 +284,9 @@ def plot_latent_space(points: torch.Tensor, labels: torch.Tensor, explained: lis
         sel = labels == d
         if sel.any():
             ax.scatter(points[sel, 0], points[sel, 1], s=3, alpha=0.6, color=cmap(d), label=str(d), rasterized=True)
-    ax.set_xlabel(f"principal component 1 ({explained[0]:.0%} of variance)")
-    ax.set_ylabel(f"principal component 2 ({explained[1]:.0%} of variance)")
-    ax.set_title("Latent space: test-set posterior means (PCA)")
+    ax.set_xlabel("discriminant direction 1")
+    ax.set_ylabel("discriminant direction 2")
+    ax.set_title("Latent space: test-set posterior means on the two directions\nthat best separate the digits (linear discriminant analysis)")
     ax.legend(title="digit", markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
@@ -232,7 +319,8 @@ def plot_user_reconstruction(original: torch.Tensor, model_input: torch.Tensor, 
     fig, axes = plt.subplots(1, 3, figsize=(7, 2.8), dpi=100)
     panels = ((original, "your image"), (model_input, "as the model sees it"), (reconstruction, "reconstruction"))
     for ax, (img, name) in zip(axes, panels):
-        ax.imshow(img.squeeze().detach().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        # the last two dimensions: squeeze() would make a picture 1 pixel high one-dimensional
+        ax.imshow(img.detach().cpu().reshape(img.shape[-2:]).numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=10)

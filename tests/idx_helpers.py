@@ -63,3 +63,13 @@ def write_tiny_mnist(folder: str | Path, n_train: int = 6, n_test: int = 4, gz: 
         spelled = name.replace("-idx", ".idx") if dotted else name
         write_idx(folder / (spelled + (".gz" if gz else "")), array, gz=gz)
     return arrays
+
+
+def write_gzip_of_zeros(path: str | Path, head: bytes, megabytes: int) -> None:
+    """A small .gz that inflates to `head` followed by `megabytes` MB of zeros: the same 1 MB gzip member repeated
+    (a gzip file may hold several members, read one after the other), so writing it costs almost nothing."""
+    member = gzip.compress(bytes(1 << 20))
+    with open(path, "wb") as f:
+        f.write(gzip.compress(head))
+        for _ in range(megabytes):
+            f.write(member)

@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import math
 import os
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from idx_helpers import (
     idx_bytes,
     random_images,
     random_labels,
+    write_gzip_of_zeros,
     write_idx,
     write_tiny_mnist,
 )
@@ -169,6 +171,57 @@ def test_read_idx_missing_file(tmp_path):
     assert_data_error(excinfo, path)
 
 
+def refusal_and_peak_memory(path, magic, shape) -> tuple[str, int]:
+    """read_idx's DataError message for `path`, and the bytes allocated at the peak while it ran (numpy and
+    zlib buffers included)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(data.DataError) as excinfo:
+            data.read_idx(path, magic, shape, md5=None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return assert_data_error(excinfo, path), peak
+
+
+def test_read_idx_gzip_bomb_stops_at_the_canonical_size(tmp_path):
+    """A 100 KB .gz inflating to 100 MB, under a label header that claims 10^8 labels: refused after inflating
+    no more than the canonical file's 60,008 bytes (the whole stream would be 100 MB in memory)."""
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    write_gzip_of_zeros(path, idx_bytes(np.zeros(0, np.uint8), dims=(10**8,)), megabytes=100)
+    msg, peak = refusal_and_peak_memory(path, LABELS_MAGIC, LBL_SHAPE)
+    assert "larger than the 60,008 bytes" in msg
+    assert peak < 5_000_000
+
+
+def test_read_idx_huge_raw_file_is_not_read_whole(tmp_path):
+    """A 200 MB raw file (sparse: it takes no disk) under a label header: refused after reading 60,009 bytes."""
+    path = tmp_path / "train-labels-idx1-ubyte"
+    with open(path, "wb") as f:
+        f.write(idx_bytes(np.zeros(0, np.uint8), dims=(200_000_000,)))
+        f.truncate(8 + 200_000_000)
+    msg, peak = refusal_and_peak_memory(path, LABELS_MAGIC, LBL_SHAPE)
+    assert "larger than the 60,008 bytes" in msg
+    assert peak < 5_000_000
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gz", "raw"])
+def test_read_idx_more_images_than_the_canonical_file(tmp_path, gz):
+    """A consistent header and body, one image more than t10k holds: larger than any MNIST file of its kind."""
+    path = tmp_path / ("t10k-images-idx3-ubyte" + (".gz" if gz else ""))
+    write_idx(path, np.zeros((10001, 28, 28), np.uint8), gz=gz)
+    with pytest.raises(data.DataError) as excinfo:
+        data.read_idx(path, IMAGES_MAGIC, (10000, 28, 28), md5=None)
+    assert "larger than the 7,840,016 bytes" in assert_data_error(excinfo, path)
+
+
+def test_read_idx_accepts_the_canonical_size_exactly(tmp_path):
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    labels = random_labels(10000, seed=3)
+    write_idx(path, labels)
+    np.testing.assert_array_equal(data.read_idx(path, LABELS_MAGIC, (10000,), md5=None), labels)
+
+
 # ----------------------------------------------------------------------------- find_mnist_files
 
 
@@ -256,6 +309,24 @@ def test_load_mnist_offline_download_fails_cleanly(tmp_path, monkeypatch):
     assert str(target) in msg
     assert not target.exists(), sorted(str(p) for p in tmp_path.rglob("*"))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("absent", [["t10k-labels-idx1-ubyte"], ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte"]])
+@pytest.mark.parametrize("download", [True, False], ids=["download_fails", "no_download"])
+def test_load_mnist_names_exactly_the_missing_files(tmp_path, monkeypatch, absent, download):
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])  # offline
+    write_tiny_mnist(tmp_path)
+    for name in absent:
+        (tmp_path / (name + ".gz")).unlink()
+    with pytest.raises(data.DataError) as excinfo:
+        data.load_mnist(tmp_path, download=download)
+    msg = assert_data_error(excinfo, tmp_path)
+    for name in FILE_NAMES:
+        assert (name in msg) == (name in absent), (name, msg)
+    assert ("download failed" in msg) == download and "--data-dir" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n + ".gz" for n in FILE_NAMES if n not in absent)
 
 
 def test_download_keeps_existing_folder(tmp_path, monkeypatch):
