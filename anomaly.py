@@ -8,7 +8,9 @@ In a notebook: `anomaly.score(model, images)` with float images (B, 1, 28, 28) i
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
+import io
 import math
 import sys
 from pathlib import Path
@@ -17,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import checkpoint
 import data
 import evaluate
 import utils
-from model import VAE, neg_elbo_terms
+from model import VAE, neg_elbo_terms, reparameterize
 
 METHODS = ("combined", "complexity", "knn", "elbo")
 DEFAULT_METHOD = "combined"
@@ -40,7 +43,7 @@ def neg_elbo_per_image(model: VAE, x: torch.Tensor, samples: int, gen: torch.Gen
     mu, logvar = model.encode(x)
     bce = torch.zeros(len(x), device=x.device)
     for _ in range(samples):
-        sample_bce, kl = neg_elbo_terms(model.decode(model.reparameterize(mu, logvar, gen)), x, mu, logvar)
+        sample_bce, kl = neg_elbo_terms(model.decode(reparameterize(mu, logvar, generator=gen)), x=x, mu=mu, logvar=logvar)
         bce += sample_bce
     return bce / samples + kl
 
@@ -88,7 +91,7 @@ def fit_local_model(images: torch.Tensor, steps: int = 600, batch_size: int = 64
 @torch.inference_mode()
 def score_parts(model: VAE, x: torch.Tensor, reference: dict | None, samples: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """The raw scores of a batch: elbo (nats), and with a reference, complexity (nats) and knn (latent distance)."""
-    parts = {"elbo": neg_elbo_per_image(model, x, samples, gen)}
+    parts = {"elbo": neg_elbo_per_image(model, x, samples=samples, gen=gen)}
     if reference is not None:
         local = LocalPixelModel().to(x.device)
         local.load_state_dict(reference["local_model"])
@@ -126,7 +129,7 @@ def fit_reference(model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, sample
     local_steps = local_steps or min(600, math.ceil(4 * len(reference_x) / 64))
     local = fit_local_model(reference_x, local_steps, seed=seed)
     reference = {"local_weight": LOCAL_WEIGHT, "codes": codes.cpu(), "local_model": {k: v.cpu() for k, v in local.state_dict().items()}}
-    parts = score_parts(model, val_x[:CALIBRATION_IMAGES], reference, samples, torch.Generator(device=val_x.device).manual_seed(seed))
+    parts = score_parts(model, val_x[:CALIBRATION_IMAGES], reference, samples=samples, gen=torch.Generator(device=val_x.device).manual_seed(seed))
     calibration = {name: [v.mean().item(), v.std().item()] for name, v in parts.items()}
     z_sum = sum((parts[n] - calibration[n][0]) / calibration[n][1] for n in ("complexity", "knn"))
     reference["calibration"] = calibration | {"sum": [z_sum.mean().item(), z_sum.std().item()]}
@@ -134,7 +137,7 @@ def fit_reference(model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, sample
 
 
 def score(model: VAE, images: torch.Tensor, method: str | None = None, samples: int = 10, seed: int = 0,
-          batch_size: int = 1000, reference: dict | None = None) -> torch.Tensor:
+          batch_size: int = 100, reference: dict | None = None) -> torch.Tensor:
     """Anomaly scores (B,) of float images (B, 1, 28, 28) in [0, 1], higher = more anomalous; on the images' device.
 
     elbo        the negative ELBO in nats: what the model fails to explain. Flags badly written digits, but ranks
@@ -144,21 +147,20 @@ def score(model: VAE, images: torch.Tensor, method: str | None = None, samples: 
     knn         mean distance of the image's code to its KNN_K nearest codes of training images: how far from familiar ground.
     combined    complexity and knn on one scale, guarded by elbo (see combine): the default, best on held-out digits.
 
-    All but elbo need the reference the model was trained with (fit_reference): by default the one its checkpoint
-    holds (VAE.from_checkpoint keeps it as model.anomaly_reference).
+    All but elbo need the reference the model was trained with (fit_reference): the one its checkpoint holds,
+    ckpt["anomaly_reference"].
     """
     method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise ValueError(f"unknown anomaly method {method!r}; choose one of {', '.join(METHODS)}")
     VAE.check_input(images)
-    reference = reference if reference is not None else getattr(model, "anomaly_reference", None)
     if method != "elbo" and reference is None:
         raise ValueError(f"method {method!r} needs the model's anomaly reference, which its checkpoint does not hold: pass "
                          f"reference=anomaly.fit_reference(model, training_images, validation_images), or method='elbo'")
     gen = torch.Generator(device=images.device).manual_seed(seed)
     out = []
     for i in range(0, len(images), batch_size):
-        parts = score_parts(model, images[i : i + batch_size], reference if method != "elbo" else None, samples, gen)
+        parts = score_parts(model, images[i : i + batch_size], reference=reference if method != "elbo" else None, samples=samples, gen=gen)
         out.append(combine(parts, reference["calibration"]) if method == "combined" else parts[method])
     return torch.cat(out)
 
@@ -177,72 +179,86 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
 
 
+def percentile(test_scores: torch.Tensor, value: float) -> float:
+    """The percentage of test digits that score at most `value` (test_scores: the test digits' scores, any order)."""
+    return 100.0 * (test_scores <= value).double().mean().item()
+
+
 # ----------------------------------------------------------------------------- the test set's scores, with provenance
 
 
-def provenance(checkpoint_path: str | Path, method: str, samples: int, seed: int) -> str:
-    """The first line of anomaly_scores.csv: what produced the scores. The checkpoint is named by its content's hash,
-    so a retrained file at the same path does not match."""
+def provenance(checkpoint_path: str | Path, method: str, samples: int, seed: int) -> dict[str, str]:
+    """What produced a set of scores, as columns of anomaly_scores.csv. The checkpoint is named by its content's
+    hash, so a retrained file at the same path does not match."""
     digest = hashlib.sha256(Path(checkpoint_path).read_bytes()).hexdigest()[:16]
-    return f"# checkpoint={Path(checkpoint_path).name} sha256={digest} method={method} samples={samples} seed={seed}"
+    return {"method": method, "samples": str(samples), "seed": str(seed), "checkpoint_sha256": digest}
 
 
-def write_csv(path: Path, header: str, labels: torch.Tensor, scores: torch.Tensor) -> None:
-    lines = [header, "index,label,score"] + [f"{i},{int(label)},{s:.4f}" for i, (label, s) in enumerate(zip(labels.tolist(), scores.tolist()))]
-    utils.write_text_atomic("\n".join(lines) + "\n", path)
+def write_csv(path: Path, source: dict[str, str], labels: torch.Tensor, scores: torch.Tensor) -> None:
+    """One row per test digit: index, label, score, and what produced the score (the same on every row), so that
+    any CSV reader (csv.DictReader, pandas.read_csv) takes the first line as the header."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["index", "label", "score", *source], lineterminator="\n")
+    writer.writeheader()
+    for i, (label, s) in enumerate(zip(labels.tolist(), scores.tolist())):
+        writer.writerow({"index": i, "label": int(label), "score": f"{s:.4f}"} | source)
+    utils.write_text_atomic(out.getvalue(), path)
 
 
-def read_csv_scores(path: Path, header: str, n: int) -> torch.Tensor | None:
-    """The scores in `path` if it was written by exactly this checkpoint, method, samples and seed, else None."""
+def read_csv_scores(path: Path, source: dict[str, str], n: int) -> torch.Tensor | None:
+    """The scores in `path` if all n rows were produced by exactly this checkpoint, method, samples and seed, else None."""
     if not path.is_file():
         return None
-    lines = path.read_text().splitlines()
-    if len(lines) != n + 2 or lines[0] != header:
-        return None
     try:
-        return torch.tensor([float(line.rsplit(",", 1)[1]) for line in lines[2:]])
-    except (ValueError, IndexError):  # edited or damaged by hand: compute the scores afresh
+        rows = list(csv.DictReader(io.StringIO(path.read_text())))
+        if len(rows) != n or any({k: row.get(k) for k in source} != source for row in rows):
+            return None
+        return torch.tensor([float(row["score"]) for row in rows])
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError, csv.Error):  # edited or damaged by hand: compute afresh
         return None
 
 
 # ----------------------------------------------------------------------------- commands
 
 
-def checkpoint_reference(model: VAE, config: dict, mnist: dict[str, torch.Tensor], device: torch.device) -> dict:
-    """The reference stored in the checkpoint, or for a checkpoint that predates it, one fitted now from its own
-    training and validation images (the split its config describes)."""
-    if getattr(model, "anomaly_reference", None) is None:
-        if "seed" not in config or "val_size" not in config:
-            raise utils.UserError("this checkpoint holds no anomaly reference and no record of its training data to fit one "
-                                  "from; use --method elbo")
-        print("note: this checkpoint holds no anomaly reference; fitting one from its training images")
-        train_idx, val_idx = data.run_split(config, mnist["train_labels"])
-        images = lambda idx: evaluate.eval_images(mnist["train_images"][idx], config.get("binarize", False), device)
-        model.anomaly_reference = fit_reference(model, images(train_idx), images(val_idx))
-    return model.anomaly_reference
+def reference_for(ckpt: dict, model: VAE, mnist: dict[str, torch.Tensor] | None, data_dir: str, device: torch.device) -> dict:
+    """The reference stored in the checkpoint; for one whose training stopped before storing it (a Ctrl-C, say), one
+    fitted now from its own training and validation images (the split its config describes)."""
+    if "anomaly_reference" in ckpt:
+        return ckpt["anomaly_reference"]
+    print("note: this checkpoint holds no anomaly reference (its training did not finish); fitting one from its training images")
+    config = ckpt["config"]
+    mnist = mnist or data.load_mnist(data_dir)
+    train_idx, val_idx = data.run_split(config, mnist["train_labels"])
+    images = lambda idx: data.eval_images(mnist["train_images"][idx], binarized=config["binarize"], device=device)
+    return fit_reference(model, images(train_idx), images(val_idx))
 
 
 def run_score(args: argparse.Namespace) -> int:
     """python main.py score"""
+    path = checkpoint.for_use(args.checkpoint, evaluate.DEFAULT_CHECKPOINT)
     utils.check_output_dir(args.image_dir, "--image-dir")
-    utils.check_output_dir(Path(args.checkpoint).parent, "--checkpoint's folder (for anomaly_scores.csv)")
-    model, ckpt, device = evaluate.load_for_use(args.checkpoint, args.device)
+    if path != checkpoint.SHIPPED:
+        utils.check_output_dir(path.parent, "--checkpoint's folder (for anomaly_scores.csv)")
+    device = utils.pick_device(args.device)
+    model, ckpt = checkpoint.load_model(path, device)
     mnist = data.load_mnist(args.data_dir)
     x = evaluate.test_images(mnist, ckpt["config"], device)
     labels = mnist["test_labels"]
-    if args.method != "elbo":
-        checkpoint_reference(model, ckpt["config"], mnist, device)
-    s = score(model, x, args.method, args.samples, args.seed).cpu()
-    csv_path = Path(args.checkpoint).parent / "anomaly_scores.csv"
-    write_csv(csv_path, provenance(args.checkpoint, args.method, args.samples, args.seed), labels, s)
-    print_summary(s, labels, args, ckpt["config"].get("exclude_digit"))
+    reference = reference_for(ckpt, model, mnist=mnist, data_dir=args.data_dir, device=device) if args.method != "elbo" else None
+    s = score(model, x, method=args.method, samples=args.samples, seed=args.seed, reference=reference).cpu()
+    written = []
+    if path != checkpoint.SHIPPED:  # nothing is ever written beside the shipped checkpoint
+        written.append(path.parent / "anomaly_scores.csv")
+        write_csv(written[0], source=provenance(path, method=args.method, samples=args.samples, seed=args.seed), labels=labels, scores=s)
+    print_summary(s, labels, args, held_out=ckpt["config"]["exclude_digit"])
     order = torch.argsort(s)
     sections = []
     for title, idx in (("16 most anomalous test digits (highest score)", order.flip(0)[:16]), ("16 most typical test digits (lowest score)", order[:16])):
         xb = x[idx.to(device)]
         sections.append((title, xb.cpu(), model.reconstruct(xb).cpu(), [f"{int(labels[i])}: {s[i]:.1f}" for i in idx]))
-    path = utils.plot_anomalies(sections, Path(args.image_dir) / "anomalies.png", f"anomaly score: {args.method}")
-    print(f"wrote {csv_path} and {path}")
+    written.append(utils.plot_anomalies(sections, Path(args.image_dir) / "anomalies.png", f"anomaly score: {args.method}"))
+    print("wrote " + " and ".join(map(str, written)))
     return 0
 
 
@@ -257,43 +273,66 @@ def print_summary(s: torch.Tensor, labels: torch.Tensor, args: argparse.Namespac
         print(f"  digit {held_out} was held out of training: AUROC of telling it from the other digits by score = {auc:.4f}")
 
 
-def test_set_scores(args: argparse.Namespace, model: VAE, config: dict, device: torch.device) -> torch.Tensor:
-    """The test digits' scores under this checkpoint, method, samples and seed: from anomaly_scores.csv when `score`
-    wrote it with exactly these, else computed now."""
-    header = provenance(args.checkpoint, args.method, args.samples, args.seed)
-    stored = read_csv_scores(Path(args.checkpoint).parent / "anomaly_scores.csv", header, 10000)
+def test_set_scores(args: argparse.Namespace, path: Path, model: VAE, ckpt: dict, reference: dict | None) -> torch.Tensor:
+    """The test digits' scores under this checkpoint, method, samples and seed: those training stored (default
+    method and settings), else from anomaly_scores.csv when `score` wrote it with exactly these, else computed now."""
+    if (args.method, args.samples, args.seed) == (DEFAULT_METHOD, 10, 0) and "test_scores" in (reference or {}):
+        return reference["test_scores"]
+    source = provenance(path, method=args.method, samples=args.samples, seed=args.seed)
+    stored = read_csv_scores(path.parent / "anomaly_scores.csv", source, 10000)
     if stored is not None:
         return stored
     print(f"scoring the 10,000 test digits for comparison (`python main.py score --method {args.method}` keeps them in anomaly_scores.csv)")
     mnist = data.load_mnist(args.data_dir)
-    if args.method != "elbo":
-        checkpoint_reference(model, config, mnist, device)
-    return score(model, evaluate.test_images(mnist, config, device), args.method, args.samples, args.seed).cpu()
+    x = evaluate.test_images(mnist, ckpt["config"], next(model.parameters()).device)
+    return score(model, x, method=args.method, samples=args.samples, seed=args.seed, reference=reference).cpu()
+
+
+def output_names(files: list[str], image_dir: Path) -> list[Path]:
+    """reconstructed_<name>.png for each input: distinct even for inputs of the same name in different folders or
+    formats (a counter is added), and short enough for any file system (long names are cut, with a hash to keep them apart)."""
+    names, taken = [], set()
+    for file in files:
+        stem = Path(file).stem
+        if len(stem.encode()) > 100:
+            stem = stem.encode()[:80].decode(errors="ignore") + "-" + hashlib.sha256(stem.encode()).hexdigest()[:8]
+        name, n = stem, 1
+        while name.lower() in taken:  # case-insensitive: two names that differ in case are one file on macOS and Windows
+            n += 1
+            name = f"{stem}_{n}"
+        taken.add(name.lower())
+        names.append(image_dir / f"reconstructed_{name}.png")
+    return names
+
+
+def reconstruct_one(file: str, out: Path, model: VAE, ckpt: dict, reference: dict | None, test_scores: torch.Tensor,
+                    args: argparse.Namespace) -> None:
+    """Read, prepare, score and reconstruct one picture, and draw it with its reconstruction."""
+    original, x = data.load_digit_image(file)
+    xb = x.to(next(model.parameters()).device)[None]
+    if ckpt["config"]["binarize"]:
+        xb = data.binarize(xb, torch.Generator(device=xb.device).manual_seed(args.seed))
+    value = score(model, xb, method=args.method, samples=args.samples, seed=args.seed, reference=reference).item()
+    rank = percentile(test_scores, value)
+    title = f"{Path(file).name}: {args.method} score {value:.1f}, above {rank:.1f}% of test digits"
+    utils.plot_user_reconstruction(original, model_input=xb[0], reconstruction=model.reconstruct(xb)[0], title=title, path=out)
+    print(f"{file}: {args.method} score {value:.2f}, percentile {rank:.1f} among test digits; wrote {out}")
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
-    """python main.py reconstruct FILE..."""
+    """python main.py reconstruct FILE...: each file on its own; a bad one gets its error line, the others are all
+    written, and the exit status is 2 if any failed."""
+    path = checkpoint.for_use(args.checkpoint, evaluate.DEFAULT_CHECKPOINT)
     utils.check_output_dir(args.image_dir, "--image-dir")
-    model, ckpt, device = evaluate.load_for_use(args.checkpoint, args.device)
-    inputs, failed = [], 0
-    for name in args.files:
+    device = utils.pick_device(args.device)
+    model, ckpt = checkpoint.load_model(path, device)
+    reference = reference_for(ckpt, model, mnist=None, data_dir=args.data_dir, device=device) if args.method != "elbo" else None
+    test_scores = test_set_scores(args, path=path, model=model, ckpt=ckpt, reference=reference)
+    failed = 0
+    for file, out in zip(args.files, output_names(args.files, Path(args.image_dir))):
         try:
-            inputs.append((name, *data.load_digit_image(name)))
+            reconstruct_one(file, out, model=model, ckpt=ckpt, reference=reference, test_scores=test_scores, args=args)
         except utils.UserError as err:
             print(f"error: {err}", file=sys.stderr)
             failed += 1
-    if inputs:
-        test_scores = test_set_scores(args, model, ckpt["config"], device)
-        if args.method != "elbo" and model.anomaly_reference is None:  # the scores came from the CSV; the image needs it too
-            checkpoint_reference(model, ckpt["config"], data.load_mnist(args.data_dir), device)
-        for name, original, x in inputs:
-            xb = x.to(device)[None]
-            if ckpt["config"].get("binarize"):
-                xb = data.binarize(xb, torch.Generator(device=device).manual_seed(args.seed))
-            value = score(model, xb, args.method, args.samples, args.seed).item()
-            percentile = 100.0 * (test_scores <= value).double().mean().item()
-            out = Path(args.image_dir) / f"reconstructed_{Path(name).stem}.png"
-            title = f"{Path(name).name}: {args.method} score {value:.1f}, above {percentile:.1f}% of test digits"
-            utils.plot_user_reconstruction(original, xb[0], model.reconstruct(xb)[0], title, out)
-            print(f"{name}: {args.method} score {value:.2f}, percentile {percentile:.1f} among test digits; wrote {out}")
     return 2 if failed else 0

@@ -15,25 +15,17 @@ import torch
 import checkpoint
 import data
 import utils
-from model import VAE, iwae_log_weights, iwae_nll, kl_per_dim, neg_elbo_terms, prepare_model
+from model import VAE, iwae_log_weights, iwae_nll, kl_per_dim, neg_elbo_terms
 
 EVAL_BATCH = 250  # images per validation pass: small enough to stay in a CPU's cache
-BINARIZE_SEED = 0  # --binarize: one fixed draw of the evaluation images, the same for every --seed and device
 INTERPOLATION_PAIRS = ((0, 6), (1, 7), (2, 5), (3, 8), (4, 9), (7, 2))
-
-
-def eval_images(images: torch.Tensor, binarized: bool, device: torch.device) -> torch.Tensor:
-    """uint8 images -> float images on `device`; with --binarize, binarized once with a fixed CPU generator so
-    that every run, whatever its seed or device, is scored on the same binary images."""
-    x = data.to_float(images.cpu())
-    if binarized:
-        x = data.binarize(x, torch.Generator().manual_seed(BINARIZE_SEED))
-    return x.to(device)
+DEFAULT_CHECKPOINT = "models_mnist/best.pt"
+MAP_POINTS = 2000  # codes of validation images kept with the latent map, for the demo's background
 
 
 def test_images(mnist: dict[str, torch.Tensor], config: dict, device: torch.device) -> torch.Tensor:
     """The 10,000 test images as the checkpoint's run is evaluated on them."""
-    return eval_images(mnist["test_images"], config.get("binarize", False), device)
+    return data.eval_images(mnist["test_images"], binarized=config["binarize"], device=device)
 
 
 @torch.inference_mode()
@@ -44,8 +36,8 @@ def neg_elbo(model: VAE, x: torch.Tensor, seed: int, batch_size: int = EVAL_BATC
     sums = torch.zeros(2, device=x.device, dtype=torch.float64)
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size]
-        logits, mu, logvar = model(xb, gen)
-        bce, kl = neg_elbo_terms(logits, xb, mu, logvar)
+        logits, mu, logvar = model(xb, generator=gen)
+        bce, kl = neg_elbo_terms(logits, x=xb, mu=mu, logvar=logvar)
         sums += torch.stack([bce.sum(), kl.sum()])
     bce, kl = (sums / len(x)).tolist()
     return {"loss": bce + kl, "bce": bce, "kl": kl}
@@ -67,7 +59,7 @@ def test_metrics(model: VAE, x: torch.Tensor, iwae_k: int, seed: int) -> tuple[d
     means = []
     for i in range(0, len(x), 100):
         xb = x[i : i + 100]
-        nll_sum += iwae_nll(iwae_log_weights(model, xb, iwae_k, gen)).sum()
+        nll_sum += iwae_nll(iwae_log_weights(model, xb, k=iwae_k, generator=gen)).sum()
         mu, logvar = model.encode(xb)
         kl_dims += kl_per_dim(mu, logvar).sum(0)
         means.append(mu)
@@ -100,6 +92,32 @@ def print_metrics(m: dict) -> None:
         print(f"  {name:<40} {value}")
 
 
+@torch.inference_mode()
+def latent_map(model: VAE, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A 2-D map of the latent space: the two directions that best separate the digits (Fisher's linear discriminant
+    analysis of the posterior means of images x with their labels), where a principal-component view shows a blob.
+    A code z lands at (z - mean) @ axes; the map keeps up to MAP_POINTS of these images' positions and labels."""
+    mu = torch.cat([model.encode(x[i : i + 1000])[0] for i in range(0, len(x), 1000)]).double().cpu()
+    labels = labels.cpu()
+    mean = mu.mean(0)
+    within = torch.zeros(mu.shape[1], mu.shape[1], dtype=torch.float64)
+    between = torch.zeros_like(within)
+    for d in labels.unique():
+        codes = mu[labels == d]
+        centred, offset = codes - codes.mean(0), codes.mean(0) - mean
+        within += centred.T @ centred
+        between += len(codes) * torch.outer(offset, offset)
+    # solve between @ a = lambda * within @ a through the Cholesky factor of within (ridge-regularised)
+    chol = torch.linalg.cholesky(within + 1e-6 * within.diagonal().mean() * torch.eye(len(within), dtype=torch.float64))
+    inv = torch.linalg.inv(chol)
+    _, vectors = torch.linalg.eigh(inv @ between @ inv.T)
+    axes = inv.T @ vectors[:, -2:].flip(1)  # the two largest eigenvalues, largest first
+    points = (mu - mean) @ axes
+    axes = axes / points.std(0)  # unit spread along each axis
+    return {"mean": mean.float(), "axes": axes.float(), "points": ((mu - mean) @ axes)[:MAP_POINTS].float(),
+            "labels": labels[:MAP_POINTS]}
+
+
 # ----------------------------------------------------------------------------- pictures
 
 
@@ -130,8 +148,9 @@ def traversal_rows(model: VAE, mu: torch.Tensor, kl_means: list[float], values: 
 
 @torch.inference_mode()
 def draw_pictures(model: VAE, history: list[dict], x: torch.Tensor, labels: torch.Tensor, mu: torch.Tensor,
-                  kl_means: list[float], image_dir: Path, seed: int) -> list[Path]:
-    """Every picture `evaluate` promises, from the model and the test set (float images x, posterior means mu)."""
+                  kl_means: list[float], space: dict[str, torch.Tensor], image_dir: Path, seed: int) -> list[Path]:
+    """Every picture `evaluate` promises, from the model and the test set (float images x, posterior means mu),
+    the latent map `space` placing the test digits."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     written = [
         utils.plot_reconstructions(x[:12], model.reconstruct(x[:12]), image_dir / "reconstructed_image.png"),
@@ -140,16 +159,13 @@ def draw_pictures(model: VAE, history: list[dict], x: torch.Tensor, labels: torc
     if history:
         written.append(utils.plot_loss_curves(history, image_dir / "loss_curves.png"))
     rows, names = interpolation_rows(model, mu, labels.to(mu.device))
-    written.append(utils.plot_rows(rows, names, "Latent interpolation between test digits (decoded linear path between posterior means)",
-                                   image_dir / "interpolation.png", column_labels=[f"{v:.2f}" for v in torch.linspace(0, 1, 10).tolist()]))
-    centred = (mu - mu.mean(0)).double()
-    _, s, v = torch.linalg.svd(centred, full_matrices=False)
-    explained = (s.square() / s.square().sum()).tolist()
-    written.append(utils.plot_latent_space((centred @ v[:2].T).float(), labels, explained, image_dir / "latent_space.png"))
+    written.append(utils.plot_rows(rows, names, title="Latent interpolation between test digits (decoded linear path between posterior means)",
+                                   path=image_dir / "interpolation.png", column_labels=[f"{v:.2f}" for v in torch.linspace(0, 1, 10).tolist()]))
+    written.append(utils.plot_latent_space((mu.cpu() - space["mean"]) @ space["axes"], labels, image_dir / "latent_space.png"))
     values = torch.linspace(-3, 3, 11, device=mu.device)
-    rows, names = traversal_rows(model, mu, kl_means, values)
-    written.append(utils.plot_rows(rows, names, f"Latent traversal: the {len(rows)} dimensions with most KL, swept from -3 to 3 (others at a test digit's mean)",
-                                   image_dir / "latent_traversal.png", column_labels=[f"{v:+.1f}" for v in values.tolist()]))
+    rows, names = traversal_rows(model, mu, kl_means=kl_means, values=values)
+    written.append(utils.plot_rows(rows, names, title=f"Latent traversal: the {len(rows)} dimensions with most KL, swept from -3 to 3 (others at a test digit's mean)",
+                                   path=image_dir / "latent_traversal.png", column_labels=[f"{v:+.1f}" for v in values.tolist()]))
     return written
 
 
@@ -171,45 +187,43 @@ def run_history(path: Path, ckpt: dict) -> list[dict]:
     return mine
 
 
-def load_for_use(path: str | Path, device_name: str) -> tuple[VAE, dict, torch.device]:
-    """The checkpoint's model ready for inference on the chosen device, and the checkpoint itself (read once)."""
-    device = utils.pick_device(device_name)
-    ckpt = checkpoint.load(path, map_location=device)
-    return prepare_model(VAE.from_loaded(ckpt, path, device), device), ckpt, device
-
-
-def evaluate(path: str | Path, mnist: dict[str, torch.Tensor], image_dir: str | Path, iwae_k: int, seed: int | None,
-             loaded: tuple[VAE, dict, torch.device]) -> dict:
+def evaluate(path: str | Path, model: VAE, ckpt: dict, mnist: dict[str, torch.Tensor], *, image_dir: str | Path,
+             iwae_k: int, seed: int | None) -> dict:
     """Print the metrics table, write metrics.json beside the checkpoint and draw the pictures; also run at the end of training."""
     path = Path(path)
-    model, ckpt, device = loaded
-    config = ckpt["config"]
-    seed = config.get("seed", 0) if seed is None else seed
-    x = test_images(mnist, config, device)
+    seed = ckpt["config"]["seed"] if seed is None else seed
+    x = test_images(mnist, ckpt["config"], next(model.parameters()).device)
     t0 = time.perf_counter()
-    metrics, mu = test_metrics(model, x, iwae_k, seed)
-    metrics |= {"checkpoint": str(path), "epoch": ckpt.get("epoch"), "binarized": bool(config.get("binarize")),
-                "exclude_digit": config.get("exclude_digit"), "seconds": time.perf_counter() - t0}
+    metrics, mu = test_metrics(model, x, iwae_k=iwae_k, seed=seed)
+    metrics |= {"checkpoint": str(path), "epoch": ckpt.get("epoch"), "binarized": ckpt["config"]["binarize"],
+                "exclude_digit": ckpt["config"]["exclude_digit"], "seconds": time.perf_counter() - t0}
     print_metrics(metrics)
-    utils.write_text_atomic(json.dumps(metrics, indent=2) + "\n", path.parent / "metrics.json")
-    pictures = draw_pictures(model, run_history(path, ckpt), x, mnist["test_labels"], mu, metrics["kl_per_dim"], Path(image_dir), seed)
-    print(f"wrote {path.parent / 'metrics.json'} and " + ", ".join(str(p) for p in pictures))
+    if path != checkpoint.SHIPPED:  # nothing is ever written beside the shipped checkpoint
+        utils.write_text_atomic(json.dumps(metrics, indent=2) + "\n", path.parent / "metrics.json")
+    reference = ckpt.get("anomaly_reference") or {}
+    space = reference.get("latent_map") or latent_map(model, x, mnist["test_labels"])  # a map from the test digits if none was stored
+    pictures = draw_pictures(model, history=run_history(path, ckpt), x=x, labels=mnist["test_labels"], mu=mu,
+                             kl_means=metrics["kl_per_dim"], space=space, image_dir=Path(image_dir), seed=seed)
+    print("wrote " + ", ".join(str(p) for p in ([] if path == checkpoint.SHIPPED else [path.parent / "metrics.json"]) + pictures))
     return metrics
 
 
 def run(args: argparse.Namespace) -> int:
     """python main.py evaluate"""
+    path = checkpoint.for_use(args.checkpoint, DEFAULT_CHECKPOINT)
     utils.check_output_dir(args.image_dir, "--image-dir")
-    utils.check_output_dir(Path(args.checkpoint).parent, "--checkpoint's folder (for metrics.json)")
-    loaded = load_for_use(args.checkpoint, args.device)  # a bad checkpoint is reported before the data set is read
-    evaluate(args.checkpoint, data.load_mnist(args.data_dir), args.image_dir, args.iwae_k, args.seed, loaded)
+    if path != checkpoint.SHIPPED:
+        utils.check_output_dir(path.parent, "--checkpoint's folder (for metrics.json)")
+    model, ckpt = checkpoint.load_model(path, utils.pick_device(args.device))  # a bad checkpoint is reported before the data set is read
+    evaluate(path, model, ckpt, mnist=data.load_mnist(args.data_dir), image_dir=args.image_dir, iwae_k=args.iwae_k, seed=args.seed)
     return 0
 
 
 def sample(args: argparse.Namespace) -> int:
     """python main.py sample"""
     utils.check_output_dir(args.image_dir, "--image-dir")
-    model, _, device = load_for_use(args.checkpoint, args.device)
+    device = utils.pick_device(args.device)
+    model, _ = checkpoint.load_model(checkpoint.for_use(args.checkpoint, DEFAULT_CHECKPOINT), device)
     images = model.sample(args.n, torch.Generator(device=device).manual_seed(args.seed))
     path = utils.plot_grid(images, f"Samples: {args.n} digits decoded from z ~ N(0, I) (seed {args.seed})", Path(args.image_dir) / "samples.png")
     print(f"wrote {path}")

@@ -5,6 +5,7 @@
     python main.py sample               a grid of new digits                                                    (evaluate.py)
     python main.py score                anomaly scores of the test digits                                       (anomaly.py)
     python main.py reconstruct FILE...  score and reconstruct your own digit images                             (anomaly.py)
+    python main.py demo                 a page on http://127.0.0.1:8000 to draw a digit and watch the VAE answer  (demo.py)
 
 A user's mistake (bad flag, data, checkpoint, folder or image) ends with one line on stderr and exit status 2.
 """
@@ -16,12 +17,14 @@ import sys
 import torch
 
 import anomaly
+import demo
 import evaluate
 import train
+from evaluate import DEFAULT_CHECKPOINT
 from train import COMMON_DEFAULTS, MODEL_DEFAULTS, TRAIN_DEFAULTS
 from utils import UserError
 
-COMMANDS = ("train", "evaluate", "sample", "score", "reconstruct")
+COMMANDS = ("train", "evaluate", "sample", "score", "reconstruct", "demo")
 
 
 class Parser(argparse.ArgumentParser):
@@ -45,6 +48,10 @@ def number(kind, low=None, high=None, what="a number"):
 
 
 positive_int = number(int, 1, what="a positive integer")
+iwae_samples = number(int, 1, 10_000, what="a whole number from 1 to 10,000")  # k x 100 images x latent noise is drawn at once
+batch_size = number(int, 1, 4096, what="a whole number from 1 to 4,096")  # a batch's activations must fit in memory
+digit_count = number(int, 1, 1024, what="a whole number from 1 to 1,024")  # one picture holds them all
+score_samples = number(int, 1, 1000, what="a whole number from 1 to 1,000")
 non_negative_int = number(int, 0, what="0 or a positive integer")
 positive_float = number(float, 1e-300, what="a positive number")
 seed = number(int, 0, 2**63 - 1, what="an integer from 0 to 2**63 - 1")  # the run also seeds generators with seed + 1, seed + 2, ...
@@ -57,13 +64,19 @@ def add_common(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     p.add_argument("--device", default=COMMON_DEFAULTS["device"], choices=["auto", "cpu", "cuda", "mps"], help="where to compute; auto picks cuda, then mps, then cpu (default: auto)")
     p.add_argument("--image-dir", default=COMMON_DEFAULTS["image_dir"], help="where pictures are written (default: images)")
     if checkpoint:
-        p.add_argument("--checkpoint", default="models_mnist/best.pt", help="checkpoint to use (default: models_mnist/best.pt)")
+        p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"checkpoint to use (default: {DEFAULT_CHECKPOINT}; "
+                       "until training has written it, the shipped pretrained/vae-mnist.pt)")
+
+
+def add_iwae_k(p) -> None:
+    p.add_argument("--iwae-k", type=iwae_samples, default=100, help="importance samples per test image for the IWAE bound on -log p(x), "
+                   "at most 10,000; fewer is faster and looser (default: 100)")
 
 
 def add_training_flags(g) -> None:
     d = TRAIN_DEFAULTS
     g.add_argument("--epochs", type=positive_int, help=f"passes over the training set (default: {d['epochs']}); with --resume, the new total")
-    g.add_argument("--batch-size", type=positive_int, help=f"images per Adam step (default: {d['batch_size']})")
+    g.add_argument("--batch-size", type=batch_size, help=f"images per Adam step, at most 4,096 (default: {d['batch_size']})")
     g.add_argument("--lr", type=positive_float, help=f"Adam learning rate (default: {d['lr']})")
     g.add_argument("--seed", type=seed, help=f"seed of weights, validation split, shuffling and noise; on one machine and device the same seed gives the same run (default: {d['seed']})")
     g.add_argument("--val-size", type=positive_int, help=f"training images held out for validation, which picks best.pt (default: {d['val_size']})")
@@ -99,8 +112,7 @@ def add_running_flags(r) -> None:
     r.add_argument("--checkpoint-dir", help="where best.pt and last.pt go (default: models_mnist, or the folder of --resume's file)")
     r.add_argument("--resume", nargs="?", const=True, metavar="PATH", help="continue training from a checkpoint (default PATH: CHECKPOINT_DIR/last.pt) with its stored settings; "
                    "only --epochs may change")
-    r.add_argument("--iwae-k", type=positive_int, default=100, help="importance samples per test image for the final IWAE bound; fewer is faster and looser (default: 100)")
-    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the training step: compiling costs seconds up front and gains little on a CPU (default: off)")
+    add_iwae_k(r)
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (epoch lines still print)")
 
 
@@ -111,7 +123,7 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
                    "the image's code to the 5 nearest codes of training images; elbo: the plain negative ELBO. All but elbo use the "
                    "reference stored in best.pt, or fit one from --data-dir for older checkpoints. See docs/anomaly.md "
                    f"(default: {anomaly.DEFAULT_METHOD})")
-    p.add_argument("--samples", type=positive_int, default=10, help="z samples averaged per image (default: 10)")
+    p.add_argument("--samples", type=score_samples, default=10, help="z samples averaged per image, at most 1,000 (default: 10)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the z samples (default: 0)")
 
 
@@ -125,12 +137,12 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
 
     p = parsers["evaluate"] = Parser(prog="main.py evaluate", description="Test-set metrics (negative ELBO, IWAE bound, active units, KL per dimension) and pictures for a checkpoint; writes metrics.json beside it.")
     add_common(p)
-    p.add_argument("--iwae-k", type=positive_int, default=100, help="importance samples per test image for the IWAE bound on -log p(x); fewer is faster and looser (default: 100)")
+    add_iwae_k(p)
     p.add_argument("--seed", type=seed, default=None, help="seed of the evaluation's z samples (default: the checkpoint's training seed)")
 
     p = parsers["sample"] = Parser(prog="main.py sample", description="Decode z ~ N(0, I) into a grid of new digits (IMAGE_DIR/samples.png).")
     add_common(p)
-    p.add_argument("--n", type=positive_int, default=64, help="number of digits (default: 64)")
+    p.add_argument("--n", type=digit_count, default=64, help="number of digits, at most 1,024 (default: 64)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the z draws (default: 0)")
 
     p = parsers["score"] = Parser(prog="main.py score", description="Anomaly score (higher = stranger) of every test digit; writes anomaly_scores.csv beside the checkpoint and IMAGE_DIR/anomalies.png.")
@@ -141,10 +153,17 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     p.add_argument("files", nargs="+", metavar="FILE", help="PNG/JPEG/... images of single digits, any size, dark-on-light or light-on-dark")
     add_common(p)
     add_scoring_flags(p)
+
+    p = parsers["demo"] = Parser(prog="main.py demo", description="Serve a page on which you draw a digit and watch the VAE answer: "
+                                 "the digit as the model sees it, its reconstruction, anomaly score and place in the latent space, "
+                                 "sliders that move its code, and random samples. Works offline; Ctrl-C stops it.")
+    add_common(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on; anything but a loopback address lets other machines in (default: 127.0.0.1)")
+    p.add_argument("--port", type=number(int, 0, 65535, what="a port from 0 (any free one) to 65535"), default=8000, help="port to serve on (default: 8000)")
     return parsers
 
 
-HANDLERS = {"train": train.train, "evaluate": evaluate.run, "sample": evaluate.sample, "score": anomaly.run_score, "reconstruct": anomaly.run_reconstruct}
+HANDLERS = {"train": train.train, "evaluate": evaluate.run, "sample": evaluate.sample, "score": anomaly.run_score, "reconstruct": anomaly.run_reconstruct, "demo": demo.run}
 
 
 def main(argv: list[str] | None = None) -> int:

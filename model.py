@@ -1,19 +1,16 @@
-"""The convolutional VAE: model, loss, importance-weighted bound, and rebuilding a model from a checkpoint.
+"""The convolutional VAE: the network, the loss terms, the importance-weighted bound, sampling and reconstruction.
 
-Nothing here reads files other than a checkpoint.
+This file imports nothing else of this project: it is the model alone. Reading and writing checkpoints lives in
+checkpoint.py, the training loop in train.py.
 """
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import checkpoint
-from checkpoint import CheckpointError
 
 IMAGE_SHAPE = (1, 28, 28)
 _LOG_2PI = math.log(2 * math.pi)
@@ -33,15 +30,28 @@ class VAEConfig:
     out_conv: int = 16  # width of an extra 3x3 conv at 28x28 that makes the logits (0: the last transposed conv makes them)
 
     def __post_init__(self) -> None:
-        self.channels = tuple(int(c) for c in self.channels)
-        if len(self.channels) != 2 or min(self.channels) < 1:
-            raise ValueError(f"channels must be two positive widths, got {self.channels}")
-        if self.latent_dim < 1 or self.hidden_dim < 0 or self.res_blocks < 0 or self.fc_layers < 1 or self.out_conv < 0:
-            raise ValueError(f"invalid VAE config: {self}")
+        # checked by type as well as range: the values may come from a checkpoint file, not only from flags
+        if not (isinstance(self.channels, (tuple, list)) and len(self.channels) == 2):
+            raise ValueError(f"channels must be two widths, got {self.channels!r}")
+        self.channels = tuple(self.channels)
+        for name, low, high in LIMITS:
+            values = self.channels if name == "channels" else (getattr(self, name),)
+            if any(type(v) is not int or not low <= v <= high for v in values):
+                raise ValueError(f"{name} must be a whole number from {low} to {high:,}, got {getattr(self, name)!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.norm not in ("none", "batch"):
             raise ValueError(f"norm must be 'none' or 'batch', got {self.norm!r}")
+
+    def parameter_count(self) -> int:
+        """How many weights this architecture has, counted without allocating them (on the meta device)."""
+        with torch.device("meta"):
+            return sum(p.numel() for p in VAE(self).parameters())
+
+
+# The range of each size (far above anything useful on MNIST; they stop a typo from allocating gigabytes).
+LIMITS = (("latent_dim", 1, 1024), ("channels", 1, 1024), ("hidden_dim", 0, 16384), ("fc_layers", 1, 16),
+          ("res_blocks", 0, 16), ("out_conv", 0, 1024))
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU}
@@ -53,7 +63,7 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, act: type[nn.Module]) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            act(), nn.Conv2d(channels, channels, 3, padding=1), act(), nn.Conv2d(channels, channels, 3, padding=1)
+            act(), nn.Conv2d(channels, channels, kernel_size=3, padding=1), act(), nn.Conv2d(channels, channels, kernel_size=3, padding=1)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +81,7 @@ class VAE(nn.Module):
         act = ACTIVATIONS[config.activation]
         flat = c2 * 7 * 7
         norm = (lambda c: [nn.BatchNorm2d(c)]) if config.norm == "batch" else (lambda c: [])
-        encoder: list[nn.Module] = [nn.Conv2d(1, c1, 4, 2, 1), *norm(c1), act(), nn.Conv2d(c1, c2, 4, 2, 1), *norm(c2)]
+        encoder: list[nn.Module] = [nn.Conv2d(1, c1, kernel_size=4, stride=2, padding=1), *norm(c1), act(), nn.Conv2d(c1, c2, kernel_size=4, stride=2, padding=1), *norm(c2)]
         encoder += [ResBlock(c2, act) for _ in range(config.res_blocks)]
         encoder += [act(), nn.Flatten()]
         hidden = [config.hidden_dim] * config.fc_layers if config.hidden_dim else []
@@ -86,11 +96,11 @@ class VAE(nn.Module):
         decoder += [nn.Linear(hidden[-1] if hidden else config.latent_dim, flat)]
         decoder += [nn.Unflatten(1, (c2, 7, 7))]
         decoder += [ResBlock(c2, act) for _ in range(config.res_blocks)]
-        decoder += [act(), nn.ConvTranspose2d(c2, c1, 4, 2, 1), *norm(c1), act()]
+        decoder += [act(), nn.ConvTranspose2d(c2, c1, kernel_size=4, stride=2, padding=1), *norm(c1), act()]
         if config.out_conv:
-            decoder += [nn.ConvTranspose2d(c1, config.out_conv, 4, 2, 1), *norm(config.out_conv), act(), nn.Conv2d(config.out_conv, 1, 3, padding=1)]
+            decoder += [nn.ConvTranspose2d(c1, config.out_conv, kernel_size=4, stride=2, padding=1), *norm(config.out_conv), act(), nn.Conv2d(config.out_conv, 1, 3, padding=1)]
         else:
-            decoder += [nn.ConvTranspose2d(c1, 1, 4, 2, 1)]
+            decoder += [nn.ConvTranspose2d(c1, 1, kernel_size=4, stride=2, padding=1)]
         self.decoder = nn.Sequential(*decoder)
 
     @staticmethod
@@ -105,19 +115,15 @@ class VAE(nn.Module):
         mu, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=1)
         return mu, logvar
 
-    @staticmethod
-    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = mu + sigma * eps, differentiable in mu and logvar; pass a generator for reproducible noise."""
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        return mu + eps * torch.exp(0.5 * logvar)
-
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Bernoulli logits (B, 1, 28, 28); apply torch.sigmoid for pixel intensities."""
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None, generator: torch.Generator | None = None):
+        """(logits, mu, logvar) for one z ~ q(z|x) per image; eps is that draw's standard normal noise (drawn here,
+        from `generator`, when not given)."""
         mu, logvar = self.encode(x)
-        return self.decode(self.reparameterize(mu, logvar, generator)), mu, logvar
+        return self.decode(reparameterize(mu, logvar, eps=eps, generator=generator)), mu, logvar
 
     @torch.inference_mode()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -132,21 +138,15 @@ class VAE(nn.Module):
         mu, _ = self.encode(x)
         return torch.sigmoid(self.decode(mu))
 
-    @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "VAE":
-        """Rebuild the model a checkpoint describes, on `device`, in eval mode."""
-        return cls.from_loaded(checkpoint.load(path, map_location=device), path, device)
 
-    @classmethod
-    def from_loaded(cls, ckpt: dict, path: str | os.PathLike = "checkpoint", device: str | torch.device = "cpu") -> "VAE":
-        """The same, from a checkpoint dict that checkpoint.load already returned (path only names it in errors)."""
-        model = cls(model_config(ckpt, path))
-        try:
-            model.load_state_dict(ckpt["model"])
-        except (RuntimeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{path}: weights do not match the stored architecture ({str(err).splitlines()[0]})")
-        model.anomaly_reference = ckpt.get("anomaly_reference")  # what anomaly.score compares against, if training stored it
-        return model.to(device).eval()
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """z = mu + sigma * eps with eps ~ N(0, I): a sample of q(z|x) that is differentiable in mu and logvar (the
+    reparameterization trick). eps is drawn from `generator` when not given; given, it may carry extra leading
+    sample dimensions, which broadcast."""
+    if eps is None:
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + eps * torch.exp(0.5 * logvar)
 
 
 def neg_elbo_terms(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor):
@@ -173,7 +173,6 @@ def iwae_log_weights(model: VAE, x: torch.Tensor, k: int, generator: torch.Gener
     if chunk is None:
         chunk = 8192 if x.device.type == "cuda" else 200
     mu, logvar = model.encode(x)
-    std = torch.exp(0.5 * logvar)
     batch = x.shape[0]
     pixels = x.reshape(batch, -1)
     out = torch.empty(batch, k, device=x.device)
@@ -183,7 +182,7 @@ def iwae_log_weights(model: VAE, x: torch.Tensor, k: int, generator: torch.Gener
     for start in range(0, k, per_pass):
         n = min(per_pass, k - start)
         eps = noise[start : start + n]
-        z = mu + eps * std  # (n, B, D)
+        z = reparameterize(mu, logvar, eps)  # (n, B, D)
         logits = model.decode(z.flatten(0, 1)).reshape(n, batch, -1)
         # log Bernoulli(x | sigmoid(l)) summed over pixels = x.l - sum softplus(l): the same value as -BCE-with-logits,
         # without materialising the n copies of x (a batched dot product and one elementwise pass)
@@ -198,34 +197,3 @@ def iwae_nll(log_weights: torch.Tensor) -> torch.Tensor:
     """Per-image importance-weighted bound on -log p(x) (Burda et al. 2015) from (B, k) log-weights."""
     k = log_weights.shape[1]
     return -(torch.logsumexp(log_weights, dim=1) - math.log(k))
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-# The architecture a checkpoint was built with when it predates a setting: the setting's value then, not the current default.
-ARCHITECTURE_BEFORE_IT_EXISTED = dict(fc_layers=1, norm="none", out_conv=0)
-
-
-def model_config(ckpt: dict, path: str | os.PathLike = "checkpoint") -> VAEConfig:
-    """The VAEConfig stored in a checkpoint's config."""
-    names = {f.name for f in fields(VAEConfig)}
-    try:
-        return VAEConfig(**(ARCHITECTURE_BEFORE_IT_EXISTED | {k: v for k, v in ckpt["config"].items() if k in names}))
-    except (TypeError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"{path}: stored model config is invalid ({err})") from None
-
-
-def config_dict(config: VAEConfig) -> dict:
-    """A VAEConfig as plain values (tuples become lists) for a checkpoint."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
-
-
-def prepare_model(model: VAE, device: torch.device) -> VAE:
-    """The model on `device`: channels-last on the CPU (oneDNN's fast layout for these convolutions); TF32 tensor
-    cores for convolutions and matrix products on CUDA (fp32 range, 10-bit mantissa products)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model

@@ -1,5 +1,5 @@
-"""Train the VAE: settings (fresh or resumed) -> data -> model and optimizer -> the step -> the epoch loop
-(validate, keep best.pt and last.pt) -> the final evaluation.
+"""Train the VAE. Read it top to bottom: the settings, the step (where a batch becomes an update), one epoch,
+validation and the checkpoints, then train(), the whole run.
 
     python main.py [flags]      train with the defaults (20 epochs), then evaluate and draw pictures
     python main.py --resume     continue models_mnist/last.pt
@@ -7,16 +7,17 @@
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import math
 import shlex
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import anomaly
@@ -24,7 +25,7 @@ import checkpoint
 import data
 import evaluate
 import utils
-from model import VAE, VAEConfig, config_dict, model_config, neg_elbo_terms, prepare_model
+from model import VAE, VAEConfig, neg_elbo_terms
 from utils import UserError
 
 # Training settings and their defaults. Every key is stored in a checkpoint's config; on --resume only
@@ -33,9 +34,11 @@ TRAIN_DEFAULTS = dict(
     epochs=20, batch_size=64, lr=1e-3, seed=1, val_size=5000, subset=None, exclude_digit=None,
     binarize=False, kl_warmup=0, lr_schedule="constant", precision="auto", ema=0.999,
 )
-MODEL_DEFAULTS = config_dict(VAEConfig())
+MODEL_DEFAULTS = checkpoint.config_dict(VAEConfig())
 COMMON_DEFAULTS = dict(data_dir="data", image_dir="images", device="auto")  # flags every command takes
 CHECK_EVERY = 100  # steps between reads of the running loss (progress bar, NaN check): one host sync each
+MIN_IMAGES = 100  # fewest training and validation images: fewer make the validation loss and the anomaly calibration noise
+MAX_PARAMETERS = 50_000_000  # 200 MB of fp32 weights, and as much again for each of the gradients and Adam's two moments
 
 
 # ----------------------------------------------------------------------------- settings
@@ -49,16 +52,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict | None, Path, P
     keys = list(TRAIN_DEFAULTS) + list(MODEL_DEFAULTS)
     if not args.resume:
         config = {k: given.get(k, TRAIN_DEFAULTS.get(k, MODEL_DEFAULTS.get(k))) for k in keys}
-        try:
-            VAEConfig(**{k: config[k] for k in MODEL_DEFAULTS})
-        except ValueError as err:
-            raise UserError(f"invalid model settings: {err}") from None
+        check_model_size(config)
         return config, None, Path(args.checkpoint_dir or "models_mnist"), None
     path = Path(args.checkpoint_dir or "models_mnist") / "last.pt" if args.resume is True else Path(args.resume)
     ckpt = checkpoint.load(path, flag="--resume")
     checkpoint.require_resumable(ckpt, path)
-    # the stored settings, the architecture validated; settings the checkpoint predates take the values they had then
-    config = checkpoint.TRAINING_BEFORE_IT_EXISTED | dict(ckpt["config"]) | config_dict(model_config(ckpt, path))
+    config = ckpt["config"]
     for key in keys:
         if key in given and key != "epochs" and given[key] != config.get(key):
             flag = "--" + key.replace("_", "-")
@@ -70,10 +69,23 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict | None, Path, P
     return config, ckpt, Path(args.checkpoint_dir) if args.checkpoint_dir else path.parent, path
 
 
+def check_model_size(config: dict) -> None:
+    """The architecture flags make a valid model of a size this machine can train; said before anything is loaded."""
+    try:
+        count = VAEConfig(**{k: config[k] for k in MODEL_DEFAULTS}).parameter_count()
+    except ValueError as err:
+        raise UserError(f"invalid model settings: {err}") from None
+    if count > MAX_PARAMETERS:
+        raise UserError(f"these model settings make {count:,} weights, more than the {MAX_PARAMETERS:,} this program trains; "
+                        f"choose smaller --channels, --hidden-dim, --fc-layers or --res-blocks")
+
+
 def cpu_has_amx() -> bool:
-    """Whether this CPU has Intel AMX tiles (native bf16 matrix units), as torch's own CPU feature check reports it."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so guarded: absent means "no"
-    return bool(check()) if check is not None else False
+    """Whether this CPU has Intel AMX tiles (native bf16 matrix units), as the kernel reports them in /proc/cpuinfo."""
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to ask without private torch APIs, so assume none
+        return False
 
 
 def pick_precision(name: str, device: torch.device) -> str:
@@ -86,13 +98,6 @@ def pick_precision(name: str, device: torch.device) -> str:
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--precision bf16: this GPU has no bf16 support; use --precision fp32")
     return name
-
-
-def prepare_data(config: dict, mnist: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """uint8 training images on `device` and float validation images, as the config asks (split, held-out digit, subset)."""
-    train_idx, val_idx = data.run_split(config, mnist["train_labels"])
-    return {"train": mnist["train_images"][train_idx].to(device),
-            "val": evaluate.eval_images(mnist["train_images"][val_idx], config["binarize"], device)}
 
 
 def learning_rate(config: dict, epoch_progress: float) -> float:
@@ -109,68 +114,220 @@ def kl_weight(config: dict, epoch_progress: float) -> float:
 # ----------------------------------------------------------------------------- the step
 
 
-def make_optimizer(model: VAE, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam; the fused kernel where torch has one (one pass over the weights instead of a dozen)."""
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
+def train_step(model: VAE, optimizer: torch.optim.Optimizer, average: AveragedModel | None, x: torch.Tensor,
+               noise: torch.Generator, kl_weight: float, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of float images x becomes one Adam update. Returns the batch's summed bce and kl as tensors,
+    so that no step waits for the device to report a number.
 
-
-def train_step_fn(model: VAE, opt: torch.optim.Optimizer, compile_step: bool, precision: str = "fp32",
-                  average: "WeightAverage | None" = None):
-    """One Adam step on a batch (and the weight average's update, if any); returns the batch's summed bce and kl
-    as tensors (no host sync per step).
-
-    The noise is drawn outside the differentiable part, so the compiled and the eager step consume the
-    same random numbers; kl_weight is a tensor so that KL warm-up does not trigger recompiles.
     With precision "bf16" the convolutions and matrix products run in bf16 (torch.autocast); the loss is
-    computed in fp32 from their outputs, and the weights and Adam's state stay fp32.
-    """
-    device_type = next(model.parameters()).device.type
-
-    def loss_terms(x: torch.Tensor, eps: torch.Tensor, kl_weight: torch.Tensor):
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            mu, logvar = model.encode(x)
-            logits = model.decode(mu + eps * torch.exp(0.5 * logvar))
-        bce, kl = neg_elbo_terms(logits.float(), x, mu.float(), logvar.float())
-        return (bce + kl_weight * kl).mean(), bce.detach().sum(), kl.detach().sum()
-
-    if compile_step:
-        loss_terms = torch.compile(loss_terms, dynamic=False)
-
-    def step(x: torch.Tensor, gen: torch.Generator, kl_weight: float):
-        eps = torch.randn(x.shape[0], model.config.latent_dim, generator=gen, device=x.device)
-        loss, bce, kl = loss_terms(x, eps, torch.tensor(kl_weight, device=x.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if average is not None:
-            average.update()
-        return bce, kl
-
-    return step
+    computed in fp32 from their outputs, and the weights and Adam's state stay fp32."""
+    eps = torch.randn(x.shape[0], model.config.latent_dim, generator=noise, device=x.device)  # z = mu + sigma * eps
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits, mu, logvar = model(x, eps=eps)
+    bce, kl = neg_elbo_terms(logits.float(), x=x, mu=mu.float(), logvar=logvar.float())
+    loss = (bce + kl_weight * kl).mean()  # the negative ELBO per image (KL down-weighted during --kl-warmup)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if average is not None:
+        average.update_parameters(model)
+    return bce.detach().sum(), kl.detach().sum()
 
 
-class WeightAverage:
-    """An exponential moving average of a model's weights (and float buffers), updated after every step in one
-    fused pass (no host sync). The decay ramps up as min(decay, (1 + t) / (10 + t)) over the first steps, so a
-    short run is not dominated by the initial weights."""
-
-    def __init__(self, model: VAE, decay: float, updates: int = 0) -> None:
-        self.decay, self.updates = decay, updates
-        self.model = copy.deepcopy(model)
-        self.live = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-        self.avg = [t for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point()]
-        for t in self.model.parameters():
-            t.requires_grad_(False)
-
+def ema_with_warmup(decay: float):
+    """AveragedModel's averaging function for --ema: an exponential moving average whose decay ramps up as
+    min(decay, (1 + n) / (10 + n)) after n updates (the first update copies the weights), so that a short run is not
+    dominated by its first weights. Integer buffers (BatchNorm's batch counter) are copied, not averaged."""
     @torch.no_grad()
-    def update(self) -> None:
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.avg, self.live, 1 - decay)
-        self.updates += 1
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+            return
+        weight = 1 - torch.clamp((1 + n_averaged) / (10 + n_averaged), max=decay)  # a tensor: no wait for the device
+        for a, c in zip(averaged, current):
+            a.lerp_(c, weight)
+    return update
+
+
+# ----------------------------------------------------------------------------- the run's state
+
+
+@dataclass
+class Trainer:
+    """What a run trains with; set up once (setup), fresh or resumed, and never replaced."""
+
+    config: dict  # every setting (TRAIN_DEFAULTS and MODEL_DEFAULTS keys); stored in each checkpoint
+    device: torch.device
+    model: VAE  # the weights Adam trains
+    optimizer: torch.optim.Adam
+    average: AveragedModel | None  # --ema: the weight average, which is validated and saved as "model"; else None
+    generators: dict[str, torch.Generator]  # shuffle (on the CPU: the same order on every device), noise, binarize
+    train_x: torch.Tensor  # uint8 training images on the device
+    val_x: torch.Tensor  # float validation images on the device
+    mnist: dict[str, torch.Tensor]  # the whole data set; its test half is read only by the final evaluation
+    ckpt_dir: Path
+
+    @property
+    def evaluated(self) -> VAE:
+        """The weights that are validated, saved as best.pt's "model" and evaluated: the average, with --ema."""
+        return self.average.module if self.average is not None else self.model
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.train_x) / self.config["batch_size"])
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint and read back by --resume."""
+
+    epoch: int = 0  # epochs completed
+    best_val_loss: float = math.inf  # the lowest validation loss so far: best.pt holds the weights that reached it
+    history: list[dict] = field(default_factory=list)  # one dict per completed epoch (train/val loss, bce, kl, seconds)
+    partial: dict | None = None  # after a Ctrl-C inside an epoch: step, sums, seconds and shuffle_at_start, else None
+
+
+@dataclass
+class EpochResult:
+    """What one pass of train_epoch did."""
+
+    sums: torch.Tensor  # summed bce and kl of the epoch's images so far (float64, on the device)
+    steps: int  # steps of the epoch done, counting those before a resume
+    seconds: float
+    shuffle_at_start: torch.Tensor  # the shuffle generator's state when the epoch began (to replay its order)
+
+
+# ----------------------------------------------------------------------------- setting up
+
+
+def setup(args: argparse.Namespace) -> tuple[Trainer, Progress]:
+    """Everything a run needs, fresh or resumed; every user mistake is reported here, before the first step."""
+    config, ckpt, ckpt_dir, resumed_from = resolve_config(args)
+    utils.check_output_dir(ckpt_dir, "--checkpoint-dir")
+    utils.check_output_dir(args.image_dir, "--image-dir")
+    device = utils.pick_device(args.device)
+    config["precision"] = pick_precision(config["precision"], device)
+    mnist = data.load_mnist(args.data_dir)
+    train_idx, val_idx = data.run_split(config, mnist["train_labels"])
+    check_set_sizes(len(train_idx), len(val_idx))
+
+    torch.manual_seed(config["seed"])
+    model = utils.prepare_model(VAE(VAEConfig(**{k: config[k] for k in MODEL_DEFAULTS})), device)
+    trainer = Trainer(
+        config=config, device=device, model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=config["lr"], fused=device.type in ("cpu", "cuda")),
+        average=AveragedModel(model, multi_avg_fn=ema_with_warmup(config["ema"]), use_buffers=True) if config["ema"] else None,
+        generators=make_generators(config, device),
+        train_x=mnist["train_images"][train_idx].to(device),
+        val_x=data.eval_images(mnist["train_images"][val_idx], binarized=config["binarize"], device=device),
+        mnist=mnist, ckpt_dir=ckpt_dir)
+    progress = restore(trainer, ckpt, resumed_from) if ckpt is not None else Progress()
+    return trainer, progress
+
+
+def check_set_sizes(n_train: int, n_val: int) -> None:
+    if n_train < MIN_IMAGES or n_val < MIN_IMAGES:
+        raise UserError(f"this run would train on {n_train} images and validate on {n_val}; each needs at least {MIN_IMAGES} "
+                        f"(check --subset, --val-size and --exclude-digit)")
+
+
+def make_generators(config: dict, device: torch.device) -> dict[str, torch.Generator]:
+    """The run's random streams, each seeded from --seed: batch order, the step's noise, and --binarize's pixels."""
+    generators = {"shuffle": torch.Generator().manual_seed(config["seed"]),
+                  "noise": torch.Generator(device=device).manual_seed(config["seed"] + 1)}
+    if config["binarize"]:
+        generators["binarize"] = torch.Generator(device=device).manual_seed(config["seed"] + 2)
+    return generators
+
+
+def restore(trainer: Trainer, ckpt: dict, path: Path) -> Progress:
+    """Load weights, optimizer, generators and progress from a checkpoint into a freshly set-up trainer."""
+    trainer.model.load_state_dict(ckpt["train_weights"] if trainer.average else ckpt["model"])
+    try:
+        trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise checkpoint.CheckpointError(f"{path}: its optimizer state does not fit the model ({err})") from None
+    progress = Progress(epoch=ckpt["epoch"], best_val_loss=ckpt["best_val_loss"], history=ckpt["history"], partial=ckpt["partial"])
+    if progress.partial and progress.partial["step"] >= trainer.batches_per_epoch:
+        raise checkpoint.CheckpointError(f"{path}: its interrupted epoch stopped at step {progress.partial['step']}, "
+                                         f"beyond the {trainer.batches_per_epoch} steps of an epoch; start a new run")
+    steps = progress.epoch * trainer.batches_per_epoch + (progress.partial["step"] if progress.partial else 0)
+    if trainer.average:  # the average's weights, and how many updates it has had (where its decay ramp stands)
+        trainer.average.module.load_state_dict(ckpt["model"])
+        trainer.average.n_averaged.fill_(steps)
+    reseeded = checkpoint.restore_generators(ckpt["rng"], trainer.generators, seed=trainer.config["seed"], steps_done=steps)
+    if reseeded:
+        print(f"note: {path} was trained on another kind of device; its {' and '.join(reseeded)} generator was re-seeded "
+              f"from the seed and the step count, so this run is reproducible but not bit-identical to an unmoved one")
+    if not best_checkpoint(trainer.ckpt_dir, path).is_file():
+        print(f"note: {path.parent / 'best.pt'} is missing, so the next epoch's weights will become best.pt")
+        progress.best_val_loss = math.inf
+    print(f"resuming from epoch {progress.epoch}" + (f", step {progress.partial['step']}" if progress.partial else ""))
+    return progress
+
+
+def best_checkpoint(ckpt_dir: Path, resumed_from: Path | None) -> Path:
+    """The best.pt that holds this run's best weights: in the checkpoint folder once this run has written one there,
+    else beside the checkpoint it resumed from."""
+    if (ckpt_dir / "best.pt").is_file() or resumed_from is None:
+        return ckpt_dir / "best.pt"
+    return resumed_from.parent / "best.pt"
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+
+def train_epoch(trainer: Trainer, epoch: int, partial: dict | None, stop: "StopFlag", show_progress: bool) -> EpochResult:
+    """The steps of one epoch, from a Ctrl-C's step when `partial` says where an interrupted one stopped; returns
+    early when `stop` is set. Stops (exit 2) as soon as the loss is NaN or infinite."""
+    config, gens = trainer.config, trainer.generators
+    if partial:  # replay this epoch's shuffle, then skip the batches already done
+        gens["shuffle"].set_state(partial["shuffle_at_start"])
+    shuffle_at_start = gens["shuffle"].get_state()
+    first = done = partial["step"] if partial else 0
+    sums = partial["sums"].to(trainer.device) if partial else torch.zeros(2, device=trainer.device, dtype=torch.float64)
+    step_losses = torch.zeros(trainer.batches_per_epoch - first, device=trainer.device, dtype=torch.float64)
+    trainer.model.train()
+    t0 = time.perf_counter()
+    bar = tqdm(data.batches(trainer.train_x, config["batch_size"], gens["shuffle"], start=first), total=trainer.batches_per_epoch,
+               initial=first, desc=f"epoch {epoch}/{config['epochs']}", leave=False, disable=not show_progress, dynamic_ncols=True)
+    for x in bar:
+        at = epoch - 1 + done / trainer.batches_per_epoch  # how far the run is, in epochs
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = learning_rate(config, at)
+        if "binarize" in gens:
+            x = data.binarize(x, gens["binarize"])
+        bce, kl = train_step(trainer.model, trainer.optimizer, trainer.average, x=x, noise=gens["noise"],
+                             kl_weight=kl_weight(config, at), precision=config["precision"])
+        sums += torch.stack([bce, kl])
+        step_losses[done - first] = bce + kl
+        done += 1
+        if done % CHECK_EVERY == 0:
+            check_finite(step_losses[: done - first], epoch=epoch, first=first, lr=config["lr"])
+            b, k = (sums / min(done * config["batch_size"], len(trainer.train_x))).tolist()
+            bar.set_postfix(loss=f"{b + k:.2f}", bce=f"{b:.2f}", kl=f"{k:.2f}")
+        if stop.stop and done < trainer.batches_per_epoch:
+            break
+    bar.close()
+    check_finite(step_losses[: done - first], epoch=epoch, first=first, lr=config["lr"])
+    seconds = (partial["seconds"] if partial else 0.0) + time.perf_counter() - t0
+    return EpochResult(sums=sums, steps=done, seconds=seconds, shuffle_at_start=shuffle_at_start)
+
+
+def check_finite(step_losses: torch.Tensor, epoch: int, first: int, lr: float) -> None:
+    """Stop (exit 2) when the loss has become NaN or infinite, before anything is saved, naming the first bad step."""
+    bad = (~torch.isfinite(step_losses)).nonzero()
+    if len(bad):
+        kept = "the checkpoints keep the state after the previous epoch" if epoch > 1 else "no checkpoint was written"
+        raise UserError(f"epoch {epoch}, step {first + int(bad[0]) + 1}: the training loss became {float(step_losses[bad[0]]):.0f}, "
+                        f"so training stopped without saving; {kept}. Start a new run with a lower --lr (this run: {lr:g})")
 
 
 class StopFlag:
-    """Ctrl-C sets a flag the training loop checks between steps, so a stop never lands mid-update; a second Ctrl-C aborts."""
+    """Ctrl-C sets a flag the training loop checks between steps, so a stop never lands mid-update; a second Ctrl-C
+    aborts at once (an interrupted save leaves the previous file whole), and any further one is ignored while the
+    program exits, so that no traceback is printed."""
 
     def __init__(self) -> None:
         self.stop = False
@@ -182,182 +339,103 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.stop:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             raise KeyboardInterrupt
         self.stop = True
         print("\ninterrupt: stopping after this step to save last.pt (Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self.previous)
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- validation and checkpoints
 
 
-def setup(args: argparse.Namespace) -> SimpleNamespace:
-    """Everything a run needs, fresh or resumed; every user mistake is reported here, before the first step."""
-    config, ckpt, ckpt_dir, resumed_from = resolve_config(args)
-    utils.check_output_dir(ckpt_dir, "--checkpoint-dir")
-    utils.check_output_dir(args.image_dir, "--image-dir")
-    device = utils.pick_device(args.device)
-    config["precision"] = pick_precision(config["precision"], device)
-    mnist = data.load_mnist(args.data_dir)
-    sets = prepare_data(config, mnist, device)
-
-    torch.manual_seed(config["seed"])
-    model = prepare_model(VAE(VAEConfig(**{k: config[k] for k in MODEL_DEFAULTS})), device)
-    opt = make_optimizer(model, config["lr"], device)
-    average = WeightAverage(model, config["ema"]) if config["ema"] else None
-    generators = {"shuffle": torch.Generator().manual_seed(config["seed"]),  # on the CPU: the same order on every device
-                  "noise": torch.Generator(device=device).manual_seed(config["seed"] + 1)}
-    if config["binarize"]:
-        generators["binarize"] = torch.Generator(device=device).manual_seed(config["seed"] + 2)
-    run = SimpleNamespace(args=args, config=config, device=device, mnist=mnist, train_x=sets["train"], val_x=sets["val"],
-                          model=model, opt=opt, average=average, generators=generators, ckpt_dir=ckpt_dir,
-                          n_batches=math.ceil(len(sets["train"]) / config["batch_size"]),
-                          state={"epoch": 0, "best_val_loss": math.inf, "history": [], "partial": None},
-                          best=None, wrote_best=False)  # best: the best.pt to evaluate at the end (where this run's best state lies)
-    if ckpt is not None:
-        restore(run, ckpt, resumed_from)
-    run.step = train_step_fn(model, opt, args.compile, config["precision"], average)
-    return run
-
-
-def restore(run: SimpleNamespace, ckpt: dict, path: Path) -> None:
-    """Load weights, optimizer, generators and progress from a checkpoint into a freshly set-up run."""
-    run.model.load_state_dict(ckpt["train_weights"] if run.average else ckpt["model"])
-    if run.average:
-        run.average.model.load_state_dict(ckpt["model"])
-    run.opt.load_state_dict(ckpt["optimizer"])
-    run.state = {k: ckpt[k] for k in ("epoch", "best_val_loss", "history")} | {"partial": ckpt.get("partial")}
-    steps = run.state["epoch"] * run.n_batches + (run.state["partial"]["step"] if run.state["partial"] else 0)
-    if run.average:  # the steps taken so far set where the average's decay ramp stands
-        run.average.updates = steps
-    reseeded = checkpoint.restore_generators(ckpt, run.generators, run.config["seed"], steps)
-    if reseeded:
-        print(f"note: {path} was trained on another kind of device; its {' and '.join(reseeded)} generator was re-seeded "
-              f"from the seed and the step count, so this run is reproducible but not bit-identical to an unmoved one")
-    if (path.parent / "best.pt").is_file():
-        run.best = path.parent / "best.pt"
-    print(f"resuming from epoch {run.state['epoch']}" + (f", step {run.state['partial']['step']}" if run.state["partial"] else ""))
-
-
-def check_finite(run: SimpleNamespace, epoch: int, first: int, step_losses: torch.Tensor, done: int) -> None:
-    """Stop (exit 2) when the loss has become NaN or infinite, before anything is saved, naming the first bad step."""
-    bad = (~torch.isfinite(step_losses[: done - first])).nonzero()
-    if len(bad):
-        step = first + int(bad[0]) + 1
-        kept = f"the checkpoints keep the state after epoch {run.state['epoch']}" if run.state["epoch"] else "no checkpoint was written"
-        raise UserError(f"epoch {epoch}, step {step}: the training loss became {float(step_losses[bad[0]]):.0f}, so training "
-                        f"stopped without saving; {kept}. Start a new run with a lower --lr (this run: {run.config['lr']:g})")
-
-
-def train_epoch(run: SimpleNamespace, epoch: int, stop: StopFlag) -> tuple[torch.Tensor, int, float]:
-    """The steps of one epoch (from a Ctrl-C's step when resuming): the summed bce and kl, steps done, seconds."""
-    config, gens, partial = run.config, run.generators, run.state["partial"]
-    if partial:  # replay this epoch's shuffle, then skip the batches already done
-        gens["shuffle"].set_state(partial["shuffle_at_start"])
-    run.shuffle_at_start = gens["shuffle"].get_state()
-    first = done = partial["step"] if partial else 0
-    sums = partial["sums"].to(run.device) if partial else torch.zeros(2, device=run.device, dtype=torch.float64)
-    step_losses = torch.zeros(run.n_batches - first, device=run.device, dtype=torch.float64)
-    run.model.train()
-    t0 = time.perf_counter()
-    bar = tqdm(data.batches(run.train_x, config["batch_size"], gens["shuffle"], start=first), total=run.n_batches, initial=first,
-               desc=f"epoch {epoch}/{config['epochs']}", leave=False, disable=not run.args.progress, dynamic_ncols=True)
-    for x in bar:
-        progress = run.state["epoch"] + done / run.n_batches
-        for group in run.opt.param_groups:
-            group["lr"] = learning_rate(config, progress)
-        if "binarize" in gens:
-            x = data.binarize(x, gens["binarize"])
-        bce, kl = run.step(x, gens["noise"], kl_weight(config, progress))
-        sums += torch.stack([bce, kl])
-        step_losses[done - first] = bce + kl
-        done += 1
-        if done % CHECK_EVERY == 0:
-            check_finite(run, epoch, first, step_losses, done)
-            b, k = (sums / min(done * config["batch_size"], len(run.train_x))).tolist()
-            bar.set_postfix(loss=f"{b + k:.2f}", bce=f"{b:.2f}", kl=f"{k:.2f}")
-        if stop.stop and done < run.n_batches:
-            break
-    bar.close()
-    check_finite(run, epoch, first, step_losses, done)
-    return sums, done, (partial["seconds"] if partial else 0.0) + time.perf_counter() - t0
-
-
-def save(run: SimpleNamespace, improved: bool) -> None:
-    """last.pt always; best.pt too when validation improved. "model" holds the weights that were validated."""
-    ckpt = checkpoint.build(run.config, run.average.model if run.average else run.model, run.model if run.average else None,
-                            run.opt, run.state, run.generators, run.device)
-    if improved:
-        checkpoint.save(ckpt, run.ckpt_dir / "best.pt")
-        run.best, run.wrote_best = run.ckpt_dir / "best.pt", True
-    checkpoint.save(ckpt, run.ckpt_dir / "last.pt")
-
-
-def end_epoch(run: SimpleNamespace, epoch: int, sums: torch.Tensor, seconds: float) -> None:
-    """Validate the evaluated weights (the average, with --ema), record the epoch, save best.pt and last.pt."""
-    evaluated = run.average.model if run.average else run.model
-    evaluated.eval()
-    val = evaluate.neg_elbo(evaluated, run.val_x, run.config["seed"])
+def end_epoch(trainer: Trainer, progress: Progress, epoch: int, result: EpochResult) -> tuple[Progress, bool]:
+    """Validate the evaluated weights and record the epoch: the new progress, and whether validation improved."""
+    trainer.evaluated.eval()
+    val = evaluate.neg_elbo(trainer.evaluated, trainer.val_x, seed=trainer.config["seed"])
     if not math.isfinite(val["loss"]):  # the weights went bad on the epoch's last steps
         raise UserError(f"epoch {epoch}: the validation loss became {val['loss']}, so training stopped without saving; "
-                        f"start a new run with a lower --lr (this run: {run.config['lr']:g})")
-    bce, kl = (sums / len(run.train_x)).tolist()
-    run.state["epoch"] = epoch
-    run.state["partial"] = None
-    run.state["history"].append({"epoch": epoch, "train_loss": bce + kl, "train_bce": bce, "train_kl": kl,
-                                 "val_loss": val["loss"], "val_bce": val["bce"], "val_kl": val["kl"], "seconds": seconds})
-    improved = val["loss"] < run.state["best_val_loss"]
+                        f"start a new run with a lower --lr (this run: {trainer.config['lr']:g})")
+    bce, kl = (result.sums / len(trainer.train_x)).tolist()
+    record = {"epoch": epoch, "train_loss": bce + kl, "train_bce": bce, "train_kl": kl,
+              "val_loss": val["loss"], "val_bce": val["bce"], "val_kl": val["kl"], "seconds": result.seconds}
+    improved = val["loss"] < progress.best_val_loss
+    print(f"epoch {epoch:3d}/{trainer.config['epochs']}  train {bce + kl:8.3f}  val {val['loss']:8.3f} "
+          f"(bce {val['bce']:.3f}, kl {val['kl']:.3f})  {result.seconds:6.1f}s" + ("  saved best.pt" if improved else ""), flush=True)
+    return Progress(epoch=epoch, best_val_loss=min(val["loss"], progress.best_val_loss), history=progress.history + [record]), improved
+
+
+def save_checkpoints(trainer: Trainer, progress: Progress, improved: bool) -> None:
+    """last.pt always; best.pt too when validation improved. "model" holds the weights that were validated."""
+    ckpt = checkpoint.build(
+        trainer.config, weights=trainer.evaluated.state_dict(), optimizer=trainer.optimizer.state_dict(), progress=asdict(progress),
+        rng={name: gen.get_state() for name, gen in trainer.generators.items()} | {"device": trainer.device.type},
+        train_weights=trainer.model.state_dict() if trainer.average else None)
     if improved:
-        run.state["best_val_loss"] = val["loss"]
-    save(run, improved)
-    print(f"epoch {epoch:3d}/{run.config['epochs']}  train {bce + kl:8.3f}  val {val['loss']:8.3f} "
-          f"(bce {val['bce']:.3f}, kl {val['kl']:.3f})  {seconds:6.1f}s" + ("  saved best.pt" if improved else ""), flush=True)
+        checkpoint.save(ckpt, trainer.ckpt_dir / "best.pt")
+    checkpoint.save(ckpt, trainer.ckpt_dir / "last.pt")
+
+
+# ----------------------------------------------------------------------------- the whole run
 
 
 def train(args: argparse.Namespace) -> int:
-    """python main.py [flags]: the whole run."""
-    run = setup(args)
-    if run.state["epoch"] >= run.config["epochs"]:
-        print(f"already trained {run.state['epoch']} epochs (pass --epochs N, more than {run.state['epoch']}, to train longer); evaluating")
-        return final_evaluation(run)
-    print(f"training on {len(run.train_x)} images ({len(run.val_x)} for validation) on {run.device} ({run.config['precision']}), "
-          f"{sum(p.numel() for p in run.model.parameters()):,} parameters")
-    with StopFlag() as stop:
-        while run.state["epoch"] < run.config["epochs"] and not stop.stop:
-            epoch = run.state["epoch"] + 1
-            sums, done, seconds = train_epoch(run, epoch, stop)
-            if done < run.n_batches:  # interrupted inside the epoch: save a resumable mid-epoch state and stop
-                run.state["partial"] = {"step": done, "sums": sums.cpu(), "seconds": seconds, "shuffle_at_start": run.shuffle_at_start}
-                save(run, improved=False)
-                break
-            end_epoch(run, epoch, sums, seconds)
-    if stop.stop:
-        print(f"stopped; {run.ckpt_dir / 'last.pt'} holds the run so far. Resume with:\n  {resume_command(args, run.ckpt_dir)}", flush=True)
-        return 130
-    return final_evaluation(run)
+    """python main.py [flags]: set up or resume; for each epoch train, validate, save best and last; then evaluate."""
+    trainer, progress = setup(args)
+    with utils.lock_folder(trainer.ckpt_dir, "training run"):
+        utils.remove_stale_temporaries(trainer.ckpt_dir)
+        if progress.epoch >= trainer.config["epochs"]:
+            print(f"already trained {progress.epoch} epochs (pass --epochs N, more than {progress.epoch}, to train longer); evaluating")
+            return final_evaluation(trainer, args)
+        print(f"training on {len(trainer.train_x)} images ({len(trainer.val_x)} for validation) on {trainer.device} "
+              f"({trainer.config['precision']}), {sum(p.numel() for p in trainer.model.parameters()):,} parameters")
+        with StopFlag() as stop:
+            while progress.epoch < trainer.config["epochs"]:
+                epoch = progress.epoch + 1
+                result = train_epoch(trainer, epoch, partial=progress.partial, stop=stop, show_progress=args.progress)
+                if result.steps < trainer.batches_per_epoch:  # Ctrl-C inside the epoch: save where it stopped
+                    partial = {"step": result.steps, "sums": result.sums.cpu(), "seconds": result.seconds,
+                               "shuffle_at_start": result.shuffle_at_start}
+                    save_checkpoints(trainer, dataclasses.replace(progress, partial=partial), improved=False)
+                    break
+                progress, improved = end_epoch(trainer, progress, epoch=epoch, result=result)
+                save_checkpoints(trainer, progress, improved)
+                if stop.stop:
+                    break
+        if stop.stop:
+            print(f"stopped; {trainer.ckpt_dir / 'last.pt'} holds the run so far. Resume with:\n  {resume_command(args, trainer.ckpt_dir)}", flush=True)
+            return 130
+        return final_evaluation(trainer, args)
 
 
-def store_anomaly_reference(run: SimpleNamespace, path: Path, model: VAE, ckpt: dict) -> None:
-    """Add to best.pt what anomaly scores compare against (anomaly.fit_reference), from this run's own images."""
-    train_x = evaluate.eval_images(run.train_x, run.config["binarize"], run.device)
-    ckpt["anomaly_reference"] = model.anomaly_reference = anomaly.fit_reference(model, train_x, run.val_x)
-    checkpoint.save(ckpt, path)
-
-
-def final_evaluation(run: SimpleNamespace) -> int:
-    """Evaluate this run's best checkpoint: the one it wrote, or the one beside the checkpoint it resumed from."""
-    best = run.best
-    if best is None:
-        raise UserError(f"no best.pt to evaluate: neither {run.ckpt_dir} nor the resumed checkpoint's folder holds one")
-    loaded = evaluate.load_for_use(best, run.args.device)  # read once: the reference and the evaluation share it
-    model, ckpt, _ = loaded
-    if (run.wrote_best or best.parent == run.ckpt_dir) and "anomaly_reference" not in ckpt:
-        store_anomaly_reference(run, best, model, ckpt)
+def final_evaluation(trainer: Trainer, args: argparse.Namespace) -> int:
+    """Evaluate this run's best checkpoint; first store in it what anomaly scores compare against, if it was written here."""
+    resumed_from = Path(args.resume) if isinstance(args.resume, str) else None
+    best = best_checkpoint(trainer.ckpt_dir, resumed_from)
+    model, ckpt = checkpoint.load_model(best, trainer.device)
+    if "anomaly_reference" not in ckpt and best.parent == trainer.ckpt_dir:
+        ckpt = checkpoint.with_anomaly_reference(ckpt, anomaly_reference(trainer, model))
+        checkpoint.save(ckpt, best)
     print(f"training done; evaluating {best} on the 10,000 test images")
-    evaluate.evaluate(best, run.mnist, run.args.image_dir, run.args.iwae_k, None, loaded)
+    evaluate.evaluate(best, model, ckpt, mnist=trainer.mnist, image_dir=args.image_dir, iwae_k=args.iwae_k, seed=None)
     return 0
+
+
+def anomaly_reference(trainer: Trainer, model: VAE) -> dict:
+    """What anomaly scores compare an image against (anomaly.fit_reference, from this run's own training and validation
+    images), the latent map the demo draws, and the test digits' scores, so that a percentile needs no data set."""
+    config = trainer.config
+    print("fitting the anomaly reference (the local pixel model, training codes and validation statistics)")
+    train_x = data.eval_images(trainer.train_x, binarized=config["binarize"], device=trainer.device)
+    reference = anomaly.fit_reference(model, train_x, trainer.val_x)
+    _, val_idx = data.run_split(config, trainer.mnist["train_labels"])
+    reference["latent_map"] = evaluate.latent_map(model, trainer.val_x, trainer.mnist["train_labels"][val_idx])
+    test_x = data.eval_images(trainer.mnist["test_images"], binarized=config["binarize"], device=trainer.device)
+    reference["test_scores"] = anomaly.score(model, test_x, reference=reference).sort().values.cpu()
+    return reference
 
 
 def resume_command(args: argparse.Namespace, ckpt_dir: Path) -> str:

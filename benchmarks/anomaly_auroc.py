@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 import anomaly  # noqa: E402
+import checkpoint  # noqa: E402
 import data  # noqa: E402
-import evaluate  # noqa: E402
 from model import VAE  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def foreign_sets(test_x: torch.Tensor) -> dict[str, torch.Tensor]:
 def all_methods(model: VAE, x: torch.Tensor, reference: dict) -> dict[str, torch.Tensor]:
     """Every method's scores of x, from one pass over its parts (anomaly.score computes the same, one method at a time)."""
     gen = torch.Generator().manual_seed(0)
-    parts = [anomaly.score_parts(model, x[i : i + 1000], reference, 10, gen) for i in range(0, len(x), 1000)]
+    parts = [anomaly.score_parts(model, x[i : i + 1000], reference, samples=10, gen=gen) for i in range(0, len(x), 1000)]
     parts = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return parts | {"combined": anomaly.combine(parts, reference["calibration"])}
 
@@ -69,14 +69,13 @@ def main() -> None:
     foreign = foreign_sets(test_x)
     for run in args.runs:
         t0 = time.perf_counter()
-        model = VAE.from_checkpoint(Path(run) / "best.pt")
-        ckpt = torch.load(Path(run) / "best.pt", weights_only=True)
+        model, ckpt = checkpoint.load_model(Path(run) / "best.pt")
         config, digit = ckpt["config"], ckpt["config"]["exclude_digit"]
-        reference = anomaly.checkpoint_reference(model, config, mnist, torch.device("cpu"))
+        reference = anomaly.reference_for(ckpt, model, mnist, args.data_dir, torch.device("cpu"))
         split = data.split_indices(len(mnist["train_labels"]), config["val_size"], config["seed"])
         unseen = split[0][mnist["train_labels"][split[0]] == digit]  # training-split images of D: never trained on
         _, val_idx = data.run_split(config, mnist["train_labels"])
-        negatives, positives = (all_methods(model, evaluate.eval_images(mnist["train_images"][i], False, torch.device("cpu")), reference)
+        negatives, positives = (all_methods(model, data.eval_images(mnist["train_images"][i], binarized=False, device=torch.device("cpu")), reference)
                                 for i in (val_idx, unseen))
         on_test = all_methods(model, test_x, reference)
         for method in anomaly.METHODS:

@@ -22,14 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
-from model import VAE, prepare_model  # noqa: E402
 
 
 def main_() -> None:
@@ -59,7 +57,7 @@ def main_() -> None:
                 if line.startswith("epoch "):
                     print("  " + line, flush=True)
         last = checkpoint.load(ckpt_dir / "last.pt")
-        model = prepare_model(VAE.from_checkpoint(ckpt_dir / "best.pt", device), device)
+        model, _ = checkpoint.load_model(ckpt_dir / "best.pt", device)
         config = last["config"]
         mnist = data.load_mnist(args.data_dir, download=False)
         x = evaluate.test_images(mnist, config, device)

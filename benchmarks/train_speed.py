@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.optim.swa_utils import AveragedModel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import checkpoint  # noqa: E402
@@ -38,7 +39,7 @@ import main  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
-from model import VAE, VAEConfig, model_config, neg_elbo_terms, prepare_model  # noqa: E402
+from model import VAE, VAEConfig, neg_elbo_terms  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -108,7 +109,6 @@ def main_() -> None:
     p.add_argument("--steps", type=int, default=60, help="steps per timed window (default: 60)")
     p.add_argument("--warmup", type=int, default=30, help="untimed steps first (default: 30)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the project's training step arithmetic, as main.py's --precision (default: auto)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the project's step (default: off, as in main.py)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the naive torchvision loop")
     p.add_argument("--full-run", action="store_true", help="also time a real full default run of main.py (20 epochs + evaluation + pictures)")
     p.add_argument("--init", metavar="CKPT", help="start both loops from this checkpoint's weights and Adam state (steady-state training, "
@@ -123,14 +123,13 @@ def main_() -> None:
     print(f"torch: {torch.__version__}")
     print(f"threads: {torch.get_num_threads()}")
     print(f"batch_size: {args.batch_size}")
-    print(f"compile: {args.compile}")
     precision = train.pick_precision(args.precision, device)
     print(f"precision: {precision}")
     mnist = data.load_mnist(args.data_dir, download=False)
     train_images = mnist["train_images"][:55000].to(device)
     init = checkpoint.load(args.init) if args.init else None
     if init is not None:
-        config, ema = model_config(init, args.init), init["config"].get("ema", 0.0)
+        config, ema = checkpoint.model_config(init, args.init), init["config"]["ema"]
     else:
         config = VAEConfig(**{k: v if chosen.get(k) is None else chosen[k] for k, v in train.MODEL_DEFAULTS.items()})
         ema = train.TRAIN_DEFAULTS["ema"] if chosen["ema"] is None else chosen["ema"]
@@ -155,16 +154,17 @@ def main_() -> None:
 
     # --- the project's loop ---
     torch.manual_seed(0)
-    model = prepare_model(VAE(config).to(device), device)
-    opt = train.make_optimizer(model, 1e-3, device)
+    model = utils.prepare_model(VAE(config), device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))  # as train.setup makes it
     if init is not None:
         print(f"init: {args.init} (epoch {init['epoch']})")
         model.load_state_dict(init.get("train_weights", init["model"]))
         opt.load_state_dict(init["optimizer"])
-    average = train.WeightAverage(model, ema) if ema else None  # the weight average's update is part of train.py's step
+    # the weight average's update is part of train.py's step
+    average = AveragedModel(model, multi_avg_fn=train.ema_with_warmup(ema), use_buffers=True) if ema else None
     print(f"ema: {ema}")
-    step = train.train_step_fn(model, opt, args.compile, precision, average)
     gen = torch.Generator(device=device).manual_seed(1)
+    step = lambda xb, noise, kl_weight: train.train_step(model, opt, average, xb, noise, kl_weight=kl_weight, precision=precision)
     shuffle = torch.Generator().manual_seed(0)
     t = time.perf_counter()
     project_ips = timed_windows(lambda xb: step(xb, gen, 1.0), lambda: data.batches(train_images, args.batch_size, shuffle),

@@ -55,7 +55,16 @@ def assert_one_line_error(code: int, err: str, *words: str) -> None:
 def train_args(folder: Path, epochs: int = 2, subset: int = 2000) -> list[str]:
     """A small, fast training run writing into folder/ckpt and folder/img."""
     return ["--epochs", str(epochs), "--subset", str(subset), "--data-dir", MNIST_DIR, "--checkpoint-dir", str(folder / "ckpt"),
-            "--image-dir", str(folder / "img"), "--iwae-k", "5", "--no-progress", "--no-compile"]
+            "--image-dir", str(folder / "img"), "--iwae-k", "5", "--no-progress"]
+
+
+def resave(ckpt: dict, path: Path) -> None:
+    """Write a checkpoint a test has edited, with its checksum renewed (so that the edit, not the checksum, is tested)."""
+    import torch
+
+    import checkpoint
+
+    torch.save({k: v for k, v in ckpt.items() if k != "checksum"} | {"checksum": checkpoint.checksum(ckpt)}, path)
 
 
 def copy_run(trained, folder: Path) -> Path:

@@ -1,12 +1,16 @@
 """Anomaly scores (every method), AUROC, the scores' CSV and its provenance, and the user's own digit images."""
 from __future__ import annotations
 
+import csv
+import hashlib
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 import anomaly
+import checkpoint
 import data
 from helpers import MNIST_DIR, copy_run, needs_mnist, run_main, train_args
 from model import VAE
@@ -125,11 +129,8 @@ def test_every_method_gives_one_finite_reproducible_score_per_image(small, metho
 def test_default_method_reference_and_bad_input(small):
     model, reference, x, _ = small
     assert anomaly.DEFAULT_METHOD in anomaly.METHODS
-    model.anomaly_reference = reference  # as VAE.from_checkpoint sets it from best.pt
-    try:
-        assert torch.equal(anomaly.score(model, x, seed=3), anomaly.score(model, x, anomaly.DEFAULT_METHOD, seed=3, reference=reference))
-    finally:
-        model.anomaly_reference = None
+    assert torch.equal(anomaly.score(model, x, seed=3, reference=reference),
+                       anomaly.score(model, x, anomaly.DEFAULT_METHOD, seed=3, reference=reference))
     with pytest.raises(ValueError, match="needs the model's anomaly reference"):
         anomaly.score(model, x, "combined")
     assert anomaly.score(model, x, "elbo").shape == (6,)  # the plain ELBO needs none
@@ -186,30 +187,53 @@ def test_the_local_model_learns_stroke_texture():
 @needs_mnist
 @pytest.mark.parametrize("method", anomaly.METHODS)
 def test_foreign_images_score_higher_than_test_digits(trained, method):
-    model = VAE.from_checkpoint(trained.ckpt_dir / "best.pt")
+    model, ckpt = checkpoint.load_model(trained.ckpt_dir / "best.pt")
+    reference = ckpt["anomaly_reference"]  # stored in best.pt at the end of training
     digits = data.to_float(data.load_mnist(MNIST_DIR, download=False)["test_images"][:200])
-    assert model.anomaly_reference is not None  # stored in best.pt at the end of training
-    s_digits = anomaly.score(model, digits, method, samples=4)
-    s_inverted = anomaly.score(model, 1 - digits[:20], method, samples=4)
+    s_digits = anomaly.score(model, digits, method, samples=4, reference=reference)
+    s_inverted = anomaly.score(model, 1 - digits[:20], method, samples=4, reference=reference)
     assert s_inverted.median() > torch.quantile(s_digits, 0.95)
     if method != "complexity":  # noise is as unlikely under the local pixel model as under the VAE: complexity alone
         # may excuse it (docs/anomaly.md), which is why `combined` takes the larger of its sum and the ELBO's z-score
         noise = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-        assert anomaly.score(model, noise, method, samples=4).median() > torch.quantile(s_digits, 0.95)
+        assert anomaly.score(model, noise, method, samples=4, reference=reference).median() > torch.quantile(s_digits, 0.95)
+
+
+@needs_mnist
+def test_training_stores_the_test_digits_scores_for_percentiles(trained):
+    """best.pt carries the 10,000 test digits' scores under the default method, so that a percentile needs no data."""
+    model, ckpt = checkpoint.load_model(trained.ckpt_dir / "best.pt")
+    stored = ckpt["anomaly_reference"]["test_scores"]
+    digits = data.to_float(data.load_mnist(MNIST_DIR, download=False)["test_images"])
+    assert len(stored) == 10000 and torch.equal(stored, stored.sort().values)
+    assert torch.equal(anomaly.score(model, digits[:100], reference=ckpt["anomaly_reference"]),
+                       anomaly.score(model, digits, reference=ckpt["anomaly_reference"])[:100])  # batch 100: the same noise
+    assert anomaly.percentile(stored, stored[2499].item()) == pytest.approx(25.0, abs=0.5)
+    assert anomaly.percentile(stored, stored.max().item()) == 100.0 and anomaly.percentile(stored, stored.min().item() - 1) == 0.0
 
 
 def test_csv_is_reused_only_for_the_same_checkpoint_method_samples_and_seed(tmp_path):
     ckpt = tmp_path / "best.pt"
     ckpt.write_bytes(b"weights one")
-    header = anomaly.provenance(ckpt, "elbo", 10, 0)
+    source = anomaly.provenance(ckpt, "elbo", 10, 0)
     labels, scores = torch.tensor([3, 1, 4]), torch.tensor([90.5, 40.25, 100.0])
-    anomaly.write_csv(tmp_path / "anomaly_scores.csv", header, labels, scores)
-    assert torch.equal(anomaly.read_csv_scores(tmp_path / "anomaly_scores.csv", header, 3), scores)
+    anomaly.write_csv(tmp_path / "anomaly_scores.csv", source, labels, scores)
+    assert torch.equal(anomaly.read_csv_scores(tmp_path / "anomaly_scores.csv", source, 3), scores)
     for other in (anomaly.provenance(ckpt, "complexity", 10, 0), anomaly.provenance(ckpt, "elbo", 5, 0), anomaly.provenance(ckpt, "elbo", 10, 1)):
         assert anomaly.read_csv_scores(tmp_path / "anomaly_scores.csv", other, 3) is None
     ckpt.write_bytes(b"weights two")  # retrained at the same path
     assert anomaly.read_csv_scores(tmp_path / "anomaly_scores.csv", anomaly.provenance(ckpt, "elbo", 10, 0), 3) is None
-    assert anomaly.read_csv_scores(tmp_path / "anomaly_scores.csv", header, 4) is None  # not the expected number of rows
+    assert anomaly.read_csv_scores(tmp_path / "anomaly_scores.csv", source, 4) is None  # not the expected number of rows
+
+
+def test_csv_is_plain_for_any_csv_reader(tmp_path):
+    """The first line is the header (csv.DictReader, pandas.read_csv); what produced the scores is in columns."""
+    (tmp_path / "best.pt").write_bytes(b"weights")
+    source = anomaly.provenance(tmp_path / "best.pt", "combined", 10, 0)
+    anomaly.write_csv(tmp_path / "s.csv", source, torch.tensor([7, 2]), torch.tensor([1.5, -0.25]))
+    rows = list(csv.DictReader((tmp_path / "s.csv").open()))
+    assert [(r["index"], r["label"], float(r["score"]), r["method"]) for r in rows] == [("0", "7", 1.5, "combined"), ("1", "2", -0.25, "combined")]
+    assert rows[0]["checkpoint_sha256"] == hashlib.sha256(b"weights").hexdigest()[:16]
 
 
 @needs_mnist
@@ -218,8 +242,9 @@ def test_score_command_writes_csv_with_provenance_and_reconstruct_reuses_it(trai
     code, out, err = run_main(["score", "--checkpoint", folder / "best.pt", "--data-dir", MNIST_DIR, "--image-dir", tmp_path / "img",
                                "--samples", "2", "--method", "elbo"])
     assert code == 0, err
-    lines = (folder / "anomaly_scores.csv").read_text().splitlines()
-    assert lines[0] == anomaly.provenance(folder / "best.pt", "elbo", 2, 0) and lines[1] == "index,label,score" and len(lines) == 10002
+    source = anomaly.provenance(folder / "best.pt", "elbo", 2, 0)
+    rows = list(csv.DictReader((folder / "anomaly_scores.csv").open()))
+    assert len(rows) == 10000 and all({k: r[k] for k in source} == source for r in rows)
     assert "method elbo" in out and "percentiles" in out and "AUROC" not in out
     with Image.open(tmp_path / "img" / "anomalies.png") as img:
         assert img.width > 600 and np.asarray(img.convert("L")).std() > 10
@@ -227,7 +252,7 @@ def test_score_command_writes_csv_with_provenance_and_reconstruct_reuses_it(trai
     same = ["reconstruct", tmp_path / "mine.png", "--checkpoint", folder / "best.pt", "--data-dir", MNIST_DIR, "--image-dir", tmp_path / "img", "--samples", "2"]
     code, out, err = run_main(same + ["--method", "elbo"])
     assert code == 0 and "scoring the 10,000 test digits" not in out and "mine.png: elbo score" in out
-    stored = anomaly.read_csv_scores(folder / "anomaly_scores.csv", lines[0], 10000)
+    stored = anomaly.read_csv_scores(folder / "anomaly_scores.csv", source, 10000)
     value = float(out.split("elbo score ")[1].split(",")[0])
     percentile = float(out.split("percentile ")[1].split(" ")[0])
     assert percentile == pytest.approx(100 * (stored <= value).double().mean().item(), abs=0.05)
@@ -244,6 +269,6 @@ def test_held_out_digit_gets_the_auroc_of_its_scores(tmp_path):
                                "--image-dir", tmp_path / "img", "--samples", "1"])
     assert code == 0, err
     line = next(l for l in out.splitlines() if "AUROC" in l)
-    rows = [r.split(",") for r in (tmp_path / "ckpt" / "anomaly_scores.csv").read_text().splitlines()[2:]]
-    labels, scores = torch.tensor([int(r[1]) for r in rows]), torch.tensor([float(r[2]) for r in rows])
+    rows = list(csv.DictReader((tmp_path / "ckpt" / "anomaly_scores.csv").open()))
+    labels, scores = torch.tensor([int(r["label"]) for r in rows]), torch.tensor([float(r["score"]) for r in rows])
     assert "digit 3" in line and float(line.split("=")[-1]) == pytest.approx(anomaly.auroc(scores, labels == 3), abs=1e-3)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import data
 import evaluate
 from helpers import MNIST_DIR, copy_run, needs_mnist, run_main
@@ -63,7 +64,7 @@ def test_bce_floor_matches_the_data_sets_entropy():
 
 @needs_mnist
 def test_iwae_bound_below_elbo_and_not_growing_with_k(trained):
-    model = VAE.from_checkpoint(trained.ckpt_dir / "best.pt")
+    model, _ = checkpoint.load_model(trained.ckpt_dir / "best.pt")
     x = data.to_float(data.load_mnist(MNIST_DIR, download=False)["test_images"][:300])
     elbo = evaluate.neg_elbo(model, x, seed=3)["loss"]
     bounds = {k: evaluate.test_metrics(model, x, k, seed=3)[0]["test_iwae_nll"] for k in (1, 10, 100)}
@@ -107,3 +108,23 @@ def test_binarized_evaluation_images_are_one_fixed_draw_whatever_the_seed():
     assert torch.equal(a, b) and set(a.unique().tolist()) == {0.0, 1.0}
     plain = evaluate.test_images({"test_images": images}, {"binarize": False, "seed": 1}, torch.device("cpu"))
     assert abs(a.mean().item() - plain.mean().item()) < 0.01  # a Bernoulli draw of the intensities, not a threshold
+
+
+def test_latent_map_finds_the_directions_that_separate_the_digits():
+    """Where a wide direction carries no label and a narrow one does, the map's first axis is the narrow one."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(600) % 3
+    codes = torch.randn(600, 4, generator=g)
+    codes[:, 0] *= 10  # wide, and says nothing about the digit
+    codes[:, 2] += 3 * labels  # narrower, and tells the digits apart
+
+    class Codes:  # stands in for the model: the "images" are the codes
+        def encode(self, x):
+            return x, None
+
+    space = evaluate.latent_map(Codes(), codes, labels)
+    first = space["axes"][:, 0].abs()
+    assert first[2] > 5 * first[[0, 1, 3]].max()
+    points = (codes - space["mean"]) @ space["axes"]
+    assert torch.allclose(points.std(0), torch.ones(2), atol=1e-3)
+    assert torch.allclose(space["points"], points[: evaluate.MAP_POINTS], atol=1e-4) and torch.equal(space["labels"], labels)

@@ -1,17 +1,15 @@
-"""Tests for model.py (VAE, loss terms, IWAE bound, checkpoints) and utils.save_atomic."""
+"""Tests for model.py (VAEConfig, VAE, reparameterize, loss terms, IWAE bound) and utils.save_atomic.
+
+Checkpoints (reading, checking, rebuilding a model from one) are tested in test_checkpoint.py."""
 from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import checkpoint
 import model
 import utils
 from model import VAE, VAEConfig
@@ -37,13 +35,6 @@ def fake_images(b: int, seed: int = 0, binary: bool = True) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(b, 1, 28, 28, generator=gen)
     return torch.bernoulli(x, generator=gen) if binary else x
-
-
-def one_line_with(excinfo, path) -> str:
-    msg = str(excinfo.value)
-    assert str(path) in msg, msg
-    assert "\n" not in msg, msg
-    return msg
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -85,49 +76,134 @@ def test_vae_shapes(name):
     assert torch.allclose(r, torch.sigmoid(m.decode(mu2)), atol=1e-6)
 
 
-def test_res_blocks_change_architecture():
-    plain = make_model(**SMALL)
-    deep = make_model(**dict(SMALL, res_blocks=1))
-    n_plain = sum(p.numel() for p in plain.parameters())
-    n_deep = sum(p.numel() for p in deep.parameters())
-    c2 = SMALL["channels"][1]
-    per_block = 2 * (c2 * c2 * 9 + c2)  # two 3x3 convs with bias
-    assert n_deep - n_plain == 2 * per_block  # one block in the encoder, one in the decoder
+def count_weights(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def count_modules(m: torch.nn.Module, kind: type) -> int:
+    return sum(isinstance(layer, kind) for layer in m.modules())
+
+
+def logits_of(m: VAE, seed: int = 0) -> torch.Tensor:
+    with torch.no_grad():
+        return m(fake_images(2, seed=seed), eps=torch.zeros(2, m.config.latent_dim))[0]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parameter_count_matches_the_built_model(name):
+    config = VAEConfig(**CONFIGS[name])
+    assert config.parameter_count() == count_weights(VAE(config)) > 0
+    assert not any(p.is_meta for p in VAE(config).parameters())  # counting on the meta device leaves later models real
+
+
+def test_res_blocks_deepen_the_model():
+    counts = [VAEConfig(**dict(SMALL, res_blocks=n)).parameter_count() for n in (0, 1, 2)]
+    assert counts[0] < counts[1] < counts[2]
+    assert counts[2] - counts[1] == counts[1] - counts[0]  # every block costs the same
+    plain, deep = make_model(**SMALL), make_model(**dict(SMALL, res_blocks=2))
+    assert count_modules(plain, model.ResBlock) == 0 and count_modules(deep, model.ResBlock) == 4  # encoder and decoder
+    assert not torch.allclose(logits_of(plain), logits_of(deep))
+    assert logits_of(deep).shape == (2, 1, 28, 28)
+
+
+def test_res_block_is_residual():
+    """x + f(x): with its convolutions zeroed a block passes its input through unchanged, and gradients reach x."""
+    block = model.ResBlock(4, torch.nn.SiLU)
+    x = torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    assert not torch.allclose(block(x), x)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.zero_()
+    y = block(x)
+    assert torch.equal(y, x)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
 
 
 def test_fc_layers_add_hidden_layers_in_encoder_and_decoder():
-    one = make_model(**dict(SMALL, hidden_dim=16))
-    three = make_model(**dict(SMALL, hidden_dim=16), fc_layers=3)
-    extra = sum(p.numel() for p in three.parameters()) - sum(p.numel() for p in one.parameters())
-    assert extra == 2 * 2 * (16 * 16 + 16)  # two more 16x16 layers with bias, in the encoder and in the decoder
-    assert three(fake_images(2), generator=torch.Generator().manual_seed(0))[0].shape == (2, 1, 28, 28)
+    counts = [VAEConfig(**dict(SMALL, hidden_dim=16), fc_layers=n).parameter_count() for n in (1, 2, 3)]
+    assert counts[0] < counts[1] < counts[2] and counts[2] - counts[1] == counts[1] - counts[0]
+    one, three = make_model(**dict(SMALL, hidden_dim=16)), make_model(**dict(SMALL, hidden_dim=16), fc_layers=3)
+    # every extra layer appears twice: once in the encoder, once in the decoder
+    assert count_modules(three, torch.nn.Linear) - count_modules(one, torch.nn.Linear) == 2 * 2
+    assert not torch.allclose(logits_of(one), logits_of(three))
+    assert logits_of(three).shape == (2, 1, 28, 28)
+    # without a hidden width there are no hidden layers to repeat
+    assert VAEConfig(**SMALL, fc_layers=3).parameter_count() == VAEConfig(**SMALL, fc_layers=1).parameter_count()
     with pytest.raises(ValueError):
         VAEConfig(fc_layers=0)
 
 
+def full_resolution_widths(m: VAE) -> list[int]:
+    """The channel counts of every 28x28 output of a decoder layer, in the order the layers run."""
+    widths = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: widths.append(out.shape[1]) if out.shape[-2:] == (28, 28) else None)
+             for layer in m.decoder.modules() if not list(layer.children())]
+    try:
+        with torch.no_grad():
+            m.decode(torch.zeros(2, m.config.latent_dim))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return widths
+
+
 def test_out_conv_adds_a_full_resolution_layer_before_the_logits():
-    plain = make_model(**SMALL)
-    wide = make_model(**dict(SMALL, out_conv=4))
-    c1 = SMALL["channels"][0]
-    extra = (c1 * 4 * 16 + 4) + (4 * 9 + 1) - (c1 * 16 + 1)  # transposed conv c1->4 and 3x3 conv 4->1 replace transposed conv c1->1
-    assert sum(p.numel() for p in wide.parameters()) - sum(p.numel() for p in plain.parameters()) == extra
-    assert isinstance(wide.decoder[-1], torch.nn.Conv2d) and wide.decoder[-1].out_channels == 1
+    plain, wide = make_model(**SMALL), make_model(**dict(SMALL, out_conv=4))
+    # without it the upsampling layer makes the 1-channel logits; with it, a 4-wide 28x28 feature map comes first
+    assert set(full_resolution_widths(plain)) == {1}
+    widths = full_resolution_widths(wide)
+    assert 4 in widths and widths[-1] == 1
+    assert VAEConfig(**dict(SMALL, out_conv=4)).parameter_count() > VAEConfig(**SMALL).parameter_count()
+    assert VAEConfig(**dict(SMALL, out_conv=8)).parameter_count() > VAEConfig(**dict(SMALL, out_conv=4)).parameter_count()
+    assert not torch.allclose(logits_of(plain), logits_of(wide))
+    assert logits_of(wide).shape == (2, 1, 28, 28)
     with pytest.raises(ValueError):
         VAEConfig(out_conv=-1)
 
 
 def test_batch_norm_option_adds_norm_layers_and_evaluates_per_image():
+    assert count_modules(make_model(**SMALL), torch.nn.BatchNorm2d) == 0
     m = make_model(**SMALL, norm="batch")
-    assert sum(isinstance(layer, torch.nn.BatchNorm2d) for layer in m.modules()) == 3
+    assert count_modules(m, torch.nn.BatchNorm2d) == 3  # after each hidden convolution: two in the encoder, one in the decoder
+    assert count_modules(make_model(**dict(SMALL, out_conv=4), norm="batch"), torch.nn.BatchNorm2d) == 4
+    x = fake_images(4, seed=3)
     m.train()
+    with torch.no_grad():  # in training mode an image's code depends on the rest of its batch
+        assert not torch.allclose(m.encode(x[:2])[0], m.encode(x)[0][:2], atol=1e-5)
     m(fake_images(8), generator=torch.Generator().manual_seed(0))  # updates the running statistics
     m.eval()
-    x = fake_images(4, seed=3)
     alone = m.decode(m.encode(x[:1])[0])
     batched = m.decode(m.encode(x)[0])[:1]
     assert torch.allclose(alone, batched, atol=1e-5)  # eval mode uses running statistics, not the batch's
     with pytest.raises(ValueError):
         VAEConfig(norm="layer")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(latent_dim=32.0), dict(latent_dim=True), dict(latent_dim=0), dict(latent_dim=1025), dict(latent_dim="8"),
+        dict(channels=(8,)), dict(channels=(8, 16, 32)), dict(channels=8), dict(channels=(8, 16.0)), dict(channels=(0, 16)),
+        dict(hidden_dim=-1), dict(hidden_dim=16385), dict(fc_layers=17), dict(res_blocks=-1), dict(res_blocks=17),
+        dict(out_conv=1025), dict(out_conv=False), dict(activation="tanh"), dict(norm="layer"),
+    ],
+    ids=lambda d: "-".join(f"{k}={v!r}" for k, v in d.items()),
+)
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError) as excinfo:
+        VAEConfig(**bad)
+    assert next(iter(bad)) in str(excinfo.value)
+
+
+def test_config_accepts_the_limits_and_keeps_channels_a_tuple():
+    for name, low, high in model.LIMITS:
+        for value in (low, high):
+            config = VAEConfig(**{name: (value, value) if name == "channels" else value})
+            assert getattr(config, name) == ((value, value) if name == "channels" else value)
+    config = VAEConfig(channels=[8, 16])
+    assert config.channels == (8, 16) and isinstance(config.channels, tuple)
+    assert VAEConfig(channels=[8, 16]) == VAEConfig(channels=(8, 16))
 
 
 def test_gradients_reach_every_parameter():
@@ -219,16 +295,47 @@ def test_bce_stable_for_large_logits():
 def test_reparameterize_reproducible():
     mu = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
     lv = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
-    a = VAE.reparameterize(mu, lv, torch.Generator().manual_seed(7))
-    b = VAE.reparameterize(mu, lv, torch.Generator().manual_seed(7))
-    c = VAE.reparameterize(mu, lv, torch.Generator().manual_seed(8))
+    a = model.reparameterize(mu, lv, generator=torch.Generator().manual_seed(7))
+    b = model.reparameterize(mu, lv, generator=torch.Generator().manual_seed(7))
+    c = model.reparameterize(mu, lv, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
 
+def test_reparameterize_with_given_noise():
+    gen = torch.Generator().manual_seed(0)
+    mu, lv = torch.randn(4, 5, generator=gen, dtype=torch.float64), torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    eps = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(model.reparameterize(mu, lv, eps), mu + eps * torch.exp(0.5 * lv), rtol=0, atol=1e-12)
+    # the same noise as drawing it from the generator
+    drawn = torch.randn(4, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    torch.testing.assert_close(model.reparameterize(mu, lv, generator=torch.Generator().manual_seed(3)),
+                               model.reparameterize(mu, lv, drawn), rtol=0, atol=1e-12)
+    # extra leading sample dimensions broadcast: (3, 4, 5) noise gives three samples of every image
+    many = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    z = model.reparameterize(mu, lv, many)
+    assert z.shape == (3, 4, 5)
+    torch.testing.assert_close(z[1], model.reparameterize(mu, lv, many[1]), rtol=0, atol=1e-12)
+
+
+def test_forward_uses_the_given_noise():
+    m = make_model().eval()
+    x = fake_images(3, seed=1)
+    with torch.no_grad():
+        mu, logvar = m.encode(x)
+        logits, mu2, _ = m(x, eps=torch.zeros(3, m.config.latent_dim))
+        assert torch.equal(mu, mu2)
+        torch.testing.assert_close(logits, m.decode(mu), rtol=0, atol=1e-6)  # zero noise decodes the posterior mean
+        eps = torch.randn(3, m.config.latent_dim, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(m(x, eps=eps)[0], m.decode(mu + eps * torch.exp(0.5 * logvar)), rtol=0, atol=1e-6)
+        a = m(x, generator=torch.Generator().manual_seed(5))[0]
+        assert torch.equal(a, m(x, generator=torch.Generator().manual_seed(5))[0])
+        assert not torch.allclose(a, m(x, generator=torch.Generator().manual_seed(6))[0])
+
+
 def test_reparameterize_tiny_variance_gives_mean():
     mu = torch.randn(3, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    z = VAE.reparameterize(mu, torch.full_like(mu, -80.0), torch.Generator().manual_seed(0))
+    z = model.reparameterize(mu, torch.full_like(mu, -80.0), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(z, mu, rtol=0, atol=1e-12)
 
 
@@ -236,7 +343,7 @@ def test_reparameterize_moments_and_gradient():
     n = 40000
     mu = torch.tensor([[1.5, -2.0]], requires_grad=True)
     lv = torch.tensor([[math.log(0.25), math.log(4.0)]], requires_grad=True)
-    z = VAE.reparameterize(mu.expand(n, 2), lv.expand(n, 2), torch.Generator().manual_seed(3))
+    z = model.reparameterize(mu.expand(n, 2), lv.expand(n, 2), generator=torch.Generator().manual_seed(3))
     sd = torch.tensor([0.5, 2.0])
     assert torch.all((z.mean(0) - mu[0]).abs() < 5 * sd / math.sqrt(n))
     assert torch.all((z.std(0) / sd - 1).abs() < 5 / math.sqrt(2 * n))
@@ -250,12 +357,15 @@ def test_reparameterize_moments_and_gradient():
 
 def posterior_shifted_model(seed: int = 0) -> VAE:
     """A small untrained model whose posterior is far from N(0, I), so every term of the bound matters."""
-    m = make_model(seed)
-    d = m.config.latent_dim
-    with torch.no_grad():
-        m.to_stats.bias[:d] += 1.0
-        m.to_stats.bias[d:] -= 2.0
-    return m.eval()
+    m = make_model(seed).eval()
+    encode = m.encode
+
+    def shifted(x):
+        mu, logvar = encode(x)
+        return mu + 1.0, logvar - 2.0
+
+    m.encode = shifted  # an instance attribute: forward and iwae_log_weights call it
+    return m
 
 
 def test_iwae_log_weights_shape():
@@ -271,15 +381,14 @@ def test_iwae_log_weights_shape():
 def test_iwae_log_weights_exact_when_posterior_is_prior_and_decoder_ignores_z(chunk):
     """With q(z|x) = N(0, I) and a decoder that ignores z, log p(z) - log q(z|x) = 0 and every log-weight is -BCE."""
     m = make_model()
-    with torch.no_grad():
-        m.to_stats.weight.zero_()
-        m.to_stats.bias.zero_()
-        m.decoder[0].weight.zero_()  # first Linear(latent, ...) of the decoder
+    d = m.config.latent_dim
+    fixed = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    m.encode = lambda x: (torch.zeros(len(x), d), torch.zeros(len(x), d))  # q(z|x) = N(0, I)
+    m.decode = lambda z: fixed.expand(len(z), 1, 28, 28)  # p(x|z) the same for every z
     x = fake_images(3, seed=2)
     k = 5
     lw = model.iwae_log_weights(m, x, k, generator=torch.Generator().manual_seed(0), chunk=chunk)
-    logits = m.decode(torch.zeros(1, m.config.latent_dim)).double()
-    s = torch.sigmoid(logits)
+    s = torch.sigmoid(fixed.double())
     t = x.double()
     expected = (t * torch.log(s) + (1 - t) * torch.log(1 - s)).flatten(1).sum(1)  # log p(x|z), same for every z
     torch.testing.assert_close(lw.double(), expected[:, None].expand(3, k), rtol=1e-5, atol=1e-3)
@@ -353,192 +462,6 @@ def test_iwae_nll_hand_computed():
     assert out[2].item() == pytest.approx(-5.0, abs=1e-12)
     # k = 1 is just the negative log-weight
     assert torch.allclose(model.iwae_nll(lw[:, :1]), -lw[:, 0])
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def make_checkpoint(path: Path, seed: int = 0, **cfg) -> VAE:
-    m = make_model(seed, **(cfg or dict(SMALL, res_blocks=1, activation="silu")))
-    utils.save_atomic({"format": "vae-mnist/1", "config": model.config_dict(m.config), "model": m.state_dict()}, path)
-    return m
-
-
-def test_checkpoint_from_before_newer_settings_loads_its_own_architecture(tmp_path):
-    """A checkpoint written before --fc-layers, --norm and --out-conv existed has no such keys; it must rebuild the
-    architecture it was trained with (one FC layer, no norm, no output conv), not today's defaults."""
-    torch.manual_seed(0)
-    old = VAE(latent_dim=8, channels=(8, 16), hidden_dim=32, fc_layers=1, norm="none", out_conv=0).eval()
-    config = {k: v for k, v in model.config_dict(old.config).items() if k not in ("fc_layers", "norm", "out_conv")}
-    path = tmp_path / "old.pt"
-    torch.save({"format": "vae-mnist/1", "config": config, "model": old.state_dict()}, path)
-    assert VAEConfig().out_conv != 0  # today's default differs, so a naive fill-in would fail to load
-    loaded = VAE.from_checkpoint(path)
-    assert loaded.config.out_conv == 0 and loaded.config.fc_layers == 1 and loaded.config.norm == "none"
-    z = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(loaded.decode(z), old.decode(z))
-
-
-def test_checkpoint_round_trip(tmp_path):
-    path = tmp_path / "vae.pt"
-    m = make_checkpoint(path)
-    m.eval()
-    loaded = VAE.from_checkpoint(path)
-    assert not loaded.training
-    assert loaded.config == m.config
-    assert isinstance(loaded.config.channels, tuple)
-    z = torch.randn(5, m.config.latent_dim, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(loaded.decode(z), m.decode(z))
-        x = fake_images(2)
-        assert torch.equal(loaded.encode(x)[0], m.encode(x)[0])
-    for (n1, p1), (n2, p2) in zip(m.state_dict().items(), loaded.state_dict().items()):
-        assert n1 == n2 and torch.equal(p1, p2)
-
-
-def test_load_checkpoint_returns_dict(tmp_path):
-    path = tmp_path / "vae.pt"
-    m = make_checkpoint(path)
-    ckpt = checkpoint.load(path)
-    assert ckpt["format"] == checkpoint.FORMAT
-    assert model.model_config(ckpt, path) == m.config
-
-
-def expect_checkpoint_error(path, load=checkpoint.load) -> str:
-    with pytest.raises(model.CheckpointError) as excinfo:
-        load(path)
-    return one_line_with(excinfo, path)
-
-
-def test_load_checkpoint_missing(tmp_path):
-    expect_checkpoint_error(tmp_path / "absent.pt")
-    expect_checkpoint_error(tmp_path)  # a folder is not a checkpoint either
-
-
-def test_load_checkpoint_truncated(tmp_path):
-    good = tmp_path / "good.pt"
-    make_checkpoint(good)
-    cut = tmp_path / "cut.pt"
-    blob = good.read_bytes()
-    cut.write_bytes(blob[: len(blob) // 2])
-    expect_checkpoint_error(cut)
-    expect_checkpoint_error(cut, VAE.from_checkpoint)
-
-
-def test_load_checkpoint_text_file(tmp_path):
-    path = tmp_path / "notes.pt"
-    path.write_text("this is not a checkpoint\nsecond line\n")
-    expect_checkpoint_error(path)
-    empty = tmp_path / "empty.pt"
-    empty.write_bytes(b"")
-    expect_checkpoint_error(empty)
-
-
-def test_load_checkpoint_no_format(tmp_path):
-    path = tmp_path / "x.pt"
-    m = make_model()
-    torch.save({"config": model.config_dict(m.config), "model": m.state_dict()}, path)
-    expect_checkpoint_error(path)
-    bare = tmp_path / "bare.pt"
-    torch.save(m.state_dict()["to_stats.bias"], bare)  # a tensor, not a dict
-    expect_checkpoint_error(bare)
-
-
-@pytest.mark.parametrize("fmt", ["other/1", "vae-mnist", "vae-mnist/x", 1])
-def test_load_checkpoint_foreign_format(tmp_path, fmt):
-    path = tmp_path / "x.pt"
-    m = make_model()
-    torch.save({"format": fmt, "config": model.config_dict(m.config), "model": m.state_dict()}, path)
-    expect_checkpoint_error(path)
-
-
-def test_load_checkpoint_newer_format(tmp_path):
-    path = tmp_path / "x.pt"
-    m = make_model()
-    torch.save({"format": "vae-mnist/2", "config": model.config_dict(m.config), "model": m.state_dict()}, path)
-    msg = expect_checkpoint_error(path)
-    assert "newer" in msg
-
-
-@pytest.mark.parametrize("missing", ["config", "model"])
-def test_load_checkpoint_missing_key(tmp_path, missing):
-    path = tmp_path / "x.pt"
-    m = make_model()
-    ckpt = {"format": "vae-mnist/1", "config": model.config_dict(m.config), "model": m.state_dict()}
-    del ckpt[missing]
-    torch.save(ckpt, path)
-    msg = expect_checkpoint_error(path)
-    assert missing in msg
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [{"activation": "tanh"}, {"channels": [8]}, {"latent_dim": 0}, {"hidden_dim": -1}],
-    ids=["activation", "channels", "latent", "hidden"],
-)
-def test_from_checkpoint_bad_config(tmp_path, bad):
-    path = tmp_path / "x.pt"
-    m = make_model()
-    config = dict(model.config_dict(m.config), **bad)
-    torch.save({"format": "vae-mnist/1", "config": config, "model": m.state_dict()}, path)
-    checkpoint.load(path)  # the file itself is fine
-    expect_checkpoint_error(path, VAE.from_checkpoint)
-
-
-def test_from_checkpoint_weights_do_not_match_config(tmp_path):
-    path = tmp_path / "x.pt"
-    m = make_model()
-    other = make_model(latent_dim=4, channels=(8, 16), hidden_dim=0)
-    torch.save({"format": "vae-mnist/1", "config": model.config_dict(m.config), "model": other.state_dict()}, path)
-    expect_checkpoint_error(path, VAE.from_checkpoint)
-
-
-class MakesMarker:
-    """Unpickling this object opens (creates) `marker`: stands in for arbitrary code in a hostile checkpoint."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def hostile_checkpoint(path: Path, marker: Path) -> None:
-    payload = {"format": "vae-mnist/1", "config": model.config_dict(VAEConfig(**SMALL)), "model": {}, "extra": MakesMarker(marker)}
-    torch.save(payload, path)
-
-
-UNPICKLE_PLAINLY = """
-import pickle, sys, zipfile
-with zipfile.ZipFile(sys.argv[1]) as z:
-    name = next(n for n in z.namelist() if n.endswith("data.pkl"))
-    obj = pickle.loads(z.read(name))
-obj["extra"].close()
-"""
-
-
-def test_pickle_payload_is_real(tmp_path):
-    """Control: unpickling the crafted file without weights_only really runs the payload."""
-    folder = tmp_path / "control"
-    folder.mkdir()
-    path, marker = folder / "evil.pt", folder / "marker"
-    hostile_checkpoint(path, marker)
-    assert not marker.exists()
-    subprocess.run([sys.executable, "-c", UNPICKLE_PLAINLY, str(path)], check=True, timeout=60)
-    assert marker.exists()
-
-
-def test_pickle_payload_refused(tmp_path):
-    folder = tmp_path / "victim"
-    folder.mkdir()
-    path, marker = folder / "evil.pt", folder / "marker"
-    hostile_checkpoint(path, marker)
-    msg = expect_checkpoint_error(path)
-    assert not marker.exists()
-    assert "refused" in msg
-    expect_checkpoint_error(path, VAE.from_checkpoint)
-    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------- save_atomic
