@@ -3,7 +3,8 @@
     python main.py score [--method M]        score every test digit: anomaly_scores.csv, IMAGE_DIR/anomalies.png
     python main.py reconstruct FILE...        your own digit pictures: reconstructed, scored, ranked among the test digits
 
-In a notebook: `anomaly.score(model, images)` with float images (B, 1, 28, 28) in [0, 1] returns (B,) scores.
+In a notebook: `anomaly.score(model, images, reference=ckpt["anomaly_reference"])` with float images (B, 1, 28, 28) in
+[0, 1] returns (B,) scores.
 """
 from __future__ import annotations
 
@@ -251,7 +252,7 @@ def run_score(args: argparse.Namespace) -> int:
     if path != checkpoint.SHIPPED:  # nothing is ever written beside the shipped checkpoint
         written.append(path.parent / "anomaly_scores.csv")
         write_csv(written[0], source=provenance(path, method=args.method, samples=args.samples, seed=args.seed), labels=labels, scores=s)
-    print_summary(s, labels, args, held_out=ckpt["config"]["exclude_digit"])
+    print_summary(s, labels, args, path=path, held_out=ckpt["config"]["exclude_digit"])
     order = torch.argsort(s)
     sections = []
     for title, idx in (("16 most anomalous test digits (highest score)", order.flip(0)[:16]), ("16 most typical test digits (lowest score)", order[:16])):
@@ -262,9 +263,9 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_summary(s: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, held_out: int | None) -> None:
+def print_summary(s: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, path: Path, held_out: int | None) -> None:
     q = torch.quantile(s.double(), torch.tensor([0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99], dtype=torch.float64)).tolist()
-    print(f"anomaly scores (method {args.method}, {UNITS[args.method]}; {args.samples} z samples per image) of {len(s):,} test digits, checkpoint {args.checkpoint}")
+    print(f"anomaly scores (method {args.method}, {UNITS[args.method]}; {args.samples} z samples per image) of {len(s):,} test digits, checkpoint {path}")
     print(f"  mean {s.mean():.2f}  std {s.std():.2f}  min {s.min():.2f}  max {s.max():.2f}")
     print("  percentiles  " + "  ".join(f"p{p}: {v:.2f}" for p, v in zip((1, 5, 25, 50, 75, 95, 99), q)))
     print("  mean score by digit  " + "  ".join(f"{d}: {s[labels == d].mean():.1f}" for d in range(10)))
@@ -291,7 +292,7 @@ def test_set_scores(args: argparse.Namespace, path: Path, model: VAE, ckpt: dict
 def output_names(files: list[str], image_dir: Path) -> list[Path]:
     """reconstructed_<name>.png for each input: distinct even for inputs of the same name in different folders or
     formats (a counter is added), and short enough for any file system (long names are cut, with a hash to keep them apart)."""
-    names, taken = [], set()
+    names, taken = [], {"image"}  # reconstructed_image.png is evaluate's picture of test digits
     for file in files:
         stem = Path(file).stem
         if len(stem.encode()) > 100:

@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 
 import utils
-from model import VAE, VAEConfig
+from model import MAX_PARAMETERS, VAE, VAEConfig
 from utils import UserError
 
 FORMAT = "vae-mnist/2"
-RESUME_KEYS = ("optimizer", "epoch", "best_val_loss", "history", "rng")
+RESUME_KEYS = ("optimizer", "epoch", "best_val_loss", "history", "rng", "partial")
 USE_KEYS = ("format", "checksum", "config", "model", "history", "anomaly_reference", "versions")  # what trim keeps
 SHIPPED = Path(__file__).resolve().parent / "pretrained" / "vae-mnist.pt"  # a default run's best.pt, trimmed
 
@@ -79,15 +79,12 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", flag
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", flag: str = "--checkpoint") -> tuple[VAE, dict]:
-    """The model a checkpoint describes, on `device`, in eval mode, and the checked checkpoint itself."""
-    device = torch.device(device)
-    ckpt = load(path, map_location=device, flag=flag)
+    """The model a checkpoint describes, on `device`, in eval mode, and the checked checkpoint itself (its tensors on
+    the CPU: only the model moves to the device)."""
+    ckpt = load(path, flag=flag)
     model = VAE(model_config(ckpt, path))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path}: weights do not match the stored architecture ({str(err).splitlines()[0]})") from None
-    return utils.prepare_model(model, device).eval(), ckpt
+    model.load_state_dict(ckpt["model"])  # validate() has matched every name and shape
+    return utils.prepare_model(model, torch.device(device)).eval(), ckpt
 
 
 def for_use(path: str | os.PathLike, default: str | os.PathLike) -> Path:
@@ -160,14 +157,18 @@ def validate(ckpt: dict, path: str | os.PathLike) -> None:
 
     config = ckpt.get("config")
     check(isinstance(config, dict), "its config is missing or not a dict")
-    model_config(ckpt, path)
+    architecture = model_config(ckpt, path)
     for key, ok in CONFIG_CHECKS.items():
         check(key in config and ok(config[key]), f"config {key} = {config.get(key)!r} is not a valid value")
-    check(is_tensor_dict(ckpt.get("model")), "its model weights are missing or not a dict of tensors")
-    check(is_finite_weights(ckpt["model"]), "its model weights hold NaN or infinite values")
-    if "train_weights" in ckpt:
-        check(is_tensor_dict(ckpt["train_weights"]) and is_finite_weights(ckpt["train_weights"]),
-              "its train_weights are not a dict of finite tensors")
+    check(architecture.parameter_count() <= MAX_PARAMETERS, f"its architecture has more than {MAX_PARAMETERS:,} weights")
+    with torch.device("meta"):  # the names and shapes the weights must have, without allocating them
+        expected = VAE(architecture)
+    shapes = {name: t.shape for name, t in expected.state_dict().items()}
+    for key in ("model", "train_weights") if "train_weights" in ckpt else ("model",):
+        weights = ckpt.get(key)
+        check(is_tensor_dict(weights) and {name: t.shape for name, t in weights.items()} == shapes,
+              f"its {key} weights do not match the stored architecture")
+        check(is_finite_weights(weights), f"its {key} weights hold NaN or infinite values")
     if "epoch" in ckpt:
         check(is_int(ckpt["epoch"]) and 0 <= ckpt["epoch"] <= config["epochs"], f"epoch {ckpt['epoch']!r} is out of range")
     if "best_val_loss" in ckpt:
@@ -180,12 +181,12 @@ def validate(ckpt: dict, path: str | os.PathLike) -> None:
         check("epoch" not in ckpt or len(history) == ckpt["epoch"], "its history does not have one entry per completed epoch")
     if "optimizer" in ckpt:
         steps_taken = ckpt.get("epoch", 0) > 0 or ckpt.get("partial") is not None
-        n_params = len(ckpt.get("train_weights", ckpt["model"])) - buffers(ckpt)
-        check(is_adam_state(ckpt["optimizer"], n_params, steps_taken),
+        check(is_adam_state(ckpt["optimizer"], [p.shape for p in expected.parameters()], steps_taken),
               "its optimizer state is empty, incomplete or not Adam's state for this model's weights")
     if "rng" in ckpt:
-        rng = ckpt["rng"]
-        check(isinstance(rng, dict) and isinstance(rng.get("shuffle"), torch.Tensor) and rng["shuffle"].dtype == torch.uint8,
+        rng, names = ckpt["rng"], ["shuffle", "noise"] + (["binarize"] if config["binarize"] else [])
+        check(isinstance(rng, dict) and isinstance(rng.get("device"), str)
+              and all(isinstance(rng.get(n), torch.Tensor) and rng[n].dtype == torch.uint8 for n in names),
               "its random-generator states are missing or not byte tensors")
     if ckpt.get("partial") is not None:
         p = ckpt["partial"]
@@ -216,27 +217,37 @@ def all_strided(value) -> bool:
     return True
 
 
-def is_adam_state(opt, n_params: int, steps_taken: bool) -> bool:
-    """Adam's state_dict for n_params parameters in one group; with a moment estimate for each once steps were taken."""
+def is_adam_state(opt, shapes: list[torch.Size], steps_taken: bool) -> bool:
+    """Adam's state_dict for parameters of these shapes in one group; with moment estimates of the same shapes for
+    each once steps were taken."""
     if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
             and len(opt["param_groups"]) == 1 and isinstance(opt["param_groups"][0], dict)):
         return False
-    if opt["param_groups"][0].get("params") != list(range(n_params)):
+    if opt["param_groups"][0].get("params") != list(range(len(shapes))):
         return False
-    moments = ("step", "exp_avg", "exp_avg_sq")
-    return not steps_taken or (set(opt["state"]) == set(range(n_params)) and all(
-        isinstance(s, dict) and all(isinstance(s.get(k), torch.Tensor) for k in moments) for s in opt["state"].values()))
-
-
-def buffers(ckpt: dict) -> int:
-    """How many entries of a model state_dict are buffers (BatchNorm statistics), which Adam has no state for."""
-    weights = ckpt.get("train_weights", ckpt["model"])
-    return sum(1 for name in weights if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked"))
+    if not steps_taken:
+        return True
+    state = opt["state"]
+    return set(state) == set(range(len(shapes))) and all(
+        isinstance(state[i], dict) and isinstance(state[i].get("step"), torch.Tensor)
+        and all(isinstance(state[i].get(k), torch.Tensor) and state[i][k].shape == shape for k in ("exp_avg", "exp_avg_sq"))
+        for i, shape in enumerate(shapes))
 
 
 def is_reference(ref, latent_dim: int) -> bool:
     """The shape of anomaly.fit_reference's dict (plus the test scores and latent map training adds)."""
-    if not isinstance(ref, dict) or not is_tensor_dict(ref.get("local_model")):
+    from anomaly import LocalPixelModel  # here, not at the top: anomaly.py imports this module
+
+    with torch.device("meta"):
+        local_shapes = {name: t.shape for name, t in LocalPixelModel().state_dict().items()}
+    local = ref.get("local_model") if isinstance(ref, dict) else None
+    if not is_tensor_dict(local) or {name: t.shape for name, t in local.items()} != local_shapes:
+        return False
+    space = ref.get("latent_map")
+    if space is not None and not (isinstance(space, dict) and all(isinstance(space.get(k), torch.Tensor) for k in ("mean", "axes", "points", "labels"))
+                                  and space["mean"].shape == (latent_dim,) and space["axes"].shape == (latent_dim, 2)
+                                  and space["points"].dim() == 2 and space["points"].shape[1] == 2
+                                  and space["labels"].shape == space["points"].shape[:1]):
         return False
     codes, calibration = ref.get("codes"), ref.get("calibration")
     stats_ok = isinstance(calibration, dict) and all(
@@ -306,19 +317,20 @@ def trim(ckpt: dict) -> dict:
     return kept | {"checksum": checksum(kept)}
 
 
-def restore_generators(rng: dict, generators: dict[str, torch.Generator], seed: int, steps_done: int) -> list[str]:
+def restore_generators(rng: dict, generators: dict[str, torch.Generator], device_type: str, seed: int, steps_done: int) -> list[str]:
     """Set each generator to its stored state. The shuffle generator always lives on the CPU, so it carries over
     anywhere; the noise and binarization generators live on the training device, and a state saved on another kind
-    of device (CUDA vs CPU) does not fit. Those are re-seeded with seed + 1 + 2 * steps_done (noise) and
-    seed + 2 + 2 * steps_done (binarization): the run continues reproducibly, though not bit-identical to one that
+    of device (rng["device"]: CUDA vs CPU) does not fit. Those are re-seeded with seed + 1 + 2 * steps_done (noise)
+    and seed + 2 + 2 * steps_done (binarization): the run continues reproducibly, though not bit-identical to one that
     stayed on one device. Returns the names of the generators that were re-seeded."""
     reseeded = []
     for offset, (name, gen) in enumerate(generators.items()):
-        try:
-            gen.set_state(rng[name])
-        except (RuntimeError, KeyError, TypeError):
-            if name == "shuffle":
-                raise CheckpointError("the checkpoint's shuffle generator state is unusable; start a new run without --resume") from None
+        if name != "shuffle" and rng["device"] != device_type:
             gen.manual_seed(seed + offset + 2 * steps_done)
             reseeded.append(name)
+            continue
+        try:
+            gen.set_state(rng[name])
+        except RuntimeError:  # a byte tensor of the wrong length for this kind of generator
+            raise CheckpointError(f"the checkpoint's {name} generator state is unusable; start a new run without --resume") from None
     return reseeded

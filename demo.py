@@ -261,11 +261,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def load(checkpoint_arg: str, device_name: str) -> Demo:
+    """The demo's model from --checkpoint (or the shipped one) on --device."""
+    model, ckpt = checkpoint.load_model(checkpoint.for_use(checkpoint_arg, evaluate.DEFAULT_CHECKPOINT), utils.pick_device(device_name))
+    return Demo(model, ckpt.get("anomaly_reference"), ckpt["config"]["binarize"])
+
+
 def run(args: argparse.Namespace) -> int:
     """python main.py demo"""
-    device = utils.pick_device(args.device)
-    model, ckpt = checkpoint.load_model(checkpoint.for_use(args.checkpoint, evaluate.DEFAULT_CHECKPOINT), device)
-    demo = Demo(model, ckpt.get("anomaly_reference"), ckpt["config"].get("binarize", False))
+    demo = load(args.checkpoint, args.device)
     if not is_loopback(args.host):
         print(f"warning: --host {args.host} is not a loopback address: other machines may reach this demo, which has no login")
     server = make_server(demo, args.host, args.port)

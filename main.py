@@ -59,10 +59,12 @@ decay = number(float, 0, 0.999999999, what="a number in [0, 1)")
 digit = number(int, 0, 9, what="a digit 0-9")
 
 
-def add_common(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
-    p.add_argument("--data-dir", default=COMMON_DEFAULTS["data_dir"], help="folder holding the four MNIST IDX files (.gz or not; also looks in MNIST/raw); downloaded there when absent (default: data)")
+def add_common(p: argparse.ArgumentParser, checkpoint: bool = True, files: bool = True) -> None:
+    """--device, and unless files is False --data-dir and --image-dir, and unless checkpoint is False --checkpoint."""
+    if files:
+        p.add_argument("--data-dir", default=COMMON_DEFAULTS["data_dir"], help="folder holding the four MNIST IDX files (.gz or not; also looks in MNIST/raw); downloaded there when absent (default: data)")
+        p.add_argument("--image-dir", default=COMMON_DEFAULTS["image_dir"], help="where pictures are written (default: images)")
     p.add_argument("--device", default=COMMON_DEFAULTS["device"], choices=["auto", "cpu", "cuda", "mps"], help="where to compute; auto picks cuda, then mps, then cpu (default: auto)")
-    p.add_argument("--image-dir", default=COMMON_DEFAULTS["image_dir"], help="where pictures are written (default: images)")
     if checkpoint:
         p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"checkpoint to use (default: {DEFAULT_CHECKPOINT}; "
                        "until training has written it, the shipped pretrained/vae-mnist.pt)")
@@ -121,7 +123,7 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
                    "the z-scored sum of complexity and knn, the best at telling a digit the model never saw; complexity: the negative "
                    "ELBO minus 1.5 times a local pixel model's nats, so simple images no longer pass as typical; knn: mean distance of "
                    "the image's code to the 5 nearest codes of training images; elbo: the plain negative ELBO. All but elbo use the "
-                   "reference stored in best.pt, or fit one from --data-dir for older checkpoints. See docs/anomaly.md "
+                   "reference stored in best.pt, or fit one from --data-dir when training was stopped before storing it. See docs/anomaly.md "
                    f"(default: {anomaly.DEFAULT_METHOD})")
     p.add_argument("--samples", type=score_samples, default=10, help="z samples averaged per image, at most 1,000 (default: 10)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the z samples (default: 0)")
@@ -157,7 +159,7 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     p = parsers["demo"] = Parser(prog="main.py demo", description="Serve a page on which you draw a digit and watch the VAE answer: "
                                  "the digit as the model sees it, its reconstruction, anomaly score and place in the latent space, "
                                  "sliders that move its code, and random samples. Works offline; Ctrl-C stops it.")
-    add_common(p)
+    add_common(p, files=False)
     p.add_argument("--host", default="127.0.0.1", help="address to serve on; anything but a loopback address lets other machines in (default: 127.0.0.1)")
     p.add_argument("--port", type=number(int, 0, 65535, what="a port from 0 (any free one) to 65535"), default=8000, help="port to serve on (default: 8000)")
     return parsers

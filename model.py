@@ -49,6 +49,7 @@ class VAEConfig:
             return sum(p.numel() for p in VAE(self).parameters())
 
 
+MAX_PARAMETERS = 50_000_000  # 200 MB of fp32 weights, and as much again for each of the gradients and Adam's two moments
 # The range of each size (far above anything useful on MNIST; they stop a typo from allocating gigabytes).
 LIMITS = (("latent_dim", 1, 1024), ("channels", 1, 1024), ("hidden_dim", 0, 16384), ("fc_layers", 1, 16),
           ("res_blocks", 0, 16), ("out_conv", 0, 1024))

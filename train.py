@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import shlex
 import signal
@@ -25,7 +26,7 @@ import checkpoint
 import data
 import evaluate
 import utils
-from model import VAE, VAEConfig, neg_elbo_terms
+from model import MAX_PARAMETERS, VAE, VAEConfig, neg_elbo_terms
 from utils import UserError
 
 # Training settings and their defaults. Every key is stored in a checkpoint's config; on --resume only
@@ -38,14 +39,21 @@ MODEL_DEFAULTS = checkpoint.config_dict(VAEConfig())
 COMMON_DEFAULTS = dict(data_dir="data", image_dir="images", device="auto")  # flags every command takes
 CHECK_EVERY = 100  # steps between reads of the running loss (progress bar, NaN check): one host sync each
 MIN_IMAGES = 100  # fewest training and validation images: fewer make the validation loss and the anomaly calibration noise
-MAX_PARAMETERS = 50_000_000  # 200 MB of fp32 weights, and as much again for each of the gradients and Adam's two moments
 
 
 # ----------------------------------------------------------------------------- settings
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[dict, dict | None, Path, Path | None]:
-    """The run's full config, the checkpoint to resume from (or None), the checkpoint folder, and the resumed file."""
+def run_files(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The run's checkpoint folder, and the checkpoint it resumes from (None for a fresh run)."""
+    if not args.resume:
+        return Path(args.checkpoint_dir or "models_mnist"), None
+    resumed_from = Path(args.checkpoint_dir or "models_mnist") / "last.pt" if args.resume is True else Path(args.resume)
+    return (Path(args.checkpoint_dir) if args.checkpoint_dir else resumed_from.parent), resumed_from
+
+
+def resolve_config(args: argparse.Namespace, resumed_from: Path | None) -> tuple[dict, dict | None]:
+    """The run's full config, and the checkpoint it resumes from (None for a fresh run)."""
     given = {k: v for k, v in vars(args).items() if v is not None}
     if "channels" in given:
         given["channels"] = list(given["channels"])
@@ -53,10 +61,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict | None, Path, P
     if not args.resume:
         config = {k: given.get(k, TRAIN_DEFAULTS.get(k, MODEL_DEFAULTS.get(k))) for k in keys}
         check_model_size(config)
-        return config, None, Path(args.checkpoint_dir or "models_mnist"), None
-    path = Path(args.checkpoint_dir or "models_mnist") / "last.pt" if args.resume is True else Path(args.resume)
-    ckpt = checkpoint.load(path, flag="--resume")
-    checkpoint.require_resumable(ckpt, path)
+        return config, None
+    ckpt = checkpoint.load(resumed_from, flag="--resume")
+    checkpoint.require_resumable(ckpt, resumed_from)
     config = ckpt["config"]
     for key in keys:
         if key in given and key != "epochs" and given[key] != config.get(key):
@@ -64,9 +71,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict | None, Path, P
             raise UserError(f"{flag} {given[key]} differs from the checkpoint's {config.get(key)}; --resume continues the stored run "
                             f"(only --epochs may change): drop {flag}, or start a new run with another --checkpoint-dir")
     if given.get("epochs", math.inf) < ckpt["epoch"]:
-        raise UserError(f"--epochs {given['epochs']} is fewer than the {ckpt['epoch']} epochs {path} already completed")
+        raise UserError(f"--epochs {given['epochs']} is fewer than the {ckpt['epoch']} epochs {resumed_from} already completed")
     config["epochs"] = given.get("epochs", config["epochs"])
-    return config, ckpt, Path(args.checkpoint_dir) if args.checkpoint_dir else path.parent, path
+    return config, ckpt
 
 
 def check_model_size(config: dict) -> None:
@@ -121,7 +128,8 @@ def train_step(model: VAE, optimizer: torch.optim.Optimizer, average: AveragedMo
 
     With precision "bf16" the convolutions and matrix products run in bf16 (torch.autocast); the loss is
     computed in fp32 from their outputs, and the weights and Adam's state stay fp32."""
-    eps = torch.randn(x.shape[0], model.config.latent_dim, generator=noise, device=x.device)  # z = mu + sigma * eps
+    # z = mu + sigma * eps: the noise is drawn here, in fp32 from the run's own generator, whatever autocast does inside
+    eps = torch.randn(x.shape[0], model.config.latent_dim, generator=noise, device=x.device)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         logits, mu, logvar = model(x, eps=eps)
     bce, kl = neg_elbo_terms(logits.float(), x=x, mu=mu.float(), logvar=logvar.float())
@@ -134,20 +142,19 @@ def train_step(model: VAE, optimizer: torch.optim.Optimizer, average: AveragedMo
     return bce.detach().sum(), kl.detach().sum()
 
 
-def ema_with_warmup(decay: float):
-    """AveragedModel's averaging function for --ema: an exponential moving average whose decay ramps up as
-    min(decay, (1 + n) / (10 + n)) after n updates (the first update copies the weights), so that a short run is not
-    dominated by its first weights. Integer buffers (BatchNorm's batch counter) are copied, not averaged."""
-    @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        if not averaged[0].is_floating_point():
-            for a, c in zip(averaged, current):
-                a.copy_(c)
-            return
-        weight = 1 - torch.clamp((1 + n_averaged) / (10 + n_averaged), max=decay)  # a tensor: no wait for the device
+@torch.no_grad()
+def ema_with_warmup(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor, *, decay: float) -> None:
+    """AveragedModel's averaging function for --ema (bind decay with functools.partial): an exponential moving
+    average whose decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates (the first update copies the
+    weights), so that a short run is not dominated by its first weights. Integer buffers (BatchNorm's batch
+    counter) are copied, not averaged."""
+    if not averaged[0].is_floating_point():
         for a, c in zip(averaged, current):
-            a.lerp_(c, weight)
-    return update
+            a.copy_(c)
+        return
+    weight = 1 - torch.clamp((1 + n_averaged) / (10 + n_averaged), max=decay)
+    for a, c in zip(averaged, current):
+        a.lerp_(c, weight)
 
 
 # ----------------------------------------------------------------------------- the run's state
@@ -158,15 +165,17 @@ class Trainer:
     """What a run trains with; set up once (setup), fresh or resumed, and never replaced."""
 
     config: dict  # every setting (TRAIN_DEFAULTS and MODEL_DEFAULTS keys); stored in each checkpoint
-    device: torch.device
+    device: torch.device  # where the model, the training images and the step's noise live
     model: VAE  # the weights Adam trains
-    optimizer: torch.optim.Adam
+    optimizer: torch.optim.Adam  # fused: one kernel over all weights where torch has one
     average: AveragedModel | None  # --ema: the weight average, which is validated and saved as "model"; else None
     generators: dict[str, torch.Generator]  # shuffle (on the CPU: the same order on every device), noise, binarize
     train_x: torch.Tensor  # uint8 training images on the device
     val_x: torch.Tensor  # float validation images on the device
+    val_labels: torch.Tensor  # their digits (for the latent map)
     mnist: dict[str, torch.Tensor]  # the whole data set; its test half is read only by the final evaluation
-    ckpt_dir: Path
+    ckpt_dir: Path  # where best.pt and last.pt are written
+    resumed_from: Path | None  # the checkpoint this run continues, else None
 
     @property
     def evaluated(self) -> VAE:
@@ -201,11 +210,9 @@ class EpochResult:
 # ----------------------------------------------------------------------------- setting up
 
 
-def setup(args: argparse.Namespace) -> tuple[Trainer, Progress]:
+def setup(args: argparse.Namespace, ckpt_dir: Path, resumed_from: Path | None) -> tuple[Trainer, Progress]:
     """Everything a run needs, fresh or resumed; every user mistake is reported here, before the first step."""
-    config, ckpt, ckpt_dir, resumed_from = resolve_config(args)
-    utils.check_output_dir(ckpt_dir, "--checkpoint-dir")
-    utils.check_output_dir(args.image_dir, "--image-dir")
+    config, ckpt = resolve_config(args, resumed_from)
     device = utils.pick_device(args.device)
     config["precision"] = pick_precision(config["precision"], device)
     mnist = data.load_mnist(args.data_dir)
@@ -217,13 +224,20 @@ def setup(args: argparse.Namespace) -> tuple[Trainer, Progress]:
     trainer = Trainer(
         config=config, device=device, model=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=config["lr"], fused=device.type in ("cpu", "cuda")),
-        average=AveragedModel(model, multi_avg_fn=ema_with_warmup(config["ema"]), use_buffers=True) if config["ema"] else None,
+        average=weight_average(model, config["ema"]),
         generators=make_generators(config, device),
         train_x=mnist["train_images"][train_idx].to(device),
         val_x=data.eval_images(mnist["train_images"][val_idx], binarized=config["binarize"], device=device),
-        mnist=mnist, ckpt_dir=ckpt_dir)
-    progress = restore(trainer, ckpt, resumed_from) if ckpt is not None else Progress()
+        val_labels=mnist["train_labels"][val_idx], mnist=mnist, ckpt_dir=ckpt_dir, resumed_from=resumed_from)
+    progress = restore(trainer, ckpt) if ckpt is not None else Progress()
     return trainer, progress
+
+
+def weight_average(model: VAE, decay: float) -> AveragedModel | None:
+    """--ema: a running average of the weights (and of BatchNorm's statistics), or None for --ema 0."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=functools.partial(ema_with_warmup, decay=decay), use_buffers=True)
 
 
 def check_set_sizes(n_train: int, n_val: int) -> None:
@@ -241,8 +255,9 @@ def make_generators(config: dict, device: torch.device) -> dict[str, torch.Gener
     return generators
 
 
-def restore(trainer: Trainer, ckpt: dict, path: Path) -> Progress:
-    """Load weights, optimizer, generators and progress from a checkpoint into a freshly set-up trainer."""
+def restore(trainer: Trainer, ckpt: dict) -> Progress:
+    """Load weights, optimizer, generators and progress from the resumed checkpoint into a freshly set-up trainer."""
+    path = trainer.resumed_from
     trainer.model.load_state_dict(ckpt["train_weights"] if trainer.average else ckpt["model"])
     try:
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
@@ -256,23 +271,24 @@ def restore(trainer: Trainer, ckpt: dict, path: Path) -> Progress:
     if trainer.average:  # the average's weights, and how many updates it has had (where its decay ramp stands)
         trainer.average.module.load_state_dict(ckpt["model"])
         trainer.average.n_averaged.fill_(steps)
-    reseeded = checkpoint.restore_generators(ckpt["rng"], trainer.generators, seed=trainer.config["seed"], steps_done=steps)
+    reseeded = checkpoint.restore_generators(ckpt["rng"], trainer.generators, device_type=trainer.device.type,
+                                             seed=trainer.config["seed"], steps_done=steps)
     if reseeded:
         print(f"note: {path} was trained on another kind of device; its {' and '.join(reseeded)} generator was re-seeded "
               f"from the seed and the step count, so this run is reproducible but not bit-identical to an unmoved one")
-    if not best_checkpoint(trainer.ckpt_dir, path).is_file():
-        print(f"note: {path.parent / 'best.pt'} is missing, so the next epoch's weights will become best.pt")
+    if not best_checkpoint(trainer).is_file():
+        print(f"note: {best_checkpoint(trainer)} is missing, so the next epoch's weights will become best.pt")
         progress.best_val_loss = math.inf
     print(f"resuming from epoch {progress.epoch}" + (f", step {progress.partial['step']}" if progress.partial else ""))
     return progress
 
 
-def best_checkpoint(ckpt_dir: Path, resumed_from: Path | None) -> Path:
+def best_checkpoint(trainer: Trainer) -> Path:
     """The best.pt that holds this run's best weights: in the checkpoint folder once this run has written one there,
     else beside the checkpoint it resumed from."""
-    if (ckpt_dir / "best.pt").is_file() or resumed_from is None:
-        return ckpt_dir / "best.pt"
-    return resumed_from.parent / "best.pt"
+    if (trainer.ckpt_dir / "best.pt").is_file() or trainer.resumed_from is None:
+        return trainer.ckpt_dir / "best.pt"
+    return trainer.resumed_from.parent / "best.pt"
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -319,7 +335,7 @@ def check_finite(step_losses: torch.Tensor, epoch: int, first: int, lr: float) -
     """Stop (exit 2) when the loss has become NaN or infinite, before anything is saved, naming the first bad step."""
     bad = (~torch.isfinite(step_losses)).nonzero()
     if len(bad):
-        kept = "the checkpoints keep the state after the previous epoch" if epoch > 1 else "no checkpoint was written"
+        kept = "the checkpoints already saved are kept as they were" if epoch > 1 or first else "no checkpoint was written"
         raise UserError(f"epoch {epoch}, step {first + int(bad[0]) + 1}: the training loss became {float(step_losses[bad[0]]):.0f}, "
                         f"so training stopped without saving; {kept}. Start a new run with a lower --lr (this run: {lr:g})")
 
@@ -384,9 +400,12 @@ def save_checkpoints(trainer: Trainer, progress: Progress, improved: bool) -> No
 
 def train(args: argparse.Namespace) -> int:
     """python main.py [flags]: set up or resume; for each epoch train, validate, save best and last; then evaluate."""
-    trainer, progress = setup(args)
-    with utils.lock_folder(trainer.ckpt_dir, "training run"):
-        utils.remove_stale_temporaries(trainer.ckpt_dir)
+    ckpt_dir, resumed_from = run_files(args)
+    utils.check_output_dir(ckpt_dir, "--checkpoint-dir")
+    utils.check_output_dir(args.image_dir, "--image-dir")
+    with utils.lock_folder(ckpt_dir, "training run"):  # held before anything in the folder is read
+        utils.remove_stale_temporaries(ckpt_dir)
+        trainer, progress = setup(args, ckpt_dir, resumed_from)
         if progress.epoch >= trainer.config["epochs"]:
             print(f"already trained {progress.epoch} epochs (pass --epochs N, more than {progress.epoch}, to train longer); evaluating")
             return final_evaluation(trainer, args)
@@ -413,8 +432,7 @@ def train(args: argparse.Namespace) -> int:
 
 def final_evaluation(trainer: Trainer, args: argparse.Namespace) -> int:
     """Evaluate this run's best checkpoint; first store in it what anomaly scores compare against, if it was written here."""
-    resumed_from = Path(args.resume) if isinstance(args.resume, str) else None
-    best = best_checkpoint(trainer.ckpt_dir, resumed_from)
+    best = best_checkpoint(trainer)
     model, ckpt = checkpoint.load_model(best, trainer.device)
     if "anomaly_reference" not in ckpt and best.parent == trainer.ckpt_dir:
         ckpt = checkpoint.with_anomaly_reference(ckpt, anomaly_reference(trainer, model))
@@ -431,8 +449,7 @@ def anomaly_reference(trainer: Trainer, model: VAE) -> dict:
     print("fitting the anomaly reference (the local pixel model, training codes and validation statistics)")
     train_x = data.eval_images(trainer.train_x, binarized=config["binarize"], device=trainer.device)
     reference = anomaly.fit_reference(model, train_x, trainer.val_x)
-    _, val_idx = data.run_split(config, trainer.mnist["train_labels"])
-    reference["latent_map"] = evaluate.latent_map(model, trainer.val_x, trainer.mnist["train_labels"][val_idx])
+    reference["latent_map"] = evaluate.latent_map(model, trainer.val_x, trainer.val_labels)
     test_x = data.eval_images(trainer.mnist["test_images"], binarized=config["binarize"], device=trainer.device)
     reference["test_scores"] = anomaly.score(model, test_x, reference=reference).sort().values.cpu()
     return reference

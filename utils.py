@@ -104,29 +104,40 @@ def process_running(pid: int) -> bool:
 def lock_folder(folder: str | os.PathLike, what: str):
     """Hold an exclusive advisory lock on `folder` (through folder/.lock) while the body runs; a UserError naming
     the holder if another process has it. The kernel releases it when the holder exits, even by SIGKILL, so a
-    crash cannot leave the folder locked. Does nothing where there is no fcntl (Windows)."""
+    crash cannot leave the folder locked. Folders made here for the lock are removed again if the body fails
+    before writing anything into them. Does nothing where there is no fcntl (Windows)."""
     try:
         import fcntl
     except ImportError:
         yield
         return
     folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # folders the lock creates, innermost first
     try:
         folder.mkdir(parents=True, exist_ok=True)
         f = open(folder / ".lock", "a+")  # never truncated by opening: the holder's pid stays readable
     except OSError as err:
         raise UserError(f"cannot create {folder / '.lock'} ({err.strerror or err}); choose another folder") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise UserError(f"{folder} is in use by another {what} (pid {holder}); wait for it to finish or pass another --checkpoint-dir") from None
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield  # closing the file releases the lock
+    try:
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                raise UserError(f"{folder} is in use by another {what} (pid {holder}); wait for it to finish or pass another --checkpoint-dir") from None
+            except OSError as err:
+                raise UserError(f"cannot lock {folder / '.lock'} ({err.strerror or err}); choose a folder on a local disk") from None
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield  # closing the file releases the lock
+    except BaseException:
+        if made and [p.name for p in folder.iterdir()] == [".lock"]:  # nothing but the lock was written: leave no trace
+            (folder / ".lock").unlink()
+            for p in made:
+                p.rmdir()
+        raise
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
@@ -238,7 +249,7 @@ def plot_rows(rows: list[torch.Tensor], labels: list[str], title: str, path: str
 
 
 def plot_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | os.PathLike, title: str = "Test digits and their VAE reconstructions") -> Path:
-    return plot_rows([originals, reconstructions], ["test digit", "reconstruction"], title, path)
+    return plot_rows([originals, reconstructions], ["test digit", "reconstruction"], title=title, path=path)
 
 
 def plot_grid(images: torch.Tensor, title: str, path: str | os.PathLike, nrow: int = 8) -> Path:

@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import anomaly  # noqa: E402
-import checkpoint  # noqa: E402
 import demo  # noqa: E402
 import evaluate  # noqa: E402
 import utils  # noqa: E402
@@ -57,12 +56,10 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to compute (default: cpu)")
     args = parser.parse_args()
     try:
-        device = utils.pick_device(args.device)
-        model, ckpt = checkpoint.load_model(checkpoint.for_use(args.checkpoint, evaluate.DEFAULT_CHECKPOINT), device)
+        app = demo.load(args.checkpoint, args.device)
     except utils.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    app = demo.Demo(model, ckpt.get("anomaly_reference"), ckpt["config"].get("binarize", False))
     gen = torch.Generator().manual_seed(0)
     bodies = [request_body(pen_drawing(gen)) for _ in range(args.updates + 3)]
 
@@ -76,15 +73,15 @@ def main() -> int:
         t0 = time.perf_counter()
         answer = update(payload)
         update_s.append(time.perf_counter() - t0)
-        x = torch.tensor(answer["prepared"], device=device)[None, None]
+        x = torch.tensor(answer["prepared"], device=app.device)[None, None]
         t0 = time.perf_counter()
         with torch.inference_mode():
-            anomaly.score(model, x, app.method, demo.SAMPLES, demo.SEED, reference=app.reference)
+            anomaly.score(app.model, x, method=app.method, samples=demo.SAMPLES, seed=demo.SEED, reference=app.reference)
         score_s.append(time.perf_counter() - t0)
     median, p95 = percentiles_ms(update_s)
     score_median, score_p95 = percentiles_ms(score_s)
-    print(f"{args.updates} updates of 280x280 drawings on {device} ({torch.get_num_threads()} threads), method {app.method}, "
-          f"{demo.SAMPLES} z samples, {model.config.latent_dim}-dim latent")
+    print(f"{args.updates} updates of 280x280 drawings on {app.device} ({torch.get_num_threads()} threads), method {app.method}, "
+          f"{demo.SAMPLES} z samples, {app.model.config.latent_dim}-dim latent")
     print(f"median_ms: {median:.1f}")
     print(f"p95_ms: {p95:.1f}")
     print(f"score_median_ms: {score_median:.1f}")

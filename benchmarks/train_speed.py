@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch.optim.swa_utils import AveragedModel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import checkpoint  # noqa: E402
@@ -161,10 +160,10 @@ def main_() -> None:
         model.load_state_dict(init.get("train_weights", init["model"]))
         opt.load_state_dict(init["optimizer"])
     # the weight average's update is part of train.py's step
-    average = AveragedModel(model, multi_avg_fn=train.ema_with_warmup(ema), use_buffers=True) if ema else None
+    average = train.weight_average(model, ema)
     print(f"ema: {ema}")
     gen = torch.Generator(device=device).manual_seed(1)
-    step = lambda xb, noise, kl_weight: train.train_step(model, opt, average, xb, noise, kl_weight=kl_weight, precision=precision)
+    step = lambda xb, noise, kl_weight: train.train_step(model, opt, average, x=xb, noise=noise, kl_weight=kl_weight, precision=precision)
     shuffle = torch.Generator().manual_seed(0)
     t = time.perf_counter()
     project_ips = timed_windows(lambda xb: step(xb, gen, 1.0), lambda: data.batches(train_images, args.batch_size, shuffle),

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import checkpoint
+from anomaly import LocalPixelModel
 import model
 import train
 from checkpoint import CheckpointError
@@ -100,9 +101,13 @@ def reference(latent_dim: int = SMALL["latent_dim"], std: float = 2.0) -> dict:
     """An anomaly reference shaped like anomaly.fit_reference's (plus the test scores training adds)."""
     gen = torch.Generator().manual_seed(0)
     return {"local_weight": 0.5, "codes": torch.randn(6, latent_dim, generator=gen),
-            "local_model": {"weight": torch.randn(4, 3, generator=gen)},
+            "local_model": {k: torch.randn(v.shape, generator=gen) for k, v in LocalPixelModel().state_dict().items()},
             "calibration": {name: [10.0, std] for name in ("elbo", "complexity", "knn", "sum")},
             "test_scores": torch.randn(10, generator=gen).sort().values}
+
+
+def latent_map(latent_dim: int = SMALL["latent_dim"]) -> dict:
+    return {"mean": torch.zeros(latent_dim), "axes": torch.zeros(latent_dim, 2), "points": torch.zeros(5, 2), "labels": torch.arange(5)}
 
 
 def valid_partial(**changes) -> dict:
@@ -365,7 +370,16 @@ BAD_VALUES = {
     "partial_bad_sums_shape": (set_top("partial", valid_partial(sums=torch.zeros(3, dtype=torch.float64))), "partial"),
     "reference_codes_wrong_latent_size": (set_top("anomaly_reference", reference(latent_dim=7)), "anomaly reference"),
     "reference_calibration_std_0": (set_top("anomaly_reference", reference(std=0.0)), "anomaly reference"),
+    "reference_local_model_wrong_shape": (set_top("anomaly_reference", reference() | {"local_model": {"weight": torch.zeros(4, 3)}}), "anomaly reference"),
+    "reference_latent_map_wrong_size": (set_top("anomaly_reference", reference() | {"latent_map": latent_map(latent_dim=7)}), "anomaly reference"),
+    "architecture_too_large": (lambda c: c["config"].update(hidden_dim=16384, fc_layers=16, channels=[1024, 1024]), "more than 50,000,000 weights"),
+    "model_weight_wrong_shape": (lambda c: c["model"].__setitem__("to_stats.bias", torch.zeros(3)), "do not match the stored architecture"),
+    "model_weight_renamed": (lambda c: c["model"].__setitem__("extra.weight", torch.zeros(3)), "do not match the stored architecture"),
+    "model_weight_nan": (lambda c: c["model"]["to_stats.bias"].fill_(math.nan), "NaN"),
+    "optimizer_moment_wrong_shape": (lambda c: c["optimizer"]["state"][0].__setitem__("exp_avg", torch.zeros(1)), "optimizer"),
+    "rng_noise_not_bytes": (lambda c: c["rng"].__setitem__("noise", torch.zeros(3)), "random-generator"),
 }
+
 
 
 @pytest.mark.parametrize("case", list(BAD_VALUES))
@@ -393,6 +407,7 @@ GOOD_VALUES = {
     "interrupted_epoch": set_top("partial", valid_partial()),
     "anomaly_reference": set_top("anomaly_reference", reference()),
     "reference_without_test_scores": set_top("anomaly_reference", reference() | {"test_scores": None}),
+    "reference_with_latent_map": set_top("anomaly_reference", reference() | {"latent_map": latent_map()}),
 }
 
 
@@ -518,17 +533,21 @@ def test_restore_generators():
     rng = {"shuffle": shuffle.get_state(), "noise": noise.get_state(), "device": "cpu"}
     expected = torch.rand(4, generator=shuffle), torch.rand(4, generator=noise)
     gens = {"shuffle": torch.Generator(), "noise": torch.Generator()}
-    assert checkpoint.restore_generators(rng, gens, seed=1, steps_done=10) == []
+    assert checkpoint.restore_generators(rng, gens, device_type="cpu", seed=1, steps_done=10) == []
     assert torch.equal(torch.rand(4, generator=gens["shuffle"]), expected[0])
     assert torch.equal(torch.rand(4, generator=gens["noise"]), expected[1])
 
-    # a noise state that does not fit is re-seeded from the seed and the step count
+    # a noise state from another kind of device is re-seeded from the seed and the step count; the shuffle state is kept
     gens = {"shuffle": torch.Generator(), "noise": torch.Generator()}
-    assert checkpoint.restore_generators({"shuffle": rng["shuffle"]}, gens, seed=1, steps_done=10) == ["noise"]
+    cuda_rng = rng | {"noise": torch.arange(16, dtype=torch.uint8), "device": "cuda"}
+    assert checkpoint.restore_generators(cuda_rng, gens, device_type="cpu", seed=1, steps_done=10) == ["noise"]
     assert torch.equal(torch.rand(4, generator=gens["noise"]), torch.rand(4, generator=torch.Generator().manual_seed(1 + 1 + 20)))
+    assert torch.equal(torch.rand(4, generator=gens["shuffle"]), expected[0])
 
-    with pytest.raises(CheckpointError):  # the shuffle state is the one that cannot be replaced
-        checkpoint.restore_generators({"noise": rng["noise"]}, {"shuffle": torch.Generator()}, seed=1, steps_done=0)
+    # a state of the wrong size from the same kind of device is damage, not a move: refused
+    with pytest.raises(CheckpointError, match="noise generator state is unusable"):
+        checkpoint.restore_generators(cuda_rng | {"device": "cpu"}, {"shuffle": torch.Generator(), "noise": torch.Generator()},
+                                      device_type="cpu", seed=1, steps_done=0)
 
 
 # ----------------------------------------------------------------------------- malformed training state

@@ -215,9 +215,12 @@ def test_weight_average_ramps_its_decay_and_follows_the_weights():
 
     from model import VAE
 
+    assert train.weight_average(VAE(latent_dim=4, channels=(4, 8), hidden_dim=0), 0.0) is None  # --ema 0: no average
+
     torch.manual_seed(0)
     model = VAE(latent_dim=4, channels=(4, 8), hidden_dim=0, norm="batch")
-    average = AveragedModel(model, multi_avg_fn=train.ema_with_warmup(0.9), use_buffers=True)
+    average = train.weight_average(model, 0.9)
+    assert isinstance(average, AveragedModel)
     expected = None
     for step in range(30):
         with torch.no_grad():
