@@ -12,6 +12,7 @@ A user's mistake (bad flag, data, checkpoint, folder or image) ends with one lin
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 import torch
@@ -186,4 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting now: a further Ctrl-C would only break the interpreter's shutdown
+    sys.exit(code)

@@ -80,8 +80,9 @@ def check_model_size(config: dict) -> None:
     """The architecture flags make a valid model of a size this machine can train; said before anything is loaded."""
     try:
         count = VAEConfig(**{k: config[k] for k in MODEL_DEFAULTS}).parameter_count()
-    except ValueError as err:
-        raise UserError(f"invalid model settings: {err}") from None
+    except ValueError as err:  # VAEConfig names the setting first: say it as the flag
+        setting, _, reason = str(err).partition(" ")
+        raise UserError(f"--{setting.replace('_', '-')} {reason}") from None
     if count > MAX_PARAMETERS:
         raise UserError(f"these model settings make {count:,} weights, more than the {MAX_PARAMETERS:,} this program trains; "
                         f"choose smaller --channels, --hidden-dim, --fc-layers or --res-blocks")
@@ -405,6 +406,9 @@ def train(args: argparse.Namespace) -> int:
     utils.check_output_dir(args.image_dir, "--image-dir")
     with utils.lock_folder(ckpt_dir, "training run"):  # held before anything in the folder is read
         utils.remove_stale_temporaries(ckpt_dir)
+        for name in ("best.pt", "last.pt"):  # found now, not when the first epoch is saved
+            if (ckpt_dir / name).is_dir():
+                raise UserError(utils.folder_in_the_way(ckpt_dir / name))
         trainer, progress = setup(args, ckpt_dir, resumed_from)
         if progress.epoch >= trainer.config["epochs"]:
             print(f"already trained {progress.epoch} epochs (pass --epochs N, more than {progress.epoch}, to train longer); evaluating")

@@ -104,8 +104,8 @@ def process_running(pid: int) -> bool:
 def lock_folder(folder: str | os.PathLike, what: str):
     """Hold an exclusive advisory lock on `folder` (through folder/.lock) while the body runs; a UserError naming
     the holder if another process has it. The kernel releases it when the holder exits, even by SIGKILL, so a
-    crash cannot leave the folder locked. Folders made here for the lock are removed again if the body fails
-    before writing anything into them. Does nothing where there is no fcntl (Windows)."""
+    crash cannot leave the folder locked. If the body fails, the lock file and the folders made for it are removed
+    again (the folders only while empty). Does nothing where there is no fcntl (Windows)."""
     try:
         import fcntl
     except ImportError:
@@ -113,6 +113,7 @@ def lock_folder(folder: str | os.PathLike, what: str):
         return
     folder = Path(folder)
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # folders the lock creates, innermost first
+    made_lock = not (folder / ".lock").exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         f = open(folder / ".lock", "a+")  # never truncated by opening: the holder's pid stays readable
@@ -132,11 +133,13 @@ def lock_folder(folder: str | os.PathLike, what: str):
             f.write(f"{os.getpid()}\n")
             f.flush()
             yield  # closing the file releases the lock
-    except BaseException:
-        if made and [p.name for p in folder.iterdir()] == [".lock"]:  # nothing but the lock was written: leave no trace
-            (folder / ".lock").unlink()
-            for p in made:
-                p.rmdir()
+    except BaseException:  # the body failed: leave no lock file or folder behind that this call made
+        if made_lock:
+            (folder / ".lock").unlink(missing_ok=True)
+        for p in made:
+            if any(p.iterdir()):
+                break
+            p.rmdir()
         raise
 
 
