@@ -182,13 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping: a further Ctrl-C would only break the exit
         print("\ninterrupted", file=sys.stderr)
         return 130
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting now: a further Ctrl-C would only break the interpreter's shutdown
-    sys.exit(code)
+    sys.exit(main())

@@ -362,8 +362,11 @@ class StopFlag:
         print("\ninterrupt: stopping after this step to save last.pt (Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            signal.signal(signal.SIGINT, self.previous)
+        # Once stopping on the command line, further Ctrl-Cs are ignored while the run saves and exits: Python's
+        # default handler would raise wherever they land, even in the interpreter's shutdown. Elsewhere (a notebook's
+        # kernel has a handler of its own) the previous handler comes back.
+        quiet = self.stop and self.previous is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN if quiet else self.previous)
 
 
 # ----------------------------------------------------------------------------- validation and checkpoints
