@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import checkpoint
+import main
 import train
 from helpers import MNIST_DIR, copy_run, needs_mnist, resave, run_main, start_cli, train_args
 from utils import UserError
@@ -63,11 +64,16 @@ def same_run(a: Path, b: Path) -> None:
 
 
 @needs_mnist
-def test_other_seed_gives_other_run(trained, tmp_path):
-    run_main(train_args(tmp_path, epochs=1) + ["--seed", "7"])
-    a = torch.load(trained.ckpt_dir / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["model"]
-    assert not torch.equal(a["to_stats.weight"], b["to_stats.weight"])
+def test_other_seed_gives_other_weights_split_and_order(tmp_path):
+    """--seed sets the initial weights, the validation split and the batch order (set up, not trained: that is all
+    a seed decides before the first step)."""
+    runs = []
+    for seed in (1, 7):
+        args = main.build_parsers()["train"].parse_args(train_args(tmp_path / str(seed), epochs=1) + ["--seed", str(seed)])
+        trainer, _ = train.setup(args, tmp_path / str(seed) / "ckpt", resumed_from=None)
+        runs.append((trainer.model.state_dict()["to_stats.weight"], trainer.val_x, torch.randperm(10, generator=trainer.generators["shuffle"])))
+    (w1, val1, order1), (w7, val7, order7) = runs
+    assert not torch.equal(w1, w7) and not torch.equal(val1, val7) and not torch.equal(order1, order7)
 
 
 @needs_mnist
@@ -135,18 +141,6 @@ def test_learning_rate_schedules():
     assert train.learning_rate(dict(config, lr_schedule="constant"), 7.3) == 1e-3
 
 
-@needs_mnist
-def test_kl_warmup_and_cosine_options_train_and_report_plain_loss(tmp_path):
-    code, out, err = run_main(train_args(tmp_path, epochs=2, subset=640) + ["--kl-warmup", "2", "--lr-schedule", "cosine", "--iwae-k", "1"])
-    assert code == 0, err
-    ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
-    assert ckpt["config"]["kl_warmup"] == 2 and ckpt["config"]["lr_schedule"] == "cosine"
-    for h in ckpt["history"]:  # the reported figures are the plain negative ELBO, whatever the KL weight was
-        assert h["val_loss"] == pytest.approx(h["val_bce"] + h["val_kl"])
-        assert h["train_loss"] == pytest.approx(h["train_bce"] + h["train_kl"])
-    assert ckpt["optimizer"]["param_groups"][0]["lr"] < 1e-3  # the schedule moved the learning rate
-
-
 def test_auto_precision_follows_the_hardware(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(train, "cpu_has_amx", lambda: False)
@@ -185,11 +179,18 @@ def test_bf16_step_rounds_but_keeps_fp32_weights_and_loss():
 
 
 @needs_mnist
-def test_precision_is_stored_and_kept_on_resume(tmp_path):
-    code, _, err = run_main(train_args(tmp_path, epochs=1, subset=640) + ["--precision", "bf16", "--ema", "0", "--out-conv", "0"])
+def test_training_options_are_stored_and_kept_on_resume(tmp_path):
+    """--precision, --kl-warmup and --lr-schedule train, are stored, and the reported losses stay the plain negative ELBO."""
+    code, _, err = run_main(train_args(tmp_path, epochs=1, subset=640) + ["--precision", "bf16", "--ema", "0", "--out-conv", "0",
+                                                                         "--kl-warmup", "2", "--lr-schedule", "cosine", "--iwae-k", "1"])
     assert code == 0, err
     last = tmp_path / "ckpt" / "last.pt"
-    assert torch.load(last, weights_only=True)["config"]["precision"] == "bf16"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["config"]["precision"] == "bf16" and ckpt["config"]["kl_warmup"] == 2 and ckpt["config"]["lr_schedule"] == "cosine"
+    for h in ckpt["history"]:  # the reported figures are the plain negative ELBO, whatever the KL weight was
+        assert h["val_loss"] == pytest.approx(h["val_bce"] + h["val_kl"])
+        assert h["train_loss"] == pytest.approx(h["train_bce"] + h["train_kl"])
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] < 1e-3  # the schedule moved the learning rate
     code, _, err = run_main(["--resume", str(last), "--epochs", "2", "--precision", "fp32", "--data-dir", MNIST_DIR])
     assert code == 2 and "--precision" in err and len(err.strip().splitlines()) == 1
 
