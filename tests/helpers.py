@@ -15,6 +15,7 @@ import main
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST_DIR = str(Path(os.environ["MNIST_DIR"]).resolve()) if os.environ.get("MNIST_DIR") else ""  # absolute: some tests change folder
+SMALL = dict(latent_dim=8, channels=(8, 16), hidden_dim=0, res_blocks=0, out_conv=0)  # a tiny VAE for unit tests
 needs_mnist = pytest.mark.skipif(not MNIST_DIR, reason="set MNIST_DIR to a folder with the four MNIST files to run real-data tests")
 
 

@@ -12,18 +12,12 @@ import torch
 
 import model
 import utils
+from helpers import SMALL
 from model import VAE, VAEConfig
 
-SMALL = dict(latent_dim=8, channels=(8, 16), hidden_dim=0, res_blocks=0, out_conv=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is fastest and immune to spin-wait slowdowns when other jobs load the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: these tensors are tiny
 
 
 def make_model(seed: int = 0, **kwargs) -> VAE:
