@@ -237,9 +237,9 @@ def reference_for(ckpt: dict, model: VAE, mnist: dict[str, torch.Tensor] | None,
 
 def run_score(args: argparse.Namespace) -> int:
     """python main.py score"""
-    path = checkpoint.for_use(args.checkpoint, evaluate.DEFAULT_CHECKPOINT)
+    path = checkpoint.for_use(args.checkpoint)
     utils.check_output_dir(args.image_dir, "--image-dir")
-    if path != checkpoint.SHIPPED:
+    if not checkpoint.is_shipped(path):
         utils.check_output_dir(path.parent, "--checkpoint's folder (for anomaly_scores.csv)")
     device = utils.pick_device(args.device)
     model, ckpt = checkpoint.load_model(path, device)
@@ -249,7 +249,7 @@ def run_score(args: argparse.Namespace) -> int:
     reference = reference_for(ckpt, model, mnist=mnist, data_dir=args.data_dir, device=device) if args.method != "elbo" else None
     s = score(model, x, method=args.method, samples=args.samples, seed=args.seed, reference=reference).cpu()
     written = []
-    if path != checkpoint.SHIPPED:  # nothing is ever written beside the shipped checkpoint
+    if not checkpoint.is_shipped(path):  # nothing is ever written beside the shipped checkpoint
         written.append(path.parent / "anomaly_scores.csv")
         write_csv(written[0], source=provenance(path, method=args.method, samples=args.samples, seed=args.seed), labels=labels, scores=s)
     print_summary(s, labels, args, path=path, held_out=ckpt["config"]["exclude_digit"])
@@ -323,7 +323,7 @@ def reconstruct_one(file: str, out: Path, model: VAE, ckpt: dict, reference: dic
 def run_reconstruct(args: argparse.Namespace) -> int:
     """python main.py reconstruct FILE...: each file on its own; a bad one gets its error line, the others are all
     written, and the exit status is 2 if any failed."""
-    path = checkpoint.for_use(args.checkpoint, evaluate.DEFAULT_CHECKPOINT)
+    path = checkpoint.for_use(args.checkpoint)
     utils.check_output_dir(args.image_dir, "--image-dir")
     device = utils.pick_device(args.device)
     model, ckpt = checkpoint.load_model(path, device)

@@ -39,6 +39,7 @@ from utils import UserError
 FORMAT = "vae-mnist/2"
 RESUME_KEYS = ("optimizer", "epoch", "best_val_loss", "history", "rng", "partial")
 USE_KEYS = ("format", "checksum", "config", "model", "history", "anomaly_reference", "versions")  # what trim keeps
+DEFAULT = "models_mnist/best.pt"  # what training writes, and what the other commands use
 SHIPPED = Path(__file__).resolve().parent / "pretrained" / "vae-mnist.pt"  # a default run's best.pt, trimmed
 
 
@@ -87,14 +88,20 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", flag
     return utils.prepare_model(model, torch.device(device)).eval(), ckpt
 
 
-def for_use(path: str | os.PathLike, default: str | os.PathLike) -> Path:
+def for_use(path: str | os.PathLike = DEFAULT, default: str | os.PathLike = DEFAULT) -> Path:
     """The checkpoint a command uses: `path`; or, when `path` is the default and no model has been trained there
     yet, the shipped one (saying so in one line). A trained checkpoint, when present, always wins."""
     path = Path(path)
     if path == Path(default) and not path.exists() and SHIPPED.is_file():
-        print(f"note: {path} does not exist yet, so this uses the shipped checkpoint {os.path.relpath(SHIPPED)}")
+        print(f"note: {path} does not exist yet, so this uses the shipped checkpoint {os.path.relpath(SHIPPED)} "
+              f"(nothing is written beside it)")
         return SHIPPED
     return path
+
+
+def is_shipped(path: str | os.PathLike) -> bool:
+    """Whether `path` is the shipped checkpoint, however it is spelled: nothing is ever written beside it."""
+    return Path(path).resolve() == SHIPPED.resolve()
 
 
 def model_config(ckpt: dict, path: str | os.PathLike = "checkpoint") -> VAEConfig:

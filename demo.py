@@ -30,7 +30,6 @@ import torch
 import anomaly
 import checkpoint
 import data
-import evaluate
 import utils
 from model import VAE
 
@@ -261,20 +260,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def load(checkpoint_arg: str, device_name: str) -> Demo:
-    """The demo's model from --checkpoint (or the shipped one) on --device."""
-    model, ckpt = checkpoint.load_model(checkpoint.for_use(checkpoint_arg, evaluate.DEFAULT_CHECKPOINT), utils.pick_device(device_name))
+def load(path: str | Path, device_name: str) -> Demo:
+    """The demo's model from a checkpoint, on --device."""
+    model, ckpt = checkpoint.load_model(path, utils.pick_device(device_name))
     return Demo(model, ckpt.get("anomaly_reference"), ckpt["config"]["binarize"])
 
 
 def run(args: argparse.Namespace) -> int:
     """python main.py demo"""
-    demo = load(args.checkpoint, args.device)
+    path = checkpoint.for_use(args.checkpoint)
+    demo = load(path, args.device)
     if not is_loopback(args.host):
         print(f"warning: --host {args.host} is not a loopback address: other machines may reach this demo, which has no login")
     server = make_server(demo, args.host, args.port)
     host, port = server.server_address[:2]
-    print(f"demo ready at http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
+    print(f"demo ready at http://{host}:{port}/ with the model in {path} (Ctrl-C stops it)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

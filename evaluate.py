@@ -19,7 +19,6 @@ from model import VAE, iwae_log_weights, iwae_nll, kl_per_dim, neg_elbo_terms
 
 EVAL_BATCH = 250  # images per validation pass: small enough to stay in a CPU's cache
 INTERPOLATION_PAIRS = ((0, 6), (1, 7), (2, 5), (3, 8), (4, 9), (7, 2))
-DEFAULT_CHECKPOINT = "models_mnist/best.pt"
 MAP_POINTS = 2000  # codes of validation images kept with the latent map, for the demo's background
 
 
@@ -195,24 +194,26 @@ def evaluate(path: str | Path, model: VAE, ckpt: dict, mnist: dict[str, torch.Te
     x = test_images(mnist, ckpt["config"], next(model.parameters()).device)
     t0 = time.perf_counter()
     metrics, mu = test_metrics(model, x, iwae_k=iwae_k, seed=seed)
-    metrics |= {"checkpoint": str(path), "epoch": ckpt.get("epoch"), "binarized": ckpt["config"]["binarize"],
+    epoch = ckpt["epoch"] if "epoch" in ckpt else ckpt["history"][-1]["epoch"]  # a trimmed file keeps the history only
+    metrics |= {"checkpoint": str(path), "epoch": epoch, "binarized": ckpt["config"]["binarize"],
                 "exclude_digit": ckpt["config"]["exclude_digit"], "seconds": time.perf_counter() - t0}
     print_metrics(metrics)
-    if path != checkpoint.SHIPPED:  # nothing is ever written beside the shipped checkpoint
-        utils.write_text_atomic(json.dumps(metrics, indent=2) + "\n", path.parent / "metrics.json")
+    written = [] if checkpoint.is_shipped(path) else [path.parent / "metrics.json"]  # nothing beside the shipped checkpoint
+    for json_path in written:
+        utils.write_text_atomic(json.dumps(metrics, indent=2) + "\n", json_path)
     reference = ckpt.get("anomaly_reference") or {}
     space = reference.get("latent_map") or latent_map(model, x, mnist["test_labels"])  # a map from the test digits if none was stored
     pictures = draw_pictures(model, history=run_history(path, ckpt), x=x, labels=mnist["test_labels"], mu=mu,
                              kl_means=metrics["kl_per_dim"], space=space, image_dir=Path(image_dir), seed=seed)
-    print("wrote " + ", ".join(str(p) for p in ([] if path == checkpoint.SHIPPED else [path.parent / "metrics.json"]) + pictures))
+    print("wrote " + ", ".join(str(p) for p in written + pictures))
     return metrics
 
 
 def run(args: argparse.Namespace) -> int:
     """python main.py evaluate"""
-    path = checkpoint.for_use(args.checkpoint, DEFAULT_CHECKPOINT)
+    path = checkpoint.for_use(args.checkpoint)
     utils.check_output_dir(args.image_dir, "--image-dir")
-    if path != checkpoint.SHIPPED:
+    if not checkpoint.is_shipped(path):
         utils.check_output_dir(path.parent, "--checkpoint's folder (for metrics.json)")
     model, ckpt = checkpoint.load_model(path, utils.pick_device(args.device))  # a bad checkpoint is reported before the data set is read
     evaluate(path, model, ckpt, mnist=data.load_mnist(args.data_dir), image_dir=args.image_dir, iwae_k=args.iwae_k, seed=args.seed)
@@ -223,7 +224,7 @@ def sample(args: argparse.Namespace) -> int:
     """python main.py sample"""
     utils.check_output_dir(args.image_dir, "--image-dir")
     device = utils.pick_device(args.device)
-    model, _ = checkpoint.load_model(checkpoint.for_use(args.checkpoint, DEFAULT_CHECKPOINT), device)
+    model, _ = checkpoint.load_model(checkpoint.for_use(args.checkpoint), device)
     images = model.sample(args.n, torch.Generator(device=device).manual_seed(args.seed))
     path = utils.plot_grid(images, f"Samples: {args.n} digits decoded from z ~ N(0, I) (seed {args.seed})", Path(args.image_dir) / "samples.png")
     print(f"wrote {path}")

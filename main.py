@@ -21,7 +21,7 @@ import anomaly
 import demo
 import evaluate
 import train
-from evaluate import DEFAULT_CHECKPOINT
+from checkpoint import DEFAULT as DEFAULT_CHECKPOINT
 from train import COMMON_DEFAULTS, MODEL_DEFAULTS, TRAIN_DEFAULTS
 from utils import UserError
 

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import anomaly  # noqa: E402
+import checkpoint  # noqa: E402
 import demo  # noqa: E402
-import evaluate  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -50,13 +50,13 @@ def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=evaluate.DEFAULT_CHECKPOINT, help="checkpoint to time (default: "
-                        f"{evaluate.DEFAULT_CHECKPOINT}; until training has written it, the shipped one)")
+    parser.add_argument("--checkpoint", default=checkpoint.DEFAULT, help="checkpoint to time (default: "
+                        f"{checkpoint.DEFAULT}; until training has written it, the shipped one)")
     parser.add_argument("--updates", type=int, default=100, help="timed updates, each of another drawing (default: 100)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to compute (default: cpu)")
     args = parser.parse_args()
     try:
-        app = demo.load(args.checkpoint, args.device)
+        app = demo.load(checkpoint.for_use(args.checkpoint), args.device)
     except utils.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

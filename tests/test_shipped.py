@@ -83,6 +83,10 @@ def test_evaluate_and_score_write_nothing_beside_the_shipped_checkpoint(tmp_path
     code, out, err = run_cli(["score", "--method", "elbo", "--samples", "1", "--data-dir", MNIST_DIR], cwd=tmp_path)
     assert code == 0, err
     assert NOTE in out and "anomaly_scores.csv" not in out and (tmp_path / "images" / "anomalies.png").is_file()
+    spelled_otherwise = f"{SHIPPED.parent}/./{SHIPPED.name}"  # named by the user, not by the fallback: still nothing beside it
+    code, out, err = run_cli(["score", "--checkpoint", spelled_otherwise, "--method", "elbo", "--samples", "1",
+                              "--data-dir", MNIST_DIR], cwd=tmp_path)
+    assert code == 0 and "anomaly_scores.csv" not in out, out + err
 
 
 def test_demo_serves_the_shipped_checkpoint(tmp_path, untouched):
