@@ -50,9 +50,9 @@ class CheckpointError(UserError):
 # ----------------------------------------------------------------------------- reading
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", flag: str = "--checkpoint") -> dict:
-    """Load and check a checkpoint with weights_only=True: no arbitrary object is ever unpickled.
-    `flag` is the option that names the file, for the error message."""
+def load(path: str | os.PathLike, flag: str = "--checkpoint") -> dict:
+    """Load and check a checkpoint with weights_only=True (no arbitrary object is ever unpickled), its tensors on the
+    CPU. `flag` is the option that names the file, for the error message."""
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder; pass {flag} the checkpoint file in it (best.pt or last.pt)")
     if not os.path.isfile(path):
@@ -60,7 +60,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", flag
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise CheckpointError(f"{path}: not a checkpoint (not a file torch.save wrote); pass {flag} PATH of a vae-mnist checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file; all mean "not a checkpoint we can read"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "Unsupported global" in str(err) or isinstance(err, pickle.UnpicklingError):
