@@ -88,7 +88,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", flag
     return utils.prepare_model(model, torch.device(device)).eval(), ckpt
 
 
-def for_use(path: str | os.PathLike = DEFAULT, default: str | os.PathLike = DEFAULT) -> Path:
+def for_use(path: str | os.PathLike, default: str | os.PathLike = DEFAULT) -> Path:
     """The checkpoint a command uses: `path`; or, when `path` is the default and no model has been trained there
     yet, the shipped one (saying so in one line). A trained checkpoint, when present, always wins."""
     path = Path(path)

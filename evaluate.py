@@ -194,7 +194,8 @@ def evaluate(path: str | Path, model: VAE, ckpt: dict, mnist: dict[str, torch.Te
     x = test_images(mnist, ckpt["config"], next(model.parameters()).device)
     t0 = time.perf_counter()
     metrics, mu = test_metrics(model, x, iwae_k=iwae_k, seed=seed)
-    epoch = ckpt["epoch"] if "epoch" in ckpt else ckpt["history"][-1]["epoch"]  # a trimmed file keeps the history only
+    history = ckpt.get("history") or [{"epoch": None}]  # a trimmed file keeps the history only; a weights-only file neither
+    epoch = ckpt["epoch"] if "epoch" in ckpt else history[-1]["epoch"]
     metrics |= {"checkpoint": str(path), "epoch": epoch, "binarized": ckpt["config"]["binarize"],
                 "exclude_digit": ckpt["config"]["exclude_digit"], "seconds": time.perf_counter() - t0}
     print_metrics(metrics)

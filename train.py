@@ -409,7 +409,7 @@ def train(args: argparse.Namespace) -> int:
     utils.check_output_dir(args.image_dir, "--image-dir")
     with utils.lock_folder(ckpt_dir, "training run"):  # held before anything in the folder is read
         utils.remove_stale_temporaries(ckpt_dir)
-        for name in ("best.pt", "last.pt"):  # found now, not when the first epoch is saved
+        for name in ("best.pt", "last.pt", "metrics.json"):  # found now, not when they are written
             if (ckpt_dir / name).is_dir():
                 raise UserError(utils.folder_in_the_way(ckpt_dir / name))
         trainer, progress = setup(args, ckpt_dir, resumed_from)

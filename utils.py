@@ -119,28 +119,34 @@ def lock_folder(folder: str | os.PathLike, what: str):
         f = open(folder / ".lock", "a+")  # never truncated by opening: the holder's pid stays readable
     except OSError as err:
         raise UserError(f"cannot create {folder / '.lock'} ({err.strerror or err}); choose another folder") from None
-    try:
-        with f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "unknown"
-                raise UserError(f"{folder} is in use by another {what} (pid {holder}); wait for it to finish or pass another --checkpoint-dir") from None
-            except OSError as err:
-                raise UserError(f"cannot lock {folder / '.lock'} ({err.strerror or err}); choose a folder on a local disk") from None
-            f.truncate(0)
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-            yield  # closing the file releases the lock
-    except BaseException:  # the body failed: leave no lock file or folder behind that this call made
-        if made_lock:
-            (folder / ".lock").unlink(missing_ok=True)
-        for p in made:
-            if any(p.iterdir()):
-                break
-            p.rmdir()
-        raise
+    with f:  # closing the file releases the lock
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise UserError(f"{folder} is in use by another {what} (pid {holder}); wait for it to finish or pass another --checkpoint-dir") from None
+        except OSError as err:
+            raise UserError(f"cannot lock {folder / '.lock'} ({err.strerror or err}); choose a folder on a local disk") from None
+        try:  # the file locked must still be the folder's .lock (a start that failed meanwhile may have removed it)
+            current = os.fstat(f.fileno()).st_ino == os.stat(folder / ".lock").st_ino
+        except FileNotFoundError:
+            current = False
+        if not current:
+            raise UserError(f"{folder} is in use by another {what}; wait for it to finish or pass another --checkpoint-dir")
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        except BaseException:  # the body failed: while still holding the lock, remove the lock file and folders made here
+            if made_lock:
+                (folder / ".lock").unlink(missing_ok=True)
+            for p in made:
+                if any(p.iterdir()):
+                    break
+                p.rmdir()
+            raise
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:

@@ -12,7 +12,7 @@ from PIL import Image
 import checkpoint
 import data
 import evaluate
-from helpers import MNIST_DIR, copy_run, needs_mnist, run_main
+from helpers import MNIST_DIR, copy_run, needs_mnist, resave, run_main
 from model import VAE, VAEConfig, iwae_log_weights, iwae_nll
 
 PICTURES = ("reconstructed_image.png", "samples.png", "loss_curves.png", "interpolation.png", "latent_space.png", "latent_traversal.png")
@@ -128,3 +128,14 @@ def test_latent_map_finds_the_directions_that_separate_the_digits():
     points = (codes - space["mean"]) @ space["axes"]
     assert torch.allclose(points.std(0), torch.ones(2), atol=1e-3)
     assert torch.allclose(space["points"], points[: evaluate.MAP_POINTS], atol=1e-4) and torch.equal(space["labels"], labels)
+
+
+@needs_mnist
+def test_evaluate_uses_a_weights_only_checkpoint(trained, tmp_path):
+    """A file with only format, config and model (saved from a notebook, say) is evaluated like any other."""
+    best = torch.load(trained.ckpt_dir / "best.pt", weights_only=True)
+    resave({k: best[k] for k in ("format", "config", "model")}, tmp_path / "mine.pt")
+    code, out, err = run_main(["evaluate", "--checkpoint", tmp_path / "mine.pt", "--data-dir", MNIST_DIR, "--iwae-k", "1",
+                               "--image-dir", tmp_path / "img"])
+    assert code == 0, err
+    assert "(epoch None)" in out and json.loads((tmp_path / "metrics.json").read_text())["epoch"] is None
