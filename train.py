@@ -260,10 +260,7 @@ def restore(trainer: Trainer, ckpt: dict) -> Progress:
     """Load weights, optimizer, generators and progress from the resumed checkpoint into a freshly set-up trainer."""
     path = trainer.resumed_from
     trainer.model.load_state_dict(ckpt["train_weights"] if trainer.average else ckpt["model"])
-    try:
-        trainer.optimizer.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise checkpoint.CheckpointError(f"{path}: its optimizer state does not fit the model ({err})") from None
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])  # checkpoint.validate has matched it to these weights
     progress = Progress(epoch=ckpt["epoch"], best_val_loss=ckpt["best_val_loss"], history=ckpt["history"], partial=ckpt["partial"])
     if progress.partial and progress.partial["step"] >= trainer.batches_per_epoch:
         raise checkpoint.CheckpointError(f"{path}: its interrupted epoch stopped at step {progress.partial['step']}, "
@@ -277,8 +274,9 @@ def restore(trainer: Trainer, ckpt: dict) -> Progress:
     if reseeded:
         print(f"note: {path} was trained on another kind of device; its {' and '.join(reseeded)} generator was re-seeded "
               f"from the seed and the step count, so this run is reproducible but not bit-identical to an unmoved one")
-    if not best_checkpoint(trainer).is_file():
-        print(f"note: {best_checkpoint(trainer)} is missing, so the next epoch's weights will become best.pt")
+    best = best_checkpoint(trainer)
+    if not best.is_file():
+        print(f"note: {best} is missing, so the next epoch's weights will become best.pt")
         progress.best_val_loss = math.inf
     print(f"resuming from epoch {progress.epoch}" + (f", step {progress.partial['step']}" if progress.partial else ""))
     return progress

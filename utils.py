@@ -119,13 +119,14 @@ def lock_folder(folder: str | os.PathLike, what: str):
         f = open(folder / ".lock", "a+")  # never truncated by opening: the holder's pid stays readable
     except OSError as err:
         raise UserError(f"cannot create {folder / '.lock'} ({err.strerror or err}); choose another folder") from None
+    busy = f"{folder} is in use by another {what}"
+    advice = "wait for it to finish or pass another --checkpoint-dir"
     with f:  # closing the file releases the lock
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise UserError(f"{folder} is in use by another {what} (pid {holder}); wait for it to finish or pass another --checkpoint-dir") from None
+            raise UserError(f"{busy} (pid {f.read().strip() or 'unknown'}); {advice}") from None
         except OSError as err:
             raise UserError(f"cannot lock {folder / '.lock'} ({err.strerror or err}); choose a folder on a local disk") from None
         try:  # the file locked must still be the folder's .lock (a start that failed meanwhile may have removed it)
@@ -133,7 +134,7 @@ def lock_folder(folder: str | os.PathLike, what: str):
         except FileNotFoundError:
             current = False
         if not current:
-            raise UserError(f"{folder} is in use by another {what}; wait for it to finish or pass another --checkpoint-dir")
+            raise UserError(f"{busy}; {advice}")
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
