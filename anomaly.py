@@ -1,37 +1,39 @@
-"""Anomaly scores: how unlike the training digits an image is (higher = stranger), and the commands that use them.
+"""Anomaly scores: how unlike the training digits an image is (higher = stranger), the reference they compare
+against, and the test digits' scores that turn a score into a percentile.
 
-    python main.py score [--method M]        score every test digit: anomaly_scores.csv, IMAGE_DIR/anomalies.png
-    python main.py reconstruct FILE...        your own digit pictures: reconstructed, scored, ranked among the test digits
-
-In a notebook: `anomaly.score(model, images, reference=ckpt["anomaly_reference"])` with float images (B, 1, 28, 28) in
-[0, 1] returns (B,) scores.
+In a notebook: `anomaly.score(model, images, reference=anomaly.reference_of(ckpt))` with float images
+(B, 1, 28, 28) in [0, 1] returns (B,) scores; `anomaly.percentile(reference["test_scores"], score)` ranks one.
 """
+
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
 import math
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-import checkpoint
-import data
-import evaluate
-import utils
+from files import write_text_atomic
 from model import VAE, neg_elbo_terms, reparameterize
 
 METHODS = ("combined", "complexity", "knn", "elbo")
 DEFAULT_METHOD = "combined"
-LOCAL_WEIGHT = 1.5  # a in complexity = elbo - a * local_nll, chosen on the validation-based selection set (docs/anomaly.md)
+LOCAL_WEIGHT = (
+    1.5  # a in complexity = elbo - a * local_nll, chosen on the validation-based selection set (docs/anomaly.md)
+)
 KNN_K = 5  # neighbours averaged in the latent kNN distance
 REFERENCE_IMAGES = 10_000  # training images whose codes the kNN distance compares against
-UNITS = {"combined": "standard deviations above the validation digits' mean", "complexity": "nats", "knn": "latent distance", "elbo": "nats"}
+UNITS = {
+    "combined": "standard deviations above the validation digits' mean",
+    "complexity": "nats",
+    "knn": "latent distance",
+    "elbo": "nats",
+}
 CALIBRATION_IMAGES = 1_000  # validation images whose score statistics put the parts of `combined` on one scale
 
 
@@ -44,7 +46,9 @@ def neg_elbo_per_image(model: VAE, x: torch.Tensor, samples: int, gen: torch.Gen
     mu, logvar = model.encode(x)
     bce = torch.zeros(len(x), device=x.device)
     for _ in range(samples):
-        sample_bce, kl = neg_elbo_terms(model.decode(reparameterize(mu, logvar, generator=gen)), x=x, mu=mu, logvar=logvar)
+        sample_bce, kl = neg_elbo_terms(
+            model.decode(reparameterize(mu, logvar, generator=gen)), x=x, mu=mu, logvar=logvar
+        )
         bce += sample_bce
     return bce / samples + kl
 
@@ -72,16 +76,17 @@ class LocalPixelModel(nn.Module):
         return F.binary_cross_entropy_with_logits(self(x), x, reduction="none").flatten(1).sum(1)
 
 
-def fit_local_model(images: torch.Tensor, steps: int = 600, batch_size: int = 64, seed: int = 0) -> LocalPixelModel:
-    """Fit the local pixel model to in-distribution float images by Adam (600 steps take about half a minute on a 2-core CPU). Seeded, without
-    touching the caller's random state, and with gradients on even when called under torch.no_grad()."""
+def fit_local_model(images: torch.Tensor, steps: int = 600, seed: int = 0, progress: bool = False) -> LocalPixelModel:
+    """Fit the local pixel model to in-distribution float images by Adam, 64 images a step (600 steps take about
+    half a minute on a 2-core CPU). Seeded, without touching the caller's random state, and with gradients on even
+    when called under torch.no_grad()."""
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(seed)
         local = LocalPixelModel().to(images.device)
         opt = torch.optim.Adam(local.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(seed)
-        for _ in range(steps):
-            x = images[torch.randint(len(images), (batch_size,), generator=gen).to(images.device)].clone()
+        for _ in tqdm(range(steps), "anomaly reference: fitting the local pixel model", disable=not progress):
+            x = images[torch.randint(len(images), (64,), generator=gen).to(images.device)].clone()
             loss = local.nll(x).mean()
             opt.zero_grad()
             loss.backward()
@@ -90,7 +95,9 @@ def fit_local_model(images: torch.Tensor, steps: int = 600, batch_size: int = 64
 
 
 @torch.inference_mode()
-def score_parts(model: VAE, x: torch.Tensor, reference: dict | None, samples: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def score_parts(
+    model: VAE, x: torch.Tensor, reference: dict | None, samples: int, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
     """The raw scores of a batch: elbo (nats), and with a reference, complexity (nats) and knn (latent distance)."""
     parts = {"elbo": neg_elbo_per_image(model, x, samples=samples, gen=gen)}
     if reference is not None:
@@ -116,29 +123,56 @@ def combine(parts: dict[str, torch.Tensor], calibration: dict[str, list[float]])
 # ----------------------------------------------------------------------------- the reference a model is scored against
 
 
-def fit_reference(model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, samples: int = 10, seed: int = 0,
-                  local_steps: int | None = None) -> dict:
+def fit_reference(
+    model: VAE,
+    train_x: torch.Tensor,
+    val_x: torch.Tensor,
+    samples: int = 10,
+    seed: int = 0,
+    local_steps: int | None = None,
+    progress: bool = False,
+) -> dict:
     """What the complexity, knn and combined scores compare an image against, from the model's own training images
     (float, any number) and validation images: the local pixel model, the codes of up to 10,000 training images, and
     the mean and std of each score over up to 1,000 validation images. Plain tensors and floats: it is stored in
     best.pt at the end of training."""
-    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:REFERENCE_IMAGES].to(train_x.device)
+    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:REFERENCE_IMAGES].to(
+        train_x.device
+    )
     reference_x = train_x[pick]
     with torch.inference_mode():
         codes = torch.cat([model.encode(reference_x[i : i + 1000])[0] for i in range(0, len(reference_x), 1000)])
     # about four passes over the reference images at batch 64, at most 600 steps (the count for a full-size run)
     local_steps = local_steps or min(600, math.ceil(4 * len(reference_x) / 64))
-    local = fit_local_model(reference_x, local_steps, seed=seed)
-    reference = {"local_weight": LOCAL_WEIGHT, "codes": codes.cpu(), "local_model": {k: v.cpu() for k, v in local.state_dict().items()}}
-    parts = score_parts(model, val_x[:CALIBRATION_IMAGES], reference, samples=samples, gen=torch.Generator(device=val_x.device).manual_seed(seed))
+    local = fit_local_model(reference_x, local_steps, seed=seed, progress=progress)
+    reference = {
+        "local_weight": LOCAL_WEIGHT,
+        "codes": codes.cpu(),
+        "local_model": {k: v.cpu() for k, v in local.state_dict().items()},
+    }
+    parts = score_parts(
+        model,
+        val_x[:CALIBRATION_IMAGES],
+        reference,
+        samples=samples,
+        gen=torch.Generator(device=val_x.device).manual_seed(seed),
+    )
     calibration = {name: [v.mean().item(), v.std().item()] for name, v in parts.items()}
     z_sum = sum((parts[n] - calibration[n][0]) / calibration[n][1] for n in ("complexity", "knn"))
     reference["calibration"] = calibration | {"sum": [z_sum.mean().item(), z_sum.std().item()]}
     return reference
 
 
-def score(model: VAE, images: torch.Tensor, method: str | None = None, samples: int = 10, seed: int = 0,
-          batch_size: int = 100, reference: dict | None = None) -> torch.Tensor:
+def score(
+    model: VAE,
+    images: torch.Tensor,
+    method: str | None = None,
+    samples: int = 10,
+    seed: int = 0,
+    batch_size: int = 100,
+    reference: dict | None = None,
+    progress: str = "",
+) -> torch.Tensor:
     """Anomaly scores (B,) of float images (B, 1, 28, 28) in [0, 1], higher = more anomalous; on the images' device.
 
     elbo        the negative ELBO in nats: what the model fails to explain. Flags badly written digits, but ranks
@@ -149,19 +183,27 @@ def score(model: VAE, images: torch.Tensor, method: str | None = None, samples: 
     combined    complexity and knn on one scale, guarded by elbo (see combine): the default, best on held-out digits.
 
     All but elbo need the reference the model was trained with (fit_reference): the one its checkpoint holds,
-    ckpt["anomaly_reference"].
+    reference_of(ckpt). `progress`, when given, is the description of a progress bar over the batches.
     """
     method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise ValueError(f"unknown anomaly method {method!r}; choose one of {', '.join(METHODS)}")
     VAE.check_input(images)
     if method != "elbo" and reference is None:
-        raise ValueError(f"method {method!r} needs the model's anomaly reference, which its checkpoint does not hold: pass "
-                         f"reference=anomaly.fit_reference(model, training_images, validation_images), or method='elbo'")
+        raise ValueError(
+            f"method {method!r} needs the model's anomaly reference, which its checkpoint does not hold: pass "
+            f"reference=anomaly.fit_reference(model, training_images, validation_images), or method='elbo'"
+        )
     gen = torch.Generator(device=images.device).manual_seed(seed)
     out = []
-    for i in range(0, len(images), batch_size):
-        parts = score_parts(model, images[i : i + batch_size], reference=reference if method != "elbo" else None, samples=samples, gen=gen)
+    for i in tqdm(range(0, len(images), batch_size), progress, disable=not progress):
+        parts = score_parts(
+            model,
+            images[i : i + batch_size],
+            reference=reference if method != "elbo" else None,
+            samples=samples,
+            gen=gen,
+        )
         out.append(combine(parts, reference["calibration"]) if method == "combined" else parts[method])
     return torch.cat(out)
 
@@ -169,7 +211,10 @@ def score(model: VAE, images: torch.Tensor, method: str | None = None, samples: 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     """Area under the ROC curve of telling positives (higher score expected) from negatives: the Mann-Whitney U
     statistic with average ranks for ties, so a tie counts one half."""
-    scores, positive = torch.as_tensor(scores, dtype=torch.float64).flatten(), torch.as_tensor(positive, dtype=torch.bool).flatten()
+    scores, positive = (
+        torch.as_tensor(scores, dtype=torch.float64).flatten(),
+        torch.as_tensor(positive, dtype=torch.bool).flatten(),
+    )
     n_pos = int(positive.sum())
     n_neg = len(scores) - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -203,7 +248,7 @@ def write_csv(path: Path, source: dict[str, str], labels: torch.Tensor, scores: 
     writer.writeheader()
     for i, (label, s) in enumerate(zip(labels.tolist(), scores.tolist())):
         writer.writerow({"index": i, "label": int(label), "score": f"{s:.4f}"} | source)
-    utils.write_text_atomic(out.getvalue(), path)
+    write_text_atomic(out.getvalue(), path)
 
 
 def read_csv_scores(path: Path, source: dict[str, str], n: int) -> torch.Tensor | None:
@@ -215,125 +260,52 @@ def read_csv_scores(path: Path, source: dict[str, str], n: int) -> torch.Tensor 
         if len(rows) != n or any({k: row.get(k) for k in source} != source for row in rows):
             return None
         return torch.tensor([float(row["score"]) for row in rows])
-    except (ValueError, TypeError, KeyError, UnicodeDecodeError, csv.Error):  # edited or damaged by hand: compute afresh
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        UnicodeDecodeError,
+        csv.Error,
+    ):  # edited or damaged by hand: compute afresh
         return None
 
 
-# ----------------------------------------------------------------------------- commands
+# ----------------------------------------------------------------------------- the reference a checkpoint carries
 
 
-def reference_for(ckpt: dict, model: VAE, mnist: dict[str, torch.Tensor] | None, data_dir: str, device: torch.device) -> dict:
-    """The reference stored in the checkpoint; for one whose training stopped before storing it (a Ctrl-C, say), one
-    fitted now from its own training and validation images (the split its config describes)."""
-    if "anomaly_reference" in ckpt:
-        return ckpt["anomaly_reference"]
-    print("note: this checkpoint holds no anomaly reference (its training did not finish); fitting one from its training images")
-    config = ckpt["config"]
-    mnist = mnist or data.load_mnist(data_dir)
-    train_idx, val_idx = data.run_split(config, mnist["train_labels"])
-    images = lambda idx: data.eval_images(mnist["train_images"][idx], binarized=config["binarize"], device=device)
-    return fit_reference(model, images(train_idx), images(val_idx))
+def reference_for_run(model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, test_x: torch.Tensor,
+                      progress: bool = False) -> dict:  # fmt: skip
+    """What training stores in best.pt: the reference fitted on the run's own training and validation images, and
+    the sorted scores of the test digits, so that a percentile needs no data set."""
+    reference = fit_reference(model, train_x, val_x, progress=progress)
+    bar = f"anomaly reference: scoring the {len(test_x):,} test digits" if progress else ""
+    reference["test_scores"] = score(model, test_x, reference=reference, progress=bar).sort().values.cpu()
+    return reference
 
 
-def run_score(args: argparse.Namespace) -> int:
-    """python main.py score"""
-    path = checkpoint.for_use(args.checkpoint)
-    utils.check_output_dir(args.image_dir, "--image-dir")
-    if not checkpoint.is_shipped(path):
-        utils.check_output_dir(path.parent, "--checkpoint's folder (for anomaly_scores.csv)")
-    device = utils.pick_device(args.device)
-    model, ckpt = checkpoint.load_model(path, device)
-    mnist = data.load_mnist(args.data_dir)
-    x = evaluate.test_images(mnist, ckpt["config"], device)
-    labels = mnist["test_labels"]
-    reference = reference_for(ckpt, model, mnist=mnist, data_dir=args.data_dir, device=device) if args.method != "elbo" else None
-    s = score(model, x, method=args.method, samples=args.samples, seed=args.seed, reference=reference).cpu()
-    written = []
-    if not checkpoint.is_shipped(path):  # nothing is ever written beside the shipped checkpoint
-        written.append(path.parent / "anomaly_scores.csv")
-        write_csv(written[0], source=provenance(path, method=args.method, samples=args.samples, seed=args.seed), labels=labels, scores=s)
-    print_summary(s, labels, args, path=path, held_out=ckpt["config"]["exclude_digit"])
-    order = torch.argsort(s)
-    sections = []
-    for title, idx in (("16 most anomalous test digits (highest score)", order.flip(0)[:16]), ("16 most typical test digits (lowest score)", order[:16])):
-        xb = x[idx.to(device)]
-        sections.append((title, xb.cpu(), model.reconstruct(xb).cpu(), [f"{int(labels[i])}: {s[i]:.1f}" for i in idx]))
-    written.append(utils.plot_anomalies(sections, Path(args.image_dir) / "anomalies.png", f"anomaly score: {args.method}"))
-    print("wrote " + " and ".join(map(str, written)))
-    return 0
+def reference_of(ckpt: dict) -> dict | None:
+    """The anomaly reference a checkpoint carries, checked where it enters (ValueError if it is malformed), or None."""
+    ref = ckpt.get("anomaly_reference")
+    if ref is not None and not is_reference(ref, ckpt["config"]["latent_dim"]):
+        raise ValueError("its anomaly reference is malformed")
+    return ref
 
 
-def print_summary(s: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, path: Path, held_out: int | None) -> None:
-    q = torch.quantile(s.double(), torch.tensor([0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99], dtype=torch.float64)).tolist()
-    print(f"anomaly scores (method {args.method}, {UNITS[args.method]}; {args.samples} z samples per image) of {len(s):,} test digits, checkpoint {path}")
-    print(f"  mean {s.mean():.2f}  std {s.std():.2f}  min {s.min():.2f}  max {s.max():.2f}")
-    print("  percentiles  " + "  ".join(f"p{p}: {v:.2f}" for p, v in zip((1, 5, 25, 50, 75, 95, 99), q)))
-    print("  mean score by digit  " + "  ".join(f"{d}: {s[labels == d].mean():.1f}" for d in range(10)))
-    if held_out is not None:
-        auc = auroc(s, labels == held_out)
-        print(f"  digit {held_out} was held out of training: AUROC of telling it from the other digits by score = {auc:.4f}")
-
-
-def test_set_scores(args: argparse.Namespace, path: Path, model: VAE, ckpt: dict, reference: dict | None) -> torch.Tensor:
-    """The test digits' scores under this checkpoint, method, samples and seed: those training stored (default
-    method and settings), else from anomaly_scores.csv when `score` wrote it with exactly these, else computed now."""
-    if (args.method, args.samples, args.seed) == (DEFAULT_METHOD, 10, 0) and "test_scores" in (reference or {}):
-        return reference["test_scores"]
-    source = provenance(path, method=args.method, samples=args.samples, seed=args.seed)
-    stored = read_csv_scores(path.parent / "anomaly_scores.csv", source, 10000)
-    if stored is not None:
-        return stored
-    print(f"scoring the 10,000 test digits for comparison (`python main.py score --method {args.method}` keeps them in anomaly_scores.csv)")
-    mnist = data.load_mnist(args.data_dir)
-    x = evaluate.test_images(mnist, ckpt["config"], next(model.parameters()).device)
-    return score(model, x, method=args.method, samples=args.samples, seed=args.seed, reference=reference).cpu()
-
-
-def output_names(files: list[str], image_dir: Path) -> list[Path]:
-    """reconstructed_<name>.png for each input: distinct even for inputs of the same name in different folders or
-    formats (a counter is added), and short enough for any file system (long names are cut, with a hash to keep them apart)."""
-    names, taken = [], {"image"}  # reconstructed_image.png is evaluate's picture of test digits
-    for file in files:
-        stem = Path(file).stem
-        if len(stem.encode()) > 100:
-            stem = stem.encode()[:80].decode(errors="ignore") + "-" + hashlib.sha256(stem.encode()).hexdigest()[:8]
-        name, n = stem, 1
-        while name.lower() in taken:  # case-insensitive: two names that differ in case are one file on macOS and Windows
-            n += 1
-            name = f"{stem}_{n}"
-        taken.add(name.lower())
-        names.append(image_dir / f"reconstructed_{name}.png")
-    return names
-
-
-def reconstruct_one(file: str, out: Path, model: VAE, ckpt: dict, reference: dict | None, test_scores: torch.Tensor,
-                    args: argparse.Namespace) -> None:
-    """Read, prepare, score and reconstruct one picture, and draw it with its reconstruction."""
-    original, x = data.load_digit_image(file)
-    xb = x.to(next(model.parameters()).device)[None]
-    if ckpt["config"]["binarize"]:
-        xb = data.binarize(xb, torch.Generator(device=xb.device).manual_seed(args.seed))
-    value = score(model, xb, method=args.method, samples=args.samples, seed=args.seed, reference=reference).item()
-    rank = percentile(test_scores, value)
-    title = f"{Path(file).name}: {args.method} score {value:.1f}, above {rank:.1f}% of test digits"
-    utils.plot_user_reconstruction(original, model_input=xb[0], reconstruction=model.reconstruct(xb)[0], title=title, path=out)
-    print(f"{file}: {args.method} score {value:.2f}, percentile {rank:.1f} among test digits; wrote {out}")
-
-
-def run_reconstruct(args: argparse.Namespace) -> int:
-    """python main.py reconstruct FILE...: each file on its own; a bad one gets its error line, the others are all
-    written, and the exit status is 2 if any failed."""
-    path = checkpoint.for_use(args.checkpoint)
-    utils.check_output_dir(args.image_dir, "--image-dir")
-    device = utils.pick_device(args.device)
-    model, ckpt = checkpoint.load_model(path, device)
-    reference = reference_for(ckpt, model, mnist=None, data_dir=args.data_dir, device=device) if args.method != "elbo" else None
-    test_scores = test_set_scores(args, path=path, model=model, ckpt=ckpt, reference=reference)
-    failed = 0
-    for file, out in zip(args.files, output_names(args.files, Path(args.image_dir))):
-        try:
-            reconstruct_one(file, out, model=model, ckpt=ckpt, reference=reference, test_scores=test_scores, args=args)
-        except utils.UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            failed += 1
-    return 2 if failed else 0
+def is_reference(ref, latent_dim: int) -> bool:
+    """The shape of fit_reference's dict, plus the test scores training adds."""
+    with torch.device("meta"):
+        local_shapes = {name: t.shape for name, t in LocalPixelModel().state_dict().items()}
+    local = ref.get("local_model") if isinstance(ref, dict) else None
+    if not isinstance(local, dict) or {n: getattr(t, "shape", None) for n, t in local.items()} != local_shapes:
+        return False
+    codes, calibration, scores = ref.get("codes"), ref.get("calibration"), ref.get("test_scores")
+    numbers = lambda v: (
+        isinstance(v, list) and len(v) == 2 and all(type(s) in (int, float) and math.isfinite(s) for s in v)
+    )  # noqa: E731
+    return (
+        type(ref.get("local_weight")) in (int, float)
+        and isinstance(codes, torch.Tensor) and codes.dim() == 2 and codes.shape[1] == latent_dim and len(codes) > 0
+        and isinstance(calibration, dict) and {"elbo", "complexity", "knn", "sum"} <= set(calibration)
+        and all(numbers(v) and v[1] > 0 for v in calibration.values())
+        and (scores is None or (isinstance(scores, torch.Tensor) and scores.dim() == 1 and len(scores) > 0))
+    )  # fmt: skip

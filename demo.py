@@ -12,9 +12,9 @@ server (the standard library's http.server) prepares them as `reconstruct` does,
 
 Images travel as 28x28 lists of intensities in [0, 1]. A bad request gets a 4xx answer {"error": "..."}.
 """
+
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import random
@@ -28,9 +28,8 @@ from urllib.parse import parse_qs, urlsplit
 import torch
 
 import anomaly
-import checkpoint
-import data
-import utils
+import prepare
+from files import UserError
 from model import VAE
 
 PAGE = Path(__file__).resolve().parent / "demo.html"
@@ -52,14 +51,14 @@ class Demo:
     """The model and what the page needs from it. Every model call holds the lock: torch modules are not promised
     to be thread-safe, and the server answers each request on its own thread."""
 
-    def __init__(self, model: VAE, reference: dict | None, binarize: bool = False) -> None:
+    def __init__(self, model: VAE, reference: dict | None, latent_map: dict | None = None, binarize: bool = False):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.reference = reference
         self.binarize = binarize
         self.method = anomaly.DEFAULT_METHOD if reference is not None else "elbo"  # the others need the reference
         self.lock = threading.Lock()
-        self.map = latent_map(reference, model.config.latent_dim)
+        self.map = map_or_axes(latent_map, model.config.latent_dim)
 
     def map_point(self, z: torch.Tensor) -> list[float]:
         return ((z.cpu() - self.map["mean"]) @ self.map["axes"]).tolist()
@@ -67,17 +66,26 @@ class Demo:
     def digit(self, gray: torch.Tensor) -> dict:
         """Prepare a drawing (H, W) as MNIST was made, then reconstruct and score it."""
         try:
-            x = data.prepare_digit(gray)[None].to(self.device)
-        except data.ImageError as err:  # a blank drawing, say
+            x = prepare.prepare_digit(gray)[None].to(self.device)
+        except prepare.ImageError as err:  # a blank drawing, say
             raise BadRequest(422, str(err)) from None
         if self.binarize:  # a model trained on binarized digits is scored on a binarized image, as reconstruct does
-            x = data.binarize(x, torch.Generator(device=self.device).manual_seed(SEED))
+            x = torch.bernoulli(x, generator=torch.Generator(device=self.device).manual_seed(SEED))
         with self.lock, torch.inference_mode():
             mu, _ = self.model.encode(x)
             reconstruction = torch.sigmoid(self.model.decode(mu))
-            value = anomaly.score(self.model, x, method=self.method, samples=SAMPLES, seed=SEED, reference=self.reference).item()
-        return {"prepared": image_list(x), "reconstruction": image_list(reconstruction), "z": mu[0].tolist(),
-                "point": self.map_point(mu[0]), "score": value, "percentile": self.percentile(value), "method": self.method}
+            value = anomaly.score(
+                self.model, x, method=self.method, samples=SAMPLES, seed=SEED, reference=self.reference
+            ).item()
+        return {
+            "prepared": image_list(x),
+            "reconstruction": image_list(reconstruction),
+            "z": mu[0].tolist(),
+            "point": self.map_point(mu[0]),
+            "score": value,
+            "percentile": self.percentile(value),
+            "method": self.method,
+        }
 
     def percentile(self, value: float) -> float | None:
         """Percent of test digits scoring at most `value`; None when the checkpoint holds no test scores."""
@@ -104,18 +112,35 @@ class Demo:
         dims = spread.argsort(descending=True)[:SLIDER_DIMS].tolist()  # the most used dimensions
         vectors = [("map axis 1", axes[:, 0]), ("map axis 2", axes[:, 1])]
         vectors += [(f"dim {d}", torch.eye(len(spread))[d]) for d in dims]
-        directions = [{"name": name, "vector": v.tolist(), "scale": (codes @ v).std().item() if codes is not None else 1.0}
-                      for name, v in vectors]
-        return {"points": self.map["points"].tolist(), "labels": self.map["labels"].tolist(),
-                "latent_dim": self.model.config.latent_dim, "method": self.method, "directions": directions}
+        directions = [
+            {"name": name, "vector": v.tolist(), "scale": (codes @ v).std().item() if codes is not None else 1.0}
+            for name, v in vectors
+        ]
+        return {
+            "points": self.map["points"].tolist(),
+            "labels": self.map["labels"].tolist(),
+            "latent_dim": self.model.config.latent_dim,
+            "method": self.method,
+            "directions": directions,
+        }
 
 
-def latent_map(reference: dict | None, latent_dim: int) -> dict:
-    """The reference's 2-D map of the latent space, or the first two latent dimensions with no points."""
-    if reference is not None and reference.get("latent_map") is not None:
-        m = reference["latent_map"]
-        return {"mean": m["mean"].float().cpu(), "axes": m["axes"].float().cpu(), "points": m["points"].float().cpu(), "labels": m["labels"].cpu()}
-    return {"mean": torch.zeros(latent_dim), "axes": torch.eye(latent_dim, 2), "points": torch.zeros(0, 2), "labels": torch.zeros(0, dtype=torch.int64)}
+def map_or_axes(latent_map: dict | None, latent_dim: int) -> dict:
+    """The checkpoint's 2-D map of the latent space, or the first two latent dimensions with no points."""
+    if latent_map is not None:
+        m = latent_map
+        return {
+            "mean": m["mean"].float().cpu(),
+            "axes": m["axes"].float().cpu(),
+            "points": m["points"].float().cpu(),
+            "labels": m["labels"].cpu(),
+        }
+    return {
+        "mean": torch.zeros(latent_dim),
+        "axes": torch.eye(latent_dim, 2),
+        "points": torch.zeros(0, 2),
+        "labels": torch.zeros(0, dtype=torch.int64),
+    }
 
 
 def image_list(x: torch.Tensor) -> list[list[float]]:
@@ -159,7 +184,13 @@ class Handler(BaseHTTPRequestHandler):
 
     server_version = "vae-mnist-demo"
     timeout = 30  # seconds a client may take to send its request; a stalled one then frees its thread
-    ROUTES = {"/": ("GET",), "/api/map": ("GET",), "/api/samples": ("GET",), "/api/digit": ("POST",), "/api/decode": ("POST",)}
+    ROUTES = {
+        "/": ("GET",),
+        "/api/map": ("GET",),
+        "/api/samples": ("GET",),
+        "/api/digit": ("POST",),
+        "/api/decode": ("POST",),
+    }
 
     def do_GET(self) -> None:  # every method goes through answer(), which says 405 to the wrong one
         self.answer(self.command)
@@ -185,7 +216,14 @@ class Handler(BaseHTTPRequestHandler):
             return demo.map_and_sliders()
         if path == "/api/samples":
             n, seed = query.get("n", ["16"])[0], query.get("seed", [str(random.randrange(2**31))])[0]
-            if not (n.isdecimal() and len(n) < 3 and 1 <= int(n) <= 64 and seed.isdecimal() and len(seed) < 20 and int(seed) < 2**63):
+            if not (
+                n.isdecimal()
+                and len(n) < 3
+                and 1 <= int(n) <= 64
+                and seed.isdecimal()
+                and len(seed) < 20
+                and int(seed) < 2**63
+            ):
                 raise BadRequest(400, "n must be a whole number from 1 to 64, and seed one from 0 to 2**63 - 1")
             return demo.samples(int(n), int(seed))
         body = self.read_json()
@@ -218,7 +256,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send(status, json.dumps(obj).encode(), "application/json")
 
     def send(self, status: int, payload: bytes, content_type: str) -> None:
-        self.close_connection = True  # one request per connection: an unread body can never be taken for the next request
+        self.close_connection = (
+            True  # one request per connection: an unread body can never be taken for the next request
+        )
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
@@ -238,7 +278,9 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True  # Ctrl-C does not wait for open connections
 
     def handle_error(self, request, client_address) -> None:
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a closed tab or a stalled client is no bug
+        if not isinstance(
+            sys.exc_info()[1], (ConnectionError, TimeoutError)
+        ):  # a closed tab or a stalled client is no bug
             super().handle_error(request, client_address)
 
 
@@ -247,8 +289,9 @@ def make_server(demo: Demo, host: str = "127.0.0.1", port: int = 8000) -> Server
     try:
         server = Server((host, port), Handler)
     except OSError as err:
-        raise utils.UserError(f"cannot serve on {host}:{port} ({err.strerror or err}); pass --port with a free port "
-                              f"(or 0 for any)") from None
+        raise UserError(
+            f"cannot serve on {host}:{port} ({err.strerror or err}); pass --port with a free port (or 0 for any)"
+        ) from None
     server.demo = demo
     return server
 
@@ -260,21 +303,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def load(path: str | Path, device_name: str) -> Demo:
-    """The demo's model from a checkpoint, on --device."""
-    model, ckpt = checkpoint.load_model(path, utils.pick_device(device_name))
-    return Demo(model, ckpt.get("anomaly_reference"), ckpt["config"]["binarize"])
-
-
-def run(args: argparse.Namespace) -> int:
-    """python main.py demo"""
-    path = checkpoint.for_use(args.checkpoint)
-    demo = load(path, args.device)
-    if not is_loopback(args.host):
-        print(f"warning: --host {args.host} is not a loopback address: other machines may reach this demo, which has no login")
-    server = make_server(demo, args.host, args.port)
+def serve(demo: Demo, host: str, port: int) -> int:
+    """Serve the page until Ctrl-C."""
+    if not is_loopback(host):
+        print(
+            f"warning: --host {host} is not a loopback address: other machines may reach this demo, which has no login"
+        )
+    server = make_server(demo, host, port)
     host, port = server.server_address[:2]
-    print(f"demo ready at http://{host}:{port}/ with the model in {path} (Ctrl-C stops it)", flush=True)
+    print(f"demo ready at http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -1,47 +1,50 @@
-"""The convolutional VAE: the network, the loss terms, the importance-weighted bound, sampling and reconstruction.
+"""The convolutional VAE: its settings, the network, the loss terms and the importance-weighted bound.
 
-This file imports nothing else of this project: it is the model alone. Reading and writing checkpoints lives in
-checkpoint.py, the training loop in train.py.
+This file imports nothing else of the project. Training lives in train.py, the checkpoint file in checkpoint.py.
 """
+
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 IMAGE_SHAPE = (1, 28, 28)
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU}
 _LOG_2PI = math.log(2 * math.pi)
+
+
+# ----------------------------------------------------------------------------- the architecture's settings
+
+
+def setting(default, low, high, optional: bool = False):
+    """A number setting and its range, low to high inclusive (whole numbers when the bounds are ints; None too if
+    optional). Written once, here in the field: the flags, a checkpoint's config and config.check all read it."""
+    return field(default=default, metadata={"range": (low, high), "optional": optional})
+
+
+def choice(default: str, options: tuple[str, ...]):
+    return field(default=default, metadata={"choices": options})
 
 
 @dataclass
 class VAEConfig:
     """Everything needed to rebuild the architecture (plain Python values, stored in checkpoints)."""
 
-    latent_dim: int = 32
-    channels: tuple[int, int] = (32, 32)  # widths of the two stride-2 convs (28 -> 14 -> 7); the decoder mirrors them
-    hidden_dim: int = 256  # width of the fully connected layers between the 7x7 feature map and the latent; 0 for none
-    fc_layers: int = 1  # how many such layers, in the encoder and again in the decoder
-    res_blocks: int = 1  # residual 3x3 blocks at 7x7, in the encoder and again in the decoder
-    activation: str = "silu"
-    norm: str = "none"  # "batch": BatchNorm after every hidden convolution
-    out_conv: int = 16  # width of an extra 3x3 conv at 28x28 that makes the logits (0: the last transposed conv makes them)
+    latent_dim: int = setting(32, 1, 1024)
+    channels: tuple[int, int] = setting((32, 32), 1, 1024)  # the two stride-2 convs (28 -> 14 -> 7), mirrored
+    hidden_dim: int = setting(256, 0, 16384)  # fully connected layers between the 7x7 map and z; 0 for none
+    fc_layers: int = setting(1, 1, 16)  # how many such layers, in the encoder and again in the decoder
+    res_blocks: int = setting(1, 0, 16)  # residual 3x3 blocks at 7x7, in the encoder and again in the decoder
+    out_conv: int = setting(16, 0, 1024)  # width of a 3x3 conv at 28x28 that makes the logits; 0 for none
+    activation: str = choice("silu", tuple(ACTIVATIONS))
+    norm: str = choice("none", ("none", "batch"))  # "batch": BatchNorm after every hidden convolution
 
     def __post_init__(self) -> None:
-        # checked by type as well as range: the values may come from a checkpoint file, not only from flags
-        if not (isinstance(self.channels, (tuple, list)) and len(self.channels) == 2):
-            raise ValueError(f"channels must be two widths, got {self.channels!r}")
-        self.channels = tuple(self.channels)
-        for name, low, high in LIMITS:
-            values = self.channels if name == "channels" else (getattr(self, name),)
-            if any(type(v) is not int or not low <= v <= high for v in values):
-                raise ValueError(f"{name} must be a whole number from {low} to {high:,}, got {getattr(self, name)!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if self.norm not in ("none", "batch"):
-            raise ValueError(f"norm must be 'none' or 'batch', got {self.norm!r}")
+        self.channels = tuple(self.channels) if isinstance(self.channels, list) else self.channels  # from a file
 
     def parameter_count(self) -> int:
         """How many weights this architecture has, counted without allocating them (on the meta device)."""
@@ -49,13 +52,7 @@ class VAEConfig:
             return sum(p.numel() for p in VAE(self).parameters())
 
 
-MAX_PARAMETERS = 50_000_000  # 200 MB of fp32 weights, and as much again for each of the gradients and Adam's two moments
-# The range of each size (far above anything useful on MNIST; they stop a typo from allocating gigabytes).
-LIMITS = (("latent_dim", 1, 1024), ("channels", 1, 1024), ("hidden_dim", 0, 16384), ("fc_layers", 1, 16),
-          ("res_blocks", 0, 16), ("out_conv", 0, 1024))
-
-
-ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU}
+# ----------------------------------------------------------------------------- the network
 
 
 class ResBlock(nn.Module):
@@ -63,9 +60,8 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, act: type[nn.Module]) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            act(), nn.Conv2d(channels, channels, kernel_size=3, padding=1), act(), nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        )
+        conv = lambda: nn.Conv2d(channels, channels, kernel_size=3, padding=1)  # noqa: E731
+        self.body = nn.Sequential(act(), conv(), act(), conv())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -76,37 +72,45 @@ class VAE(nn.Module):
 
     def __init__(self, config: VAEConfig | None = None, **overrides) -> None:
         super().__init__()
-        config = config or VAEConfig(**overrides)
-        self.config = config
+        self.config = config = config or VAEConfig(**overrides)
         c1, c2 = config.channels
         act = ACTIVATIONS[config.activation]
-        flat = c2 * 7 * 7
         norm = (lambda c: [nn.BatchNorm2d(c)]) if config.norm == "batch" else (lambda c: [])
-        encoder: list[nn.Module] = [nn.Conv2d(1, c1, kernel_size=4, stride=2, padding=1), *norm(c1), act(), nn.Conv2d(c1, c2, kernel_size=4, stride=2, padding=1), *norm(c2)]
-        encoder += [ResBlock(c2, act) for _ in range(config.res_blocks)]
-        encoder += [act(), nn.Flatten()]
+        down = lambda c_in, c_out: nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1)  # noqa: E731
+        up = lambda c_in, c_out: nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1)  # noqa: E731
+        flat = c2 * 7 * 7
         hidden = [config.hidden_dim] * config.fc_layers if config.hidden_dim else []
+
+        encoder = [down(1, c1), *norm(c1), act(), down(c1, c2), *norm(c2)]
+        encoder += [ResBlock(c2, act) for _ in range(config.res_blocks)] + [act(), nn.Flatten()]
         for n_in, n_out in zip([flat] + hidden, hidden):
             encoder += [nn.Linear(n_in, n_out), act()]
         self.encoder = nn.Sequential(*encoder)
         self.to_stats = nn.Linear(config.hidden_dim or flat, 2 * config.latent_dim)  # mu and logvar in one matmul
 
-        decoder: list[nn.Module] = []
+        decoder = []
         for n_in, n_out in zip([config.latent_dim] + hidden, hidden):
             decoder += [nn.Linear(n_in, n_out), act()]
-        decoder += [nn.Linear(hidden[-1] if hidden else config.latent_dim, flat)]
-        decoder += [nn.Unflatten(1, (c2, 7, 7))]
+        decoder += [nn.Linear(hidden[-1] if hidden else config.latent_dim, flat), nn.Unflatten(1, (c2, 7, 7))]
         decoder += [ResBlock(c2, act) for _ in range(config.res_blocks)]
-        decoder += [act(), nn.ConvTranspose2d(c2, c1, kernel_size=4, stride=2, padding=1), *norm(c1), act()]
+        decoder += [act(), up(c2, c1), *norm(c1), act()]
         if config.out_conv:
-            decoder += [nn.ConvTranspose2d(c1, config.out_conv, kernel_size=4, stride=2, padding=1), *norm(config.out_conv), act(), nn.Conv2d(config.out_conv, 1, 3, padding=1)]
+            decoder += [
+                up(c1, config.out_conv),
+                *norm(config.out_conv),
+                act(),
+                nn.Conv2d(config.out_conv, 1, 3, padding=1),
+            ]
         else:
-            decoder += [nn.ConvTranspose2d(c1, 1, kernel_size=4, stride=2, padding=1)]
+            decoder += [up(c1, 1)]
         self.decoder = nn.Sequential(*decoder)
 
     @staticmethod
     def check_input(x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE or not x.is_floating_point():
+        """The model's door: images must be a float batch (B, 1, 28, 28)."""
+        if not (
+            isinstance(x, torch.Tensor) and x.dim() == 4 and tuple(x.shape[1:]) == IMAGE_SHAPE and x.is_floating_point()
+        ):
             given = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"expected a float tensor of shape (B, 1, 28, 28) with values in [0, 1], got {given}")
 
@@ -140,8 +144,18 @@ class VAE(nn.Module):
         return torch.sigmoid(self.decode(mu))
 
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def on_device(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """The model on `device`; on the CPU in channels-last layout, oneDNN's fast one for these convolutions."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else model
+
+
+# ----------------------------------------------------------------------------- the loss and the bound
+
+
+def reparameterize(
+    mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """z = mu + sigma * eps with eps ~ N(0, I): a sample of q(z|x) that is differentiable in mu and logvar (the
     reparameterization trick). eps is drawn from `generator` when not given; given, it may carry extra leading
     sample dimensions, which broadcast."""
@@ -165,14 +179,30 @@ def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def iwae_log_weights(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None, chunk: int | None = None):
+def mean_neg_elbo(model: VAE, x: torch.Tensor, seed: int, batch_size: int = 250) -> dict[str, float]:
+    """Mean negative ELBO, bce and kl per image in nats over float images x, z sampled with a seeded generator
+    (never z = mu: that would not be the ELBO), in batches small enough to stay in a CPU's cache. One host sync."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    sums = torch.zeros(2, device=x.device, dtype=torch.float64)
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        logits, mu, logvar = model(xb, generator=gen)
+        bce, kl = neg_elbo_terms(logits, x=xb, mu=mu, logvar=logvar)
+        sums += torch.stack([bce.sum(), kl.sum()])
+    bce, kl = (sums / len(x)).tolist()
+    return {"loss": bce + kl, "bce": bce, "kl": kl}
+
+
+@torch.inference_mode()
+def iwae_log_weights(
+    model: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None, chunk: int | None = None
+) -> torch.Tensor:
     """log p(x|z) + log p(z) - log q(z|x) for k samples z ~ q(z|x) per image: a (B, k) tensor.
 
-    chunk is about how many images one decoding pass holds; the result does not depend on it. By default 200 off CUDA,
-    whose ~10 MB of activations stay in a CPU's cache (larger passes are slower there: docs/speed.md), and 8,192 on a GPU.
+    chunk is about how many images one decoding pass holds; the result does not depend on it. By default 200 off
+    CUDA, whose ~10 MB of activations stay in a CPU's cache (docs/speed.md), and 8,192 on a GPU.
     """
-    if chunk is None:
-        chunk = 8192 if x.device.type == "cuda" else 200
+    chunk = chunk or (8192 if x.device.type == "cuda" else 200)
     mu, logvar = model.encode(x)
     batch = x.shape[0]
     pixels = x.reshape(batch, -1)
@@ -181,16 +211,15 @@ def iwae_log_weights(model: VAE, x: torch.Tensor, k: int, generator: torch.Gener
     noise = torch.randn(k, batch, mu.shape[1], generator=generator, device=x.device)
     per_pass = max(1, chunk // batch)  # samples per image decoded in one pass, so a pass holds ~chunk images
     for start in range(0, k, per_pass):
-        n = min(per_pass, k - start)
-        eps = noise[start : start + n]
+        eps = noise[start : start + per_pass]
         z = reparameterize(mu, logvar, eps)  # (n, B, D)
-        logits = model.decode(z.flatten(0, 1)).reshape(n, batch, -1)
-        # log Bernoulli(x | sigmoid(l)) summed over pixels = x.l - sum softplus(l): the same value as -BCE-with-logits,
-        # without materialising the n copies of x (a batched dot product and one elementwise pass)
+        logits = model.decode(z.flatten(0, 1)).reshape(len(eps), batch, -1)
+        # log Bernoulli(x | sigmoid(l)) summed over pixels = x.l - sum softplus(l): -BCE-with-logits, without
+        # materialising n copies of x (a batched dot product and one elementwise pass)
         log_px_z = torch.einsum("nbp,bp->nb", logits, pixels) - F.softplus(logits).sum(2)
         log_pz = -0.5 * (z.square() + _LOG_2PI).sum(2)
         log_qz = -0.5 * (eps.square() + logvar + _LOG_2PI).sum(2)
-        out[:, start : start + n] = (log_px_z + log_pz - log_qz).T
+        out[:, start : start + len(eps)] = (log_px_z + log_pz - log_qz).T
     return out
 
 

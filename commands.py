@@ -1,0 +1,563 @@
+"""What each `python main.py` command does, from its flags to its files. Each handler checks what the user gave
+before any long work (folders, settings, the checkpoint, the data), then calls the library with plain values:
+
+    train        settings (fresh or --resume) -> train.start and train.train -> the anomaly reference -> evaluate
+    evaluate     test-set metrics and pictures for a checkpoint
+    sample       a grid of new digits
+    score        anomaly scores of the test digits
+    reconstruct  your own digit pictures, prepared, reconstructed and scored
+    demo         the drawing page
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import shlex
+import signal
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+import anomaly
+import checkpoint
+import config
+import data
+import demo
+import evaluate
+import files
+import prepare
+import train
+import utils
+from files import UserError
+from model import VAEConfig
+
+MIN_IMAGES = 100  # fewest training and validation images: fewer make the validation loss and the calibration noise
+RUN_FILES = ("best.pt", "last.pt", "metrics.json", "anomaly_scores.csv")  # what a run leaves in its folder
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Interrupted(KeyboardInterrupt):
+    """A SIGTERM or SIGHUP (or a second Ctrl-C) that ends the command, as Ctrl-C does; main() says so and exits
+    with 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# ----------------------------------------------------------------------------- shared by the commands
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: cuda, then mps, then cpu; a device that is asked for by name must exist. On CUDA, TF32 tensor cores
+    for convolutions and matrix products (fp32 range, 10-bit mantissa products)."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here; use --device auto or cpu")
+    if name == "mps" and not mps:
+        raise UserError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name)
+
+
+def load_data(data_dir: str) -> dict[str, torch.Tensor]:
+    """MNIST from --data-dir, downloaded there first when files are missing."""
+    if data.missing_files(data_dir):
+        download_mnist(Path(data_dir))
+    return data.load_mnist(data_dir)
+
+
+def download_mnist(data_dir: Path) -> None:
+    """Fetch the four files with torchvision's MNIST (its mirrors, with progress) into data_dir/MNIST/raw; when that
+    fails (offline, say), one line naming what is missing and how to supply it, and no empty folders left behind."""
+    from torchvision.datasets import MNIST
+
+    raw_dir = (data_dir / "MNIST" / "raw").absolute()
+    made = [p for p in (raw_dir, *raw_dir.parents) if not p.exists()]  # folders the download creates, innermost first
+    print(f"{where_missing(data_dir)}; downloading MNIST with torchvision ...", flush=True)
+    try:
+        MNIST(str(data_dir), train=True, download=True)
+    except (RuntimeError, OSError, ValueError) as err:  # torchvision wraps every failed mirror in RuntimeError
+        for p in made:
+            if p.exists() and not any(p.iterdir()):
+                p.rmdir()
+        text = " ".join(str(err).split())
+        got = re.search(r"got: (.+?)(?= Tried |$)", text)  # torchvision: "... Tried <mirror>, got: <error> ..."
+        missing = data.missing_files(data_dir)  # the download may have fetched some before it failed
+        names = f"{data.join_names(missing)} (.gz or not)"
+        fix = f"copy {names} into a folder and pass --data-dir FOLDER"
+        if len(missing) < len(data.MNIST_FILES):
+            fix = f"copy {names} into {data_dir}, or pass --data-dir FOLDER holding all four files"
+        reason = got.group(1) if got else text[:160]
+        raise data.DataError(
+            f"{where_missing(data_dir)}, and the download failed ({reason}); if you are offline, {fix}"
+        )
+
+
+def where_missing(data_dir: Path) -> str:
+    missing = data.missing_files(data_dir)
+    if len(missing) == len(data.MNIST_FILES):
+        return f"MNIST is not in {data_dir}"
+    return f"{data_dir}: missing {data.join_names(missing)}"
+
+
+def open_model(args, device: torch.device) -> tuple[Path, torch.nn.Module, dict]:
+    """The checkpoint --checkpoint names (or the shipped one until a model is trained), loaded on `device`, with one
+    line saying which it is: a two-epoch smoke test never passes for the real model unnoticed."""
+    path = checkpoint.for_use(args.checkpoint)
+    model, ckpt = checkpoint.load_model(path, device)
+    print(f"using {checkpoint.describe(path, ckpt)}", flush=True)
+    return path, model, ckpt
+
+
+def output_path(args, path: Path, name: str) -> Path | None:
+    """Where a command writes `name` (metrics.json, anomaly_scores.csv): --output-dir, else beside the checkpoint,
+    else (the shipped model) nowhere. Checked for writing before any long work."""
+    if args.output_dir is not None:
+        files.check_output_dir(args.output_dir, "--output-dir")
+        return Path(args.output_dir) / name
+    if checkpoint.is_shipped(path):
+        return None
+    try:
+        files.check_output_dir(path.parent, "--checkpoint's folder")
+    except UserError as err:
+        raise UserError(f"{err}; or pass --output-dir FOLDER for {name}") from None
+    return path.parent / name
+
+
+def checked(path: Path, check, ckpt: dict):
+    """What a checkpoint carries for a feature (its anomaly reference, latent map), checked as it enters."""
+    with checkpoint.refused(path):
+        return check(ckpt)
+
+
+def run_history(path: Path, ckpt: dict) -> list[dict]:
+    """The whole run's per-epoch history: best.pt stops at its own epoch, so prefer the same run's last.pt."""
+    mine, last = ckpt.get("history", []), path.parent / "last.pt"
+    if path.name == "last.pt" or not last.is_file():
+        return mine
+    try:
+        other = checkpoint.load(last)
+    except checkpoint.CheckpointError:
+        return mine
+    same_run = other["config"] == ckpt["config"] and other["history"][: len(mine)] == mine
+    return other["history"] if same_run else mine
+
+
+def fallback_reference(ckpt: dict, model, mnist: dict | None, data_dir: str, device: torch.device) -> dict:
+    """For a checkpoint whose training stopped before storing its anomaly reference: one fitted now from its own
+    training and validation images (the split its config describes)."""
+    print("note: this checkpoint holds no anomaly reference (its training did not finish); fitting one now")
+    c = checkpoint.train_config(ckpt)
+    mnist = mnist or load_data(data_dir)
+    split = data.run_split(mnist["train_labels"], c.val_size, c.seed, c.exclude_digit, c.subset)
+    train_x, val_x = (data.eval_images(mnist["train_images"][i], c.binarize, device) for i in split)
+    return anomaly.fit_reference(model, train_x, val_x)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def run_train(args) -> int:
+    """python main.py [flags]: check everything, train (or continue) the run, then evaluate its best.pt."""
+    folder, resumed_from = run_files(args)
+    files.check_output_dir(folder, "--checkpoint-dir")
+    files.check_output_dir(args.image_dir, "--image-dir")
+    check_run_folder(folder, args.replace, resumed_from)
+    with files.lock_folder(folder, "training run"):  # held before anything in the folder is read
+        files.remove_stale_temporaries(folder)
+        train_config, model_config, resume = resolve_settings(args, resumed_from)
+        device = pick_device(args.device)
+        train_config = replace(train_config, precision=pick_precision(train_config.precision, device))
+        mnist = load_data(args.data_dir)
+        split = checked_split(mnist["train_labels"], train_config)
+        if args.replace:  # every check has passed: only now is the earlier run removed
+            for name in RUN_FILES:
+                (folder / name).unlink(missing_ok=True)
+        if resume is not None and not best_checkpoint(folder, resumed_from).is_file():
+            print(
+                f"note: {best_checkpoint(folder, resumed_from)} is missing, so the next epoch's weights will become best.pt"
+            )
+            resume["best_val_loss"] = math.inf
+        images = tuple(mnist["train_images"][i] for i in split)
+        run = train.start(train_config, model_config, images, folder, device, resume)
+        if run.epoch >= train_config.epochs:
+            print(f"already trained {run.epoch} epochs (pass --epochs N, more than {run.epoch}, to train longer)")
+        else:
+            with StopOnSignal() as stop:
+                run = train.train(run, should_stop=stop.requested, show_progress=args.progress)
+            if run.epoch < train_config.epochs:
+                return stopped(args, run, stop.signum, folder)
+        return final_evaluation(args, folder, resumed_from, mnist, split, device)
+
+
+def run_files(args) -> tuple[Path, Path | None]:
+    """The run's checkpoint folder, and the checkpoint it resumes from (None for a fresh run)."""
+    if not args.resume:
+        return Path(args.checkpoint_dir or "models_mnist"), None
+    resumed_from = Path(args.checkpoint_dir or "models_mnist") / "last.pt" if args.resume is True else Path(args.resume)
+    return (Path(args.checkpoint_dir) if args.checkpoint_dir else resumed_from.parent), resumed_from
+
+
+def check_run_folder(folder: Path, replacing: bool, resumed_from: Path | None) -> None:
+    """Before anything is read or written: no folder stands where a file will be saved, and a fresh run never
+    silently replaces the run a folder already holds."""
+    for name in RUN_FILES[:3]:
+        if (folder / name).is_dir():
+            raise UserError(files.folder_in_the_way(folder / name))
+    held = [name for name in RUN_FILES[:2] if (folder / name).exists()]
+    continuing = resumed_from is not None and resumed_from.resolve().parent == folder.resolve()
+    if held and not replacing and not continuing:
+        raise UserError(
+            f"{folder} already holds a run ({' and '.join(held)}); continue it with --resume, choose "
+            "another --checkpoint-dir, or pass --replace to delete it and start over"
+        )
+
+
+def resolve_settings(args, resumed_from: Path | None) -> tuple[config.TrainConfig, VAEConfig, dict | None]:
+    """The run's settings: the flags over the defaults, or for --resume the checkpoint's (only --epochs may change)."""
+    given = {f.name: getattr(args, f.name) for f in fields(config.TrainConfig) + fields(VAEConfig)}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
+    if resumed_from is None:
+        train_names = {f.name for f in fields(config.TrainConfig)}
+        model_config = VAEConfig(**{k: v for k, v in given.items() if k not in train_names})
+        try:
+            config.check(model_config)
+        except ValueError as err:
+            raise UserError(f"{err}; choose smaller --channels, --hidden-dim, --fc-layers or --res-blocks") from None
+        return config.TrainConfig(**{k: v for k, v in given.items() if k in train_names}), model_config, None
+    ckpt = checkpoint.load(resumed_from, flag="--resume", resume=True)
+    stored = checkpoint.train_config(ckpt), checkpoint.model_config(ckpt)
+    for name, value in given.items():
+        old = getattr(stored[0] if hasattr(stored[0], name) else stored[1], name)
+        if name != "epochs" and value != old:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{flag} {value} differs from the checkpoint's {old}; --resume continues the stored run "
+                f"(only --epochs may change): drop {flag}, or start a new run with another --checkpoint-dir"
+            )
+    epochs = given.get("epochs", stored[0].epochs)
+    if epochs < ckpt["epoch"]:
+        raise UserError(f"--epochs {epochs} is fewer than the {ckpt['epoch']} epochs {resumed_from} already completed")
+    return replace(stored[0], epochs=epochs), stored[1], ckpt
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """The training step's arithmetic: auto is bf16 autocast on CPUs with Intel AMX (native bf16 matrix units), else
+    fp32. Not bf16 on CUDA: at batch 64 this model's step is bound by kernel launches, and autocast adds launches."""
+    if name == "auto":
+        return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
+    if name == "bf16" and device.type == "mps":
+        raise UserError("--precision bf16 is supported on cpu and cuda; on mps use --precision fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this GPU has no bf16 support; use --precision fp32")
+    return name
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX tiles (native bf16 matrix units), as the kernel reports them in /proc/cpuinfo."""
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to ask without private torch APIs, so assume none
+        return False
+
+
+def checked_split(labels: torch.Tensor, c: config.TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's (train, validation) indices, each at least MIN_IMAGES long."""
+    train_idx, val_idx = data.run_split(labels, c.val_size, c.seed, c.exclude_digit, c.subset)
+    if len(train_idx) < MIN_IMAGES or len(val_idx) < MIN_IMAGES:
+        raise UserError(
+            f"this run would train on {len(train_idx)} images and validate on {len(val_idx)}; each needs "
+            f"at least {MIN_IMAGES} (check --subset, --val-size and --exclude-digit)"
+        )
+    return train_idx, val_idx
+
+
+class StopOnSignal:
+    """While training: Ctrl-C, SIGTERM (a cluster's preemption) or SIGHUP (a closed terminal) asks the loop to stop
+    after its step, keeping the epochs already saved; a second signal aborts at once (every save is atomic, so no
+    file is left half-written), and after training any further one is ignored while the program exits."""
+
+    def __init__(self) -> None:
+        self.signum = None
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+        return self
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(signum)
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(
+            f"\n{name}: stopping after this step; the epochs already saved are kept ({name} again aborts at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, signal.SIG_IGN if self.signum is not None else handler)
+
+
+def stopped(args, run: train.Run, signum: int, folder: Path) -> int:
+    """Say where a stopped run stands and the command that continues it (on stderr: stdout may have gone)."""
+    if run.epoch == 0:
+        message = f"stopped in epoch 1 of {run.config.epochs}, before any epoch was saved; start it again with:\n  "
+        command = ["python", "main.py", *sys.argv[1:]]
+    else:
+        message = f"stopped in epoch {run.epoch + 1}; {folder / 'last.pt'} holds the run up to epoch {run.epoch}. Resume with:\n  "
+        command = resume_command(args, folder)
+    print(message + shlex.join(command), file=sys.stderr, flush=True)
+    return 128 + signum
+
+
+def resume_command(args, folder: Path) -> list[str]:
+    """The command line that continues this run, with the folders and device it was given."""
+    parts = ["python", "main.py", "--resume", str(folder / "last.pt")]
+    for flag, default in (("data_dir", "data"), ("image_dir", "images"), ("device", "auto")):
+        if getattr(args, flag) != default:
+            parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    return parts + (["--epochs", str(args.epochs)] if args.epochs is not None else [])
+
+
+def best_checkpoint(folder: Path, resumed_from: Path | None) -> Path:
+    """The best.pt that holds the run's best weights: in its folder once the run has written one there, else beside
+    the checkpoint it resumed from."""
+    if (folder / "best.pt").is_file() or resumed_from is None:
+        return folder / "best.pt"
+    return resumed_from.parent / "best.pt"
+
+
+def final_evaluation(args, folder: Path, resumed_from: Path | None, mnist: dict, split, device) -> int:
+    """Evaluate the run's best checkpoint; first store in it what anomaly scores compare against and the latent map,
+    if this run wrote it."""
+    best = best_checkpoint(folder, resumed_from)
+    model, ckpt = checkpoint.load_model(best, device)
+    if "anomaly_reference" not in ckpt and best.parent == folder:
+        ckpt = store_reference(best, ckpt, model, mnist, split, args.progress)
+    print(f"training done; evaluating {best} on the 10,000 test images", flush=True)
+    history = run_history(best, ckpt)
+    evaluate.evaluate(
+        best,
+        model,
+        ckpt,
+        mnist,
+        Path(args.image_dir),
+        args.iwae_k,
+        None,
+        best.parent / "metrics.json",
+        history,
+        progress=args.progress,
+    )
+    return 0
+
+
+def store_reference(best: Path, ckpt: dict, model, mnist: dict, split, progress: bool) -> dict:
+    """What anomaly scores compare an image against (from this run's own training and validation images), the test
+    digits' scores, and the latent map, saved into best.pt so that using the model needs no data set."""
+    print("fitting the anomaly reference (the local pixel model, training codes and validation statistics)", flush=True)
+    device, binarized = next(model.parameters()).device, ckpt["config"]["binarize"]
+    train_x, val_x = (data.eval_images(mnist["train_images"][i], binarized, device) for i in split)
+    test_x = evaluate.test_images(mnist, binarized, device)
+    reference = anomaly.reference_for_run(model, train_x, val_x, test_x, progress)
+    space = evaluate.latent_map(model, val_x, mnist["train_labels"][split[1]])
+    ckpt = checkpoint.with_keys(ckpt, anomaly_reference=reference, latent_map=space)
+    checkpoint.save(ckpt, best)
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- evaluate and sample
+
+
+def run_evaluate(args) -> int:
+    """python main.py evaluate"""
+    files.check_output_dir(args.image_dir, "--image-dir")
+    path = checkpoint.for_use(args.checkpoint)
+    metrics_path = output_path(args, path, "metrics.json")
+    path, model, ckpt = open_model(args, pick_device(args.device))  # a bad checkpoint is named before the data is read
+    latent_map = checked(path, evaluate.latent_map_of, ckpt)
+    mnist = load_data(args.data_dir)
+    evaluate.evaluate(
+        path,
+        model,
+        ckpt | {"latent_map": latent_map},
+        mnist,
+        Path(args.image_dir),
+        args.iwae_k,
+        args.seed,
+        metrics_path,
+        run_history(path, ckpt),
+        progress=args.progress,
+    )
+    return 0
+
+
+def run_sample(args) -> int:
+    """python main.py sample"""
+    files.check_output_dir(args.image_dir, "--image-dir")
+    device = pick_device(args.device)
+    _, model, _ = open_model(args, device)
+    images = model.sample(args.n, torch.Generator(device=device).manual_seed(args.seed))
+    title = f"Samples: {args.n} digits decoded from z ~ N(0, I) (seed {args.seed})"
+    print(f"wrote {utils.plot_grid(images, title, Path(args.image_dir) / 'samples.png')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- score and reconstruct
+
+
+def run_score(args) -> int:
+    """python main.py score"""
+    files.check_output_dir(args.image_dir, "--image-dir")
+    path = checkpoint.for_use(args.checkpoint)
+    csv_path = output_path(args, path, "anomaly_scores.csv")
+    device = pick_device(args.device)
+    path, model, ckpt = open_model(args, device)
+    reference = checked(path, anomaly.reference_of, ckpt)
+    mnist = load_data(args.data_dir)
+    x, labels = evaluate.test_images(mnist, ckpt["config"]["binarize"], device), mnist["test_labels"]
+    if args.method != "elbo" and reference is None:
+        reference = fallback_reference(ckpt, model, mnist, args.data_dir, device)
+    bar = f"scoring the {len(x):,} test digits ({args.method})" if args.progress else ""
+    s = anomaly.score(model, x, args.method, args.samples, args.seed, reference=reference, progress=bar).cpu()
+    written = []
+    if csv_path is not None:
+        source = anomaly.provenance(path, method=args.method, samples=args.samples, seed=args.seed)
+        anomaly.write_csv(csv_path, source=source, labels=labels, scores=s)
+        written.append(csv_path)
+    print_summary(s, labels, args, path=path, held_out=ckpt["config"]["exclude_digit"])
+    order = torch.argsort(s)
+    sections = []
+    for title, idx in (
+        ("16 most anomalous test digits (highest score)", order.flip(0)[:16]),
+        ("16 most typical test digits (lowest score)", order[:16]),
+    ):
+        xb = x[idx.to(device)]
+        captions = [f"{int(labels[i])}: {s[i]:.1f}" for i in idx]
+        sections.append((title, xb.cpu(), model.reconstruct(xb).cpu(), captions))
+    picture = Path(args.image_dir) / "anomalies.png"
+    written.append(utils.plot_anomalies(sections, picture, f"anomaly score: {args.method}"))
+    print("wrote " + " and ".join(map(str, written)))
+    return 0
+
+
+def print_summary(s: torch.Tensor, labels: torch.Tensor, args, path: Path, held_out: int | None) -> None:
+    levels = (1, 5, 25, 50, 75, 95, 99)
+    q = torch.quantile(s.double(), torch.tensor(levels, dtype=torch.float64) / 100).tolist()
+    units = f"{anomaly.UNITS[args.method]}; {args.samples} z samples per image"
+    print(f"anomaly scores (method {args.method}, {units}) of {len(s):,} test digits, checkpoint {path}")
+    print(f"  mean {s.mean():.2f}  std {s.std():.2f}  min {s.min():.2f}  max {s.max():.2f}")
+    print("  percentiles  " + "  ".join(f"p{p}: {v:.2f}" for p, v in zip(levels, q)))
+    print("  mean score by digit  " + "  ".join(f"{d}: {s[labels == d].mean():.2f}" for d in range(10)))
+    if held_out is not None:
+        auc = anomaly.auroc(s, labels == held_out)
+        print(
+            f"  digit {held_out} was held out of training: AUROC of telling it from the other digits by score = {auc:.4f}"
+        )
+
+
+def run_reconstruct(args) -> int:
+    """python main.py reconstruct FILE...: each file on its own; a bad one gets its error line, the others are all
+    written, and the exit status is 2 if any failed."""
+    files.check_output_dir(args.image_dir, "--image-dir")
+    device = pick_device(args.device)
+    path, model, ckpt = open_model(args, device)
+    reference = checked(path, anomaly.reference_of, ckpt)
+    if args.method != "elbo" and reference is None:
+        reference = fallback_reference(ckpt, model, None, args.data_dir, device)
+    test_scores = test_set_scores(args, path, model, ckpt, reference)
+    failed = 0
+    for file, out in zip(args.files, output_names(args.files, Path(args.image_dir))):
+        try:
+            reconstruct_one(file, out, model, ckpt, reference, test_scores, args)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            failed += 1
+    return 2 if failed else 0
+
+
+def test_set_scores(args, path: Path, model, ckpt: dict, reference: dict | None) -> torch.Tensor:
+    """The test digits' scores under this checkpoint, method, samples and seed: those training stored (default
+    method and settings), else from anomaly_scores.csv when `score` wrote it with exactly these, else computed now."""
+    if (args.method, args.samples, args.seed) == (anomaly.DEFAULT_METHOD, 10, 0) and "test_scores" in (reference or {}):
+        return reference["test_scores"]
+    source = anomaly.provenance(path, method=args.method, samples=args.samples, seed=args.seed)
+    stored = anomaly.read_csv_scores(path.parent / "anomaly_scores.csv", source, 10000)
+    if stored is not None:
+        return stored
+    print(
+        f"scoring the 10,000 test digits for comparison (`python main.py score --method {args.method}` keeps them "
+        "in anomaly_scores.csv)"
+    )
+    mnist = load_data(args.data_dir)
+    x = evaluate.test_images(mnist, ckpt["config"]["binarize"], next(model.parameters()).device)
+    bar = "scoring the test digits" if args.progress else ""
+    return anomaly.score(model, x, args.method, args.samples, args.seed, reference=reference, progress=bar).cpu()
+
+
+def output_names(names: list[str], image_dir: Path) -> list[Path]:
+    """reconstructed_<name>.png for each input: letters, digits, '.', '-' and '_' only (a name of any bytes gives a
+    safe one), distinct even for inputs of the same name in different folders (a counter is added), short enough
+    for any file system (long names are cut, with a hash to keep them apart)."""
+    outs, taken = [], {"image"}  # reconstructed_image.png is evaluate's picture of test digits
+    for name in names:
+        raw = os.fsencode(Path(name).stem)
+        stem = re.sub(r"[^\w.-]", "_", raw.decode(errors="replace")).lstrip(".") or "picture"
+        if len(stem.encode()) > 100:
+            stem = stem.encode()[:80].decode(errors="ignore") + "-" + hashlib.sha256(raw).hexdigest()[:8]
+        unique, n = stem, 1
+        while unique.lower() in taken:  # case-insensitive: names that differ in case are one file on macOS
+            n += 1
+            unique = f"{stem}_{n}"
+        taken.add(unique.lower())
+        outs.append(image_dir / f"reconstructed_{unique}.png")
+    return outs
+
+
+def reconstruct_one(file: str, out: Path, model, ckpt: dict, reference, test_scores: torch.Tensor, args) -> None:
+    """Read, prepare, score and reconstruct one picture, and draw it with its reconstruction."""
+    original, x = prepare.load_digit_image(file)
+    xb = x.to(next(model.parameters()).device)[None]
+    if ckpt["config"]["binarize"]:
+        xb = data.binarize(xb, torch.Generator(device=xb.device).manual_seed(args.seed))
+    value = anomaly.score(model, xb, args.method, args.samples, args.seed, reference=reference).item()
+    rank = anomaly.percentile(test_scores, value)
+    title = f"{Path(file).name}: {args.method} score {value:.1f}, above {rank:.1f}% of test digits"
+    utils.plot_user_reconstruction(original, xb[0], model.reconstruct(xb)[0], title, out)
+    print(f"{file}: {args.method} score {value:.2f}, percentile {rank:.1f} among test digits; wrote {out}", flush=True)
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def run_demo(args) -> int:
+    """python main.py demo"""
+    device = pick_device(args.device)
+    path, model, ckpt = open_model(args, device)
+    reference = checked(path, anomaly.reference_of, ckpt)
+    latent_map = checked(path, evaluate.latent_map_of, ckpt)
+    page = demo.Demo(model, reference, latent_map, binarize=ckpt["config"]["binarize"])
+    return demo.serve(page, args.host, args.port)
+
+
+HANDLERS = {
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "sample": run_sample,
+    "score": run_score,
+    "reconstruct": run_reconstruct,
+    "demo": run_demo,
+}

@@ -1,0 +1,218 @@
+"""Files, safely: atomic writes, the checkpoint folder's lock, stale temporaries, and the user-error type.
+
+The ground floor of the project: it imports nothing of it, and everything may import it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad data, checkpoint, image, folder or flag): one line on stderr, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; once the body has written it, fsync it and os.replace it onto `path`.
+
+    A crash or kill at any instant leaves either the old complete file or the new complete one. A write that fails
+    (disk full, folder not writable) is a UserError that says the old file is untouched. The temporary file is named
+    .{name}.{pid}.{random}.tmp, so that remove_stale_temporaries can tell one whose writer was killed.
+    """
+    path = Path(path)
+    if path.is_dir():  # os.replace would fail only after the whole body has run
+        raise UserError(folder_in_the_way(path))
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        os.close(fd)
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a plain write would
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(write_failure(path, err)) from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_bytes_atomic(payload: bytes | memoryview, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(payload)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def folder_in_the_way(path: Path) -> str:
+    return f"{path} is a folder, not a file; move it away or choose another folder"
+
+
+def write_failure(path: Path, err: OSError) -> str:
+    """The one line that says why `path` could not be written, and what to do about it."""
+    if err.errno == errno.EISDIR:  # os.replace onto a folder
+        return folder_in_the_way(path)
+    kept = f"the previous {path.name} is untouched" if path.exists() else "nothing was written"
+    reason = f"cannot write {path} ({err.strerror or err}); {kept}"
+    if err.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"{reason}. Free some disk space or choose another folder"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{reason}. {path.parent} is not writable: choose another folder"
+    return f"{reason}. Choose another folder"
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> None:
+    """Stop before any long work if files cannot be written into folder `path` (creating nothing): the nearest
+    existing part of the path must be a folder we can create a file in."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; pass a folder to write into")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"{flag} {path}: cannot write in {existing} ({err.strerror or err}); pass a folder you can write to"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- temporaries left by a killed writer
+
+TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[a-z0-9_]{8}\.tmp")  # .{name}.{pid}.{mkstemp's 8 random characters}.tmp
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files atomic_path left in `folder` when its process was killed mid-write (the pid in
+    the name is no longer running); return them. Call it holding lock_folder, so no live writer shares the folder."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there, not probe it
+        return []
+    removed = []
+    for p in sorted(Path(folder).glob(".*.tmp")):
+        match = TEMPORARY_NAME.fullmatch(p.name)
+        if match and p.is_file() and not process_running(int(match.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; or not a pid, so not ours to judge
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------- one training run per folder
+
+
+@contextmanager
+def lock_folder(folder: str | os.PathLike, what: str = "training run"):
+    """Hold an exclusive lock on `folder` (flock on folder/.lock) while the body runs; a UserError naming the holder
+    if another process has it. The kernel releases the lock when its holder exits, even by SIGKILL, so a crash cannot
+    leave the folder locked; a run that ends removes the file too. The lock file is opened without following links
+    and must be a plain file of its own, so a prepared folder cannot make it write elsewhere. Folders made for it are
+    removed again if the body fails. Does nothing where there is no fcntl (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # folders the lock creates, innermost first
+    with open_lock_file(folder / ".lock") as f:  # closing the file releases the lock
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(busy_message(folder, what, f.read(20).strip())) from None
+        except OSError as err:
+            raise UserError(
+                f"cannot lock {folder / '.lock'} ({err.strerror or err}); choose a folder on a local disk"
+            ) from None
+        if not still_linked(f, folder / ".lock"):  # a run that ended meanwhile removed the file we opened
+            raise UserError(busy_message(folder, what, ""))
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        except BaseException:
+            remove_made_folders(made, folder / ".lock")
+            raise
+        (folder / ".lock").unlink(missing_ok=True)  # still holding the lock, so no other run is inside
+
+
+def open_lock_file(path: Path):
+    """folder/.lock opened for reading and writing (created if absent, never truncated by opening), refusing a
+    symbolic link, a hard link to another name, or anything that is not a plain file."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, flags, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link; remove it (nothing was written through it)") from None
+        raise UserError(f"cannot create {path} ({err.strerror or err}); choose another folder") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        kind = "a hard link to another file" if stat.S_ISREG(info.st_mode) else "not a plain file"
+        raise UserError(f"{path} is {kind}; remove it (nothing was written to it)")
+    return os.fdopen(fd, "r+")
+
+
+def still_linked(f, path: Path) -> bool:
+    try:
+        return os.fstat(f.fileno()).st_ino == os.stat(path, follow_symlinks=False).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def busy_message(folder: Path, what: str, pid: str) -> str:
+    holder = f" (pid {pid})" if pid else ""
+    return f"{folder} is in use by another {what}{holder}; wait for it to finish or pass another --checkpoint-dir"
+
+
+def remove_made_folders(made: list[Path], lock: Path) -> None:
+    """After a failed start: the lock file, and the folders made for it while they are empty."""
+    lock.unlink(missing_ok=True)
+    for p in made:
+        if any(p.iterdir()):
+            break
+        p.rmdir()
