@@ -283,12 +283,13 @@ def is_shipped(path: str | os.PathLike) -> bool:
 def describe(path: str | os.PathLike, ckpt: dict) -> str:
     """One line naming the checkpoint and what it is, so that a smoke test never passes for the real model."""
     config, history = ckpt["config"], ckpt.get("history") or []
-    where = os.path.relpath(path) if Path(path).is_absolute() and is_shipped(path) else str(path)
+    shipped = is_shipped(path)
+    where = "pretrained/vae-mnist.pt" if shipped and Path(path).is_absolute() else str(path)  # as the README names it
     if not history:
         return f"{where}: a model with no training history"
     images = f"the first {config['subset']:,}" if config["subset"] else f"{60_000 - config['val_size']:,}"
     without = f" (digit {config['exclude_digit']} left out)" if config["exclude_digit"] is not None else ""
-    what = "the shipped model" if is_shipped(path) else "a model trained here"
+    what = "the shipped model" if shipped else "a model trained here"
     return (
         f"{where}: {what}, epoch {history[-1]['epoch']} of {config['epochs']} on {images} training images"
         f"{without}, validation loss {history[-1]['val_loss']:.2f}"

@@ -3,6 +3,7 @@
 IDX layout: a big-endian 4-byte magic number (2051 for 3-d uint8 images, 2049 for 1-d uint8 labels),
 then one big-endian 4-byte size per dimension, then the uint8 values in C order.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -50,7 +51,9 @@ def random_labels(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 10, size=(n,), dtype=np.uint8)
 
 
-def write_tiny_mnist(folder: str | Path, n_train: int = 6, n_test: int = 4, gz: bool = True, dotted: bool = False) -> dict[str, np.ndarray]:
+def write_tiny_mnist(
+    folder: str | Path, n_train: int = 6, n_test: int = 4, gz: bool = True, dotted: bool = False
+) -> dict[str, np.ndarray]:
     """Write all four files with structurally valid but non-canonical content; returns name -> array written."""
     folder = Path(folder)
     arrays = {

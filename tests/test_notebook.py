@@ -1,7 +1,9 @@
 """notebooks/explore.ipynb runs top to bottom in a real Jupyter kernel, and the README's notebook block runs as written."""
+
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,20 +20,25 @@ def test_notebook_is_stored_without_outputs():
 
 
 @needs_mnist
-def test_notebook_runs_in_a_jupyter_kernel(trained, tmp_path, monkeypatch):
+def test_notebook_runs_in_a_jupyter_kernel_and_prints_numbers_a_reader_can_read(trained, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     folder = copy_run(trained, tmp_path)
     monkeypatch.setenv("VAE_CHECKPOINT", str(folder / "best.pt"))  # the kernel inherits this process's environment
     monkeypatch.setenv("MNIST_DIR", MNIST_DIR)
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    resources = {"metadata": {"path": str(ROOT / "notebooks")}}
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources=resources).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     pictures = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
     assert len(pictures) == 5  # reconstructions, samples, interpolation, traversal, anomalies
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert f"epoch {2}, best validation loss" in text and "mean score by digit" in text
+    assert f"{folder / 'best.pt'}: a model trained here, epoch 2 of 2" in text  # which model this is, said
+    assert "epoch 2, best validation loss" in text and "mean score by digit" in text
+    scores = [line for line in text.splitlines() if line.strip().startswith(("combined:", "elbo:", "test digits:"))]
+    numbers = re.findall(r"-?\d+\.\d+", "\n".join(scores))
+    assert len(numbers) >= 25 and all(len(n.split(".")[1]) == 2 for n in numbers) and "-0.00" not in numbers
 
 
 @needs_mnist
