@@ -178,8 +178,10 @@ def score(
     elbo        the negative ELBO in nats: what the model fails to explain. Flags badly written digits, but ranks
                 simple images (a 1, a blank page) as typical whatever the model learned.
     complexity  the negative ELBO minus LOCAL_WEIGHT times the nats a local pixel model needs (a likelihood ratio
-                against a model of stroke texture): what remains is what the VAE finds unlike a digit, not merely complex.
-    knn         mean distance of the image's code to its KNN_K nearest codes of training images: how far from familiar ground.
+                against a model of stroke texture): what remains is what the VAE finds unlike a digit, not merely
+                complex.
+    knn         mean distance of the image's code to its KNN_K nearest codes of training images: how far from
+                familiar ground.
     combined    complexity and knn on one scale, guarded by elbo (see combine): the default, best on held-out digits.
 
     All but elbo need the reference the model was trained with (fit_reference): the one its checkpoint holds,
@@ -252,7 +254,7 @@ def write_csv(path: Path, source: dict[str, str], labels: torch.Tensor, scores: 
 
 
 def read_csv_scores(path: Path, source: dict[str, str], n: int) -> torch.Tensor | None:
-    """The scores in `path` if all n rows were produced by exactly this checkpoint, method, samples and seed, else None."""
+    """The scores in `path` if all n rows came from exactly this checkpoint, method, samples and seed, else None."""
     if not path.is_file():
         return None
     try:
@@ -273,8 +275,7 @@ def read_csv_scores(path: Path, source: dict[str, str], n: int) -> torch.Tensor 
 # ----------------------------------------------------------------------------- the reference a checkpoint carries
 
 
-def reference_for_run(model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, test_x: torch.Tensor,
-                      progress: bool = False) -> dict:  # fmt: skip
+def reference_for_run(model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, test_x: torch.Tensor, progress=False):
     """What training stores in best.pt: the reference fitted on the run's own training and validation images, and
     the sorted scores of the test digits, so that a percentile needs no data set."""
     reference = fit_reference(model, train_x, val_x, progress=progress)
@@ -299,13 +300,19 @@ def is_reference(ref, latent_dim: int) -> bool:
     if not isinstance(local, dict) or {n: getattr(t, "shape", None) for n, t in local.items()} != local_shapes:
         return False
     codes, calibration, scores = ref.get("codes"), ref.get("calibration"), ref.get("test_scores")
-    numbers = lambda v: (
-        isinstance(v, list) and len(v) == 2 and all(type(s) in (int, float) and math.isfinite(s) for s in v)
-    )  # noqa: E731
+    if not (isinstance(codes, torch.Tensor) and codes.dim() == 2 and codes.shape[1] == latent_dim and len(codes)):
+        return False
+    if not (isinstance(calibration, dict) and {"elbo", "complexity", "knn", "sum"} <= set(calibration)):
+        return False
+    if not all(is_mean_and_std(v) for v in calibration.values()) or type(ref.get("local_weight")) not in (int, float):
+        return False
+    return scores is None or (isinstance(scores, torch.Tensor) and scores.dim() == 1 and len(scores) > 0)
+
+
+def is_mean_and_std(v) -> bool:
     return (
-        type(ref.get("local_weight")) in (int, float)
-        and isinstance(codes, torch.Tensor) and codes.dim() == 2 and codes.shape[1] == latent_dim and len(codes) > 0
-        and isinstance(calibration, dict) and {"elbo", "complexity", "knn", "sum"} <= set(calibration)
-        and all(numbers(v) and v[1] > 0 for v in calibration.values())
-        and (scores is None or (isinstance(scores, torch.Tensor) and scores.dim() == 1 and len(scores) > 0))
-    )  # fmt: skip
+        isinstance(v, list)
+        and len(v) == 2
+        and all(type(s) in (int, float) and math.isfinite(s) for s in v)
+        and v[1] > 0
+    )

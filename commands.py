@@ -182,10 +182,8 @@ def run_train(args) -> int:
         if args.replace:  # every check has passed: only now is the earlier run removed
             for name in RUN_FILES:
                 (folder / name).unlink(missing_ok=True)
-        if resume is not None and not best_checkpoint(folder, resumed_from).is_file():
-            print(
-                f"note: {best_checkpoint(folder, resumed_from)} is missing, so the next epoch's weights will become best.pt"
-            )
+        if resume is not None and not (best := best_checkpoint(folder, resumed_from)).is_file():
+            print(f"note: {best} is missing, so the next epoch's weights will become best.pt")
             resume["best_val_loss"] = math.inf
         images = tuple(mnist["train_images"][i] for i in split)
         run = train.start(train_config, model_config, images, folder, device, resume)
@@ -318,7 +316,8 @@ def stopped(args, run: train.Run, signum: int, folder: Path) -> int:
         message = f"stopped in epoch 1 of {run.config.epochs}, before any epoch was saved; start it again with:\n  "
         command = ["python", "main.py", *sys.argv[1:]]
     else:
-        message = f"stopped in epoch {run.epoch + 1}; {folder / 'last.pt'} holds the run up to epoch {run.epoch}. Resume with:\n  "
+        message = f"stopped in epoch {run.epoch + 1}; {folder / 'last.pt'} holds the run up to epoch {run.epoch}. "
+        message += "Resume with:\n  "
         command = resume_command(args, folder)
     print(message + shlex.join(command), file=sys.stderr, flush=True)
     return 128 + signum
@@ -464,9 +463,7 @@ def print_summary(s: torch.Tensor, labels: torch.Tensor, args, path: Path, held_
     print("  mean score by digit  " + "  ".join(f"{d}: {s[labels == d].mean():.2f}" for d in range(10)))
     if held_out is not None:
         auc = anomaly.auroc(s, labels == held_out)
-        print(
-            f"  digit {held_out} was held out of training: AUROC of telling it from the other digits by score = {auc:.4f}"
-        )
+        print(f"  digit {held_out} was held out of training: AUROC of telling it from the others by score = {auc:.4f}")
 
 
 def run_reconstruct(args) -> int:
@@ -545,12 +542,16 @@ def reconstruct_one(file: str, out: Path, model, ckpt: dict, reference, test_sco
 
 def run_demo(args) -> int:
     """python main.py demo"""
-    device = pick_device(args.device)
-    path, model, ckpt = open_model(args, device)
+    warning = demo.exposure_warning(args.host)  # an unresolvable --host is told before the model loads
+    path, model, ckpt = open_model(args, pick_device(args.device))
     reference = checked(path, anomaly.reference_of, ckpt)
-    latent_map = checked(path, evaluate.latent_map_of, ckpt)
-    page = demo.Demo(model, reference, latent_map, binarize=ckpt["config"]["binarize"])
-    return demo.serve(page, args.host, args.port)
+    page = demo.Demo(model, reference, checked(path, evaluate.latent_map_of, ckpt), ckpt["config"]["binarize"])
+    if warning:
+        print(warning)
+    server = demo.make_server(page, args.host, args.port)
+    print(f"demo ready at {demo.page_url(server)} (Ctrl-C stops it)", flush=True)
+    demo.serve(server)
+    return 0
 
 
 HANDLERS = {

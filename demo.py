@@ -4,30 +4,41 @@ The page (demo.html: HTML and JavaScript, nothing from the internet) sends the d
 server (the standard library's http.server) prepares them as `reconstruct` does, encodes, decodes and scores them:
 
     GET  /                 the page
-    GET  /api/map          the latent-space map (reference points and digit labels) and the slider directions
+    GET  /api/map          the latent map (reference points, labels, what its axes are), the slider directions, and
+                           the scores from which a digit is unusual or very unusual
     POST /api/digit        {"width": W, "height": H, "pixels": [W*H grey values in [0, 1], row by row]}
-                           -> the prepared 28x28, its reconstruction, code z, map point, score and percentile
-    POST /api/decode       {"z": [latent_dim numbers]} -> the decoded 28x28 and its map point
+                           -> the prepared 28x28, its reconstruction, code z, map point, score, percentile and verdict
+    POST /api/decode       {"z": [latent_dim numbers]} or {"point": [x, y]} (a place on the map)
+                           -> the decoded 28x28, its code z and its map point
     GET  /api/samples?n=16 n digits decoded from z ~ N(0, I) (optional &seed=S)
 
-Images travel as 28x28 lists of intensities in [0, 1]. A bad request gets a 4xx answer {"error": "..."}.
+Images travel as 28x28 lists of intensities in [0, 1]. A bad request gets a 4xx answer {"error": "..."}; HEAD works
+wherever GET does. POSTs take Content-Type: application/json.
+
+Host and Origin are checked because any web page can rename its own site to this machine's address (DNS rebinding)
+or post to it from elsewhere: the server answers only requests addressed to itself, sent from its own page or no page.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
+import math
 import random
+import socket
 import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import torch
 
 import anomaly
+import data
 import prepare
 from files import UserError
 from model import VAE
@@ -37,6 +48,9 @@ MAX_BODY = 1_000_000  # bytes; a 280x280 drawing with 2-3 decimals per value is 
 MAX_SIDE = 1000  # pixels per side of a drawing
 SAMPLES, SEED = 10, 0  # z samples and seed of the score: `python main.py reconstruct`'s defaults, so percentiles agree
 SLIDER_DIMS = 4  # latent dimensions offered as sliders, besides the two map axes
+NEAREST = 25  # reference codes averaged into the code at a clicked place of the map
+VERDICTS = (("typical", 0), ("unusual", 90), ("very unusual", 99))  # from this percentile of the test digits' scores on
+ORDINALS = ("", "2nd ", "3rd ", "4th ", "5th ", "6th ", "7th ", "8th ")
 
 
 class BadRequest(Exception):
@@ -51,17 +65,24 @@ class Demo:
     """The model and what the page needs from it. Every model call holds the lock: torch modules are not promised
     to be thread-safe, and the server answers each request on its own thread."""
 
-    def __init__(self, model: VAE, reference: dict | None, latent_map: dict | None = None, binarize: bool = False):
+    def __init__(
+        self, model: VAE, reference: dict | None, latent_map: dict | None = None, binarize: bool = False
+    ) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.reference = reference
         self.binarize = binarize
         self.method = anomaly.DEFAULT_METHOD if reference is not None else "elbo"  # the others need the reference
         self.lock = threading.Lock()
-        self.map = map_or_axes(latent_map, model.config.latent_dim)
+        self.map = map_or_first_dims(latent_map, model.config.latent_dim)
+        self.codes = reference["codes"].float().cpu() if reference is not None else None
+        self.code_points = None if self.codes is None else self.map_point(self.codes)  # the codes' places on the map
+        scores = (reference or {}).get("test_scores") if self.method == anomaly.DEFAULT_METHOD else None
+        self.test_scores = None if scores is None else scores.float().cpu()
+        self.thresholds = verdict_thresholds(self.test_scores) if self.test_scores is not None else None
 
-    def map_point(self, z: torch.Tensor) -> list[float]:
-        return ((z.cpu() - self.map["mean"]) @ self.map["axes"]).tolist()
+    def map_point(self, z: torch.Tensor) -> torch.Tensor:
+        return (z.cpu() - self.map["mean"]) @ self.map["axes"]
 
     def digit(self, gray: torch.Tensor) -> dict:
         """Prepare a drawing (H, W) as MNIST was made, then reconstruct and score it."""
@@ -70,7 +91,7 @@ class Demo:
         except prepare.ImageError as err:  # a blank drawing, say
             raise BadRequest(422, str(err)) from None
         if self.binarize:  # a model trained on binarized digits is scored on a binarized image, as reconstruct does
-            x = torch.bernoulli(x, generator=torch.Generator(device=self.device).manual_seed(SEED))
+            x = data.binarize(x, torch.Generator(device=self.device).manual_seed(SEED))
         with self.lock, torch.inference_mode():
             mu, _ = self.model.encode(x)
             reconstruction = torch.sigmoid(self.model.decode(mu))
@@ -81,22 +102,35 @@ class Demo:
             "prepared": image_list(x),
             "reconstruction": image_list(reconstruction),
             "z": mu[0].tolist(),
-            "point": self.map_point(mu[0]),
+            "point": self.map_point(mu[0]).tolist(),
             "score": value,
             "percentile": self.percentile(value),
+            "verdict": self.verdict(value),
             "method": self.method,
         }
 
     def percentile(self, value: float) -> float | None:
         """Percent of test digits scoring at most `value`; None when the checkpoint holds no test scores."""
-        if self.method != anomaly.DEFAULT_METHOD or self.reference.get("test_scores") is None:
+        return anomaly.percentile(self.test_scores, value) if self.test_scores is not None else None
+
+    def verdict(self, value: float) -> str | None:
+        """typical, unusual or very unusual, by the thresholds of verdict_thresholds; None without test scores."""
+        if self.thresholds is None:
             return None
-        return anomaly.percentile(self.reference["test_scores"], value)
+        return VERDICTS[sum(value >= threshold for threshold in self.thresholds)][0]
 
     def decode(self, z: torch.Tensor) -> dict:
         with self.lock, torch.inference_mode():
             image = torch.sigmoid(self.model.decode(z[None].to(self.device)))
-        return {"image": image_list(image), "point": self.map_point(z)}
+        return {"image": image_list(image), "z": z.tolist(), "point": self.map_point(z).tolist()}
+
+    def code_at(self, point: torch.Tensor) -> torch.Tensor:
+        """The code at a place of the map: the mean of the NEAREST reference codes there, which decodes as the digits
+        around it; with no reference codes, the place lifted back through the axes' pseudo-inverse."""
+        if self.codes is None:
+            return self.map["mean"] + point @ torch.linalg.pinv(self.map["axes"])
+        nearest = (self.code_points - point).norm(dim=1).topk(min(NEAREST, len(self.codes)), largest=False).indices
+        return self.codes[nearest].mean(0)
 
     def samples(self, n: int, seed: int) -> dict:
         with self.lock, torch.inference_mode():
@@ -104,36 +138,75 @@ class Demo:
         return {"images": [image_list(image) for image in images], "seed": seed}
 
     def map_and_sliders(self) -> dict:
-        """The map's background scatter and the directions the sliders move a code along (unit vectors, each with
-        the spread of the reference codes along it, so that a slider spans about +-3 of those)."""
-        codes = self.reference["codes"].float().cpu() if self.reference is not None else None
-        axes = self.map["axes"] / self.map["axes"].norm(dim=0).clamp_min(1e-12)
-        spread = codes.var(0) if codes is not None else torch.ones(self.model.config.latent_dim)
-        dims = spread.argsort(descending=True)[:SLIDER_DIMS].tolist()  # the most used dimensions
-        vectors = [("map axis 1", axes[:, 0]), ("map axis 2", axes[:, 1])]
-        vectors += [(f"dim {d}", torch.eye(len(spread))[d]) for d in dims]
-        directions = [
-            {"name": name, "vector": v.tolist(), "scale": (codes @ v).std().item() if codes is not None else 1.0}
-            for name, v in vectors
-        ]
+        """The map's background scatter and what its axes are, the slider directions, and the verdict thresholds."""
+        first_dims = self.map["points"].numel() == 0
+        axes = (
+            "latent dimensions z0 and z1 (this checkpoint holds no map)"
+            if first_dims
+            else "the two directions in the code space that best separate the ten digits (Fisher's discriminant)"
+        )
         return {
             "points": self.map["points"].tolist(),
             "labels": self.map["labels"].tolist(),
+            "map_axes": axes,
             "latent_dim": self.model.config.latent_dim,
             "method": self.method,
-            "directions": directions,
+            "directions": slider_directions(self.map, self.codes, self.code_points, self.model.config.latent_dim),
+            "verdicts": [name for name, _ in VERDICTS],
+            "verdict_percentiles": [p for _, p in VERDICTS[1:]],
+            "thresholds": self.thresholds,
+            "test_digits": 0 if self.test_scores is None else len(self.test_scores),
         }
 
 
-def map_or_axes(latent_map: dict | None, latent_dim: int) -> dict:
+def slider_directions(
+    space: dict, codes: torch.Tensor | None, points: torch.Tensor | None, latent_dim: int
+) -> list[dict]:
+    """What each slider moves a code along: a unit vector and the step of one slider unit (a slider spans +-3).
+
+    A map axis slider does not move the code along the axis itself: a map made before evaluate.latent_map kept to the
+    active dimensions (the shipped checkpoint's) has its axes in dimensions the decoder ignores. It moves the code the
+    way the reference codes change, on average, across the map (their least-squares regression on their map places):
+    the ring moves along that axis only, one spread of the map per unit, and the digit changes as the digits on the
+    map do. The other sliders move one of the most-used latent dimensions (largest spread of the codes) alone."""
+    if codes is None:  # the least change of code that moves the ring by one along each axis
+        lift, spread, code_spread = torch.linalg.pinv(space["axes"]), torch.ones(2), torch.ones(latent_dim)
+    else:
+        lift = torch.linalg.lstsq(points - points.mean(0), codes - codes.mean(0)).solution
+        spread, code_spread = points.std(0), codes.std(0)
+    where = ("left-right", "up-down")
+    directions = [
+        {
+            "name": f"map axis {k + 1} ({where[k]} on the map)",
+            "vector": (lift[k] / lift[k].norm()).tolist(),
+            "scale": (lift[k].norm() * spread[k]).item(),
+        }
+        for k in range(2)
+    ]
+    for rank, d in enumerate(code_spread.argsort(descending=True)[:SLIDER_DIMS].tolist()):
+        directions.append(
+            {
+                "name": f"latent z{d} (the {ORDINALS[rank]}most-used dimension)",
+                "vector": torch.eye(latent_dim)[d].tolist(),
+                "scale": code_spread[d].item(),
+            }
+        )
+    return directions
+
+
+def verdict_thresholds(test_scores: torch.Tensor) -> list[float]:
+    """The scores from which a digit is unusual and very unusual: the k-th lowest of the n test digits' scores with
+    k = ceil(p n / 100), so that a score reaches it exactly when it is at least as high as p percent of them."""
+    ranked = test_scores.sort().values
+    return [ranked[math.ceil(p * len(ranked) / 100) - 1].item() for _, p in VERDICTS[1:]]
+
+
+def map_or_first_dims(space: dict | None, latent_dim: int) -> dict:
     """The checkpoint's 2-D map of the latent space, or the first two latent dimensions with no points."""
-    if latent_map is not None:
-        m = latent_map
+    if space is not None:
         return {
-            "mean": m["mean"].float().cpu(),
-            "axes": m["axes"].float().cpu(),
-            "points": m["points"].float().cpu(),
-            "labels": m["labels"].cpu(),
+            key: space[key].cpu() if key == "labels" else space[key].float().cpu()
+            for key in ("mean", "axes", "points", "labels")
         }
     return {
         "mean": torch.zeros(latent_dim),
@@ -155,16 +228,20 @@ def reject_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")  # json accepts NaN and Infinity unless told not to
 
 
-def numbers(values, length: int, what: str) -> torch.Tensor:
-    """A flat list of `length` finite numbers as a float tensor, else BadRequest."""
+def numbers(values, length: int, what: str, limit: float = math.inf) -> torch.Tensor:
+    """A flat list of `length` finite numbers within +-limit as a float tensor, else BadRequest."""
     if not isinstance(values, list) or len(values) != length:
         raise BadRequest(400, f"{what} must be a list of {length} numbers")
+    if not all(type(v) is float or type(v) is int for v in values):  # true and false are numbers to torch.tensor
+        raise BadRequest(400, f"{what} must hold only numbers (not true, false, text or lists)")
     try:
         t = torch.tensor(values, dtype=torch.float32)
     except (TypeError, ValueError, OverflowError, RuntimeError):
         raise BadRequest(400, f"{what} must hold only numbers") from None
-    if t.dim() != 1 or not torch.isfinite(t).all():
+    if not torch.isfinite(t).all():
         raise BadRequest(400, f"{what} must hold only finite numbers")
+    if t.abs().max() > limit:  # far beyond any code; the decoder's arithmetic could overflow to NaN
+        raise BadRequest(400, f"{what} must lie within -{limit:g} to {limit:g}")
     return t
 
 
@@ -179,27 +256,97 @@ def drawing(body: dict) -> torch.Tensor:
     return gray.reshape(h, w)
 
 
+def decode_request(demo: Demo, body: dict) -> dict:
+    """{"z": code} or {"point": place on the map} -> the decoded digit."""
+    if "point" in body:
+        return demo.decode(demo.code_at(numbers(body["point"], 2, "point", limit=1000)))
+    return demo.decode(numbers(body.get("z"), demo.model.config.latent_dim, "z", limit=1000))
+
+
+def split_host(header: str) -> tuple[str | None, int | None]:
+    """A Host header's name (lower case; an IPv6 address without its brackets) and port (80 when it gives none), or
+    (None, None) when it is not of that form."""
+    if header.startswith("["):  # an IPv6 address: [::1]:8000
+        name, _, rest = header[1:].lower().partition("]")
+        if rest and not rest.startswith(":"):
+            return None, None
+        port = rest[1:] if rest else None
+    else:
+        name, colon, port = header.lower().partition(":")  # a second colon leaves the port not a number
+        port = port if colon else None
+    if not name:
+        return None, None
+    if port is None:
+        return name, 80
+    return (name, int(port)) if port.isascii() and port.isdigit() and len(port) <= 5 else (None, None)
+
+
+def is_loopback_name(name: str) -> bool:
+    try:
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def is_own_host(header: str, host: str, address: str, port: int) -> bool:
+    """Whether a request's Host header names this server, bound to `address` (the resolved --host) and `port`: on a
+    loopback address, any loopback name with the port; on one address, that address or the --host as given; on
+    every address (0.0.0.0, ::), any name, as no single one is the right one."""
+    bound = ipaddress.ip_address(address.split("%")[0])
+    if bound.is_unspecified:
+        return True
+    name, asked_port = split_host(header)
+    if name is None or asked_port != port:
+        return False
+    if bound.is_loopback:
+        return is_loopback_name(name)
+    try:
+        return name == host.lower() or ipaddress.ip_address(name) == bound
+    except ValueError:
+        return False
+
+
 class Handler(BaseHTTPRequestHandler):
-    """One request: route it, answer JSON (or the page), and turn every bad request into a 4xx."""
+    """One request: check who sent it and to whom, route it, answer JSON (or the page), and turn every bad request
+    into a 4xx."""
 
     server_version = "vae-mnist-demo"
-    timeout = 30  # seconds a client may take to send its request; a stalled one then frees its thread
-    ROUTES = {
-        "/": ("GET",),
-        "/api/map": ("GET",),
-        "/api/samples": ("GET",),
+    timeout = 30  # seconds each read or write may wait; a stalled client then frees its thread
+    deadline = 30.0  # seconds for the whole request, however it trickles in (a class attribute: tests shorten it)
+    ROUTES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "/": ("GET", "HEAD"),
+        "/api/map": ("GET", "HEAD"),
+        "/api/samples": ("GET", "HEAD"),
         "/api/digit": ("POST",),
         "/api/decode": ("POST",),
     }
 
+    def setup(self) -> None:
+        super().setup()
+        self.timer = threading.Timer(self.deadline, self.cut_off)  # a per-read timeout never fires on a byte a second
+        self.timer.daemon = True
+        self.timer.start()
+
+    def finish(self) -> None:
+        self.timer.cancel()
+        super().finish()
+
+    def cut_off(self) -> None:
+        """The deadline has passed: shut the connection, so that the thread's waiting read or write returns now."""
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass
+
     def do_GET(self) -> None:  # every method goes through answer(), which says 405 to the wrong one
         self.answer(self.command)
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
     def answer(self, method: str) -> None:
         url = urlsplit(self.path)
         try:
+            self.check_sender()
             if url.path not in self.ROUTES:
                 raise BadRequest(404, f"no such page: {url.path}")
             if method not in self.ROUTES[url.path]:
@@ -209,6 +356,20 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(200, self.api(url.path, parse_qs(url.query)))
         except BadRequest as err:
             self.send_json(err.status, {"error": str(err)})
+
+    def check_sender(self) -> None:
+        """421 for a request addressed to another site's name, 403 for one sent by another site's page."""
+        hosts = self.headers.get_all("Host") or [""]
+        server: Server = self.server
+        if len(hosts) > 1 or not is_own_host(hosts[0], server.host, server.server_address[0], server.server_port):
+            raise BadRequest(
+                421, f"this server does not answer for the host {hosts[0][:80]!r}; open the page at its own address"
+            )
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.lower() != f"http://{hosts[0]}".lower():
+            raise BadRequest(
+                403, f"requests from the page at {origin[:80]!r} are refused: only this server's own page may send them"
+            )
 
     def api(self, path: str, query: dict) -> dict:
         demo: Demo = self.server.demo
@@ -227,15 +388,13 @@ class Handler(BaseHTTPRequestHandler):
                 raise BadRequest(400, "n must be a whole number from 1 to 64, and seed one from 0 to 2**63 - 1")
             return demo.samples(int(n), int(seed))
         body = self.read_json()
-        if path == "/api/digit":
-            return demo.digit(drawing(body))
-        z = numbers(body.get("z"), demo.model.config.latent_dim, "z")
-        if z.abs().max() > 1000:  # far beyond any code; the decoder's arithmetic could overflow to NaN
-            raise BadRequest(400, "z must lie within -1000 to 1000")
-        return demo.decode(z)
+        return demo.digit(drawing(body)) if path == "/api/digit" else decode_request(demo, body)
 
     def read_json(self) -> dict:
-        """The request's JSON object: its size checked from Content-Length before anything is read."""
+        """The request's JSON object: its type and size checked from the headers before anything is read."""
+        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind != "application/json":  # a form or text/plain is what another site's page can post without asking
+            raise BadRequest(415, f"send the body as Content-Type: application/json, not {kind[:40] or 'untyped'}")
         length = self.headers.get("Content-Length")
         if length is None:
             raise BadRequest(411, "a Content-Length header is required")
@@ -256,15 +415,14 @@ class Handler(BaseHTTPRequestHandler):
         self.send(status, json.dumps(obj).encode(), "application/json")
 
     def send(self, status: int, payload: bytes, content_type: str) -> None:
-        self.close_connection = (
-            True  # one request per connection: an unread body can never be taken for the next request
-        )
+        self.close_connection = True  # one request per connection: an unread body is never taken for the next request
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        self.wfile.write(payload)
+        if self.command != "HEAD":  # HEAD: the headers GET would send, and no body
+            self.wfile.write(payload)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (a malformed request line, an unknown method) as JSON too."""
@@ -277,45 +435,65 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # Ctrl-C does not wait for open connections
 
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily, host: str) -> None:
+        self.address_family = family  # read when the socket is made, in the base class's __init__
+        self.host = host  # --host as given, a name the Host header may use
+        super().__init__(address, Handler)
+
     def handle_error(self, request, client_address) -> None:
-        if not isinstance(
-            sys.exc_info()[1], (ConnectionError, TimeoutError)
-        ):  # a closed tab or a stalled client is no bug
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a closed tab, a stalled client: no bug
             super().handle_error(request, client_address)
+
+
+def resolve(host: str, port: int) -> tuple[socket.AddressFamily, str]:
+    """The address family and numeric address --host names (a name: its first address), else a UserError."""
+    try:
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError, ValueError) as err:  # gaierror is an OSError; a bad name can be a UnicodeError
+        reason = getattr(err, "strerror", None) or str(err)
+        raise UserError(
+            f"--host {host} is unresolvable ({reason}); pass an address of this machine, such as 127.0.0.1 or ::1"
+        ) from None
+    family, _, _, _, address = found[0]
+    return family, address[0]
 
 
 def make_server(demo: Demo, host: str = "127.0.0.1", port: int = 8000) -> Server:
     """The demo's HTTP server, bound (port 0: any free port) but not yet serving."""
+    family, address = resolve(host, port)
     try:
-        server = Server((host, port), Handler)
+        server = Server((address, port), family, host)
     except OSError as err:
-        raise UserError(
-            f"cannot serve on {host}:{port} ({err.strerror or err}); pass --port with a free port (or 0 for any)"
-        ) from None
+        if err.errno in (errno.EADDRINUSE, errno.EACCES):  # the port is taken, or needs privileges
+            advice = "pass --port with a free port (or 0 for any)"
+        else:  # an address of another machine, or a family this one lacks
+            advice = "pass --host with an address of this machine, such as 127.0.0.1"
+        raise UserError(f"cannot serve on {host_port(host, port)} ({err.strerror or err}); {advice}") from None
     server.demo = demo
     return server
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def exposure_warning(host: str) -> str | None:
+    """The warning for a --host that other machines may reach (the demo has no login); None for a loopback one."""
+    _, address = resolve(host, 0)
+    if ipaddress.ip_address(address.split("%")[0]).is_loopback:
+        return None
+    return f"warning: --host {host} is not a loopback address: other machines may reach this demo, which has no login"
 
 
-def serve(demo: Demo, host: str, port: int) -> int:
-    """Serve the page until Ctrl-C."""
-    if not is_loopback(host):
-        print(
-            f"warning: --host {host} is not a loopback address: other machines may reach this demo, which has no login"
-        )
-    server = make_server(demo, host, port)
-    host, port = server.server_address[:2]
-    print(f"demo ready at http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address in brackets, as URLs write it
+
+
+def page_url(server: Server) -> str:
+    return f"http://{host_port(*server.server_address[:2])}/"
+
+
+def serve(server: Server) -> None:
+    """Serve until Ctrl-C, which ends with one line."""
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("demo stopped")
     finally:
         server.server_close()
-    return 0

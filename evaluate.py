@@ -88,22 +88,30 @@ def print_metrics(m: dict) -> None:
 def latent_map(model: VAE, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """A 2-D map of the latent space: the two directions that best separate the digits (Fisher's linear discriminant
     analysis of the posterior means of images x with their labels), where a principal-component view shows a blob.
+    Only the active dimensions (Var of the posterior mean > 0.01, as `active_units` counts them) take part: the
+    discriminant divides by the spread within each digit, so the near-constant dimensions the decoder ignores would
+    get the largest weights, and moving a code along such a map would change the ring's place but not the digit.
     A code z lands at (z - mean) @ axes; the map keeps up to MAP_POINTS of these images' positions and labels."""
     mu = torch.cat([model.encode(x[i : i + 1000])[0] for i in range(0, len(x), 1000)]).double().cpu()
     labels = labels.cpu()
-    mean = mu.mean(0)
-    within = torch.zeros(mu.shape[1], mu.shape[1], dtype=torch.float64)
+    mean, spread = mu.mean(0), mu.var(0)
+    active = spread > 0.01
+    if active.sum() < 2:  # a collapsed or untrained model: its two most varied dimensions
+        active = torch.zeros_like(active).index_fill_(0, spread.topk(2).indices, True)
+    used = mu[:, active]
+    within = torch.zeros(used.shape[1], used.shape[1], dtype=torch.float64)
     between = torch.zeros_like(within)
     for d in labels.unique():
-        codes = mu[labels == d]
-        centred, offset = codes - codes.mean(0), codes.mean(0) - mean
+        codes = used[labels == d]
+        centred, offset = codes - codes.mean(0), codes.mean(0) - used.mean(0)
         within += centred.T @ centred
         between += len(codes) * torch.outer(offset, offset)
     # solve between @ a = lambda * within @ a through the Cholesky factor of within (ridge-regularised)
     ridge = 1e-6 * within.diagonal().mean() * torch.eye(len(within), dtype=torch.float64)
     inv = torch.linalg.inv(torch.linalg.cholesky(within + ridge))
     _, vectors = torch.linalg.eigh(inv @ between @ inv.T)
-    axes = inv.T @ vectors[:, -2:].flip(1)  # the two largest eigenvalues, largest first
+    axes = torch.zeros(mu.shape[1], 2, dtype=torch.float64)
+    axes[active] = inv.T @ vectors[:, -2:].flip(1)  # the two largest eigenvalues, largest first; 0 on unused dims
     axes = axes / ((mu - mean) @ axes).std(0)  # unit spread along each axis
     points = ((mu - mean) @ axes)[:MAP_POINTS]
     return {"mean": mean.float(), "axes": axes.float(), "points": points.float(), "labels": labels[:MAP_POINTS]}

@@ -125,7 +125,8 @@ def plot_latent_space(points: torch.Tensor, labels: torch.Tensor, path: str | os
     ax.set_xlabel("discriminant direction 1")
     ax.set_ylabel("discriminant direction 2")
     ax.set_title(
-        "Latent space: test-set posterior means on the two directions\nthat best separate the digits (linear discriminant analysis)"
+        "Latent space: test-set posterior means on the two directions\n"
+        "that best separate the digits (linear discriminant analysis)"
     )
     ax.legend(title="digit", markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.grid(alpha=0.3)
