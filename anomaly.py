@@ -1,8 +1,16 @@
 """Anomaly scores: how unlike the training digits an image is (higher = stranger), the reference they compare
-against, and the test digits' scores that turn a score into a percentile.
+against, and the test digits' scores that turn a score into a percentile. The methods:
 
-In a notebook: `anomaly.score(model, images, reference=anomaly.reference_of(ckpt))` with float images
-(B, 1, 28, 28) in [0, 1] returns (B,) scores; `anomaly.percentile(reference["test_scores"], score)` ranks one.
+    elbo        the negative ELBO in nats: what the model fails to explain. Flags badly written digits, but ranks
+                simple images (a 1, a blank page) as typical whatever the model learned.
+    complexity  the negative ELBO minus LOCAL_WEIGHT times the nats a local pixel model needs (a likelihood ratio
+                against a model of stroke texture): what remains is what the VAE finds unlike a digit.
+    knn         mean distance of the image's code to its KNN_K nearest codes of training images.
+    combined    complexity and knn on one scale, guarded by elbo (see combine): the default, best on held-out digits.
+
+All but elbo need the reference the model was trained with (fit_reference), which its checkpoint holds. In a
+notebook: `anomaly.score(model, images, reference=anomaly.reference_of(ckpt))` with float images (B, 1, 28, 28) in
+[0, 1] returns (B,) scores; `anomaly.percentile(reference["test_scores"], score)` ranks one among the test digits.
 """
 
 from __future__ import annotations
@@ -23,9 +31,7 @@ from model import VAE, neg_elbo_terms, reparameterize
 
 METHODS = ("combined", "complexity", "knn", "elbo")
 DEFAULT_METHOD = "combined"
-LOCAL_WEIGHT = (
-    1.5  # a in complexity = elbo - a * local_nll, chosen on the validation-based selection set (docs/anomaly.md)
-)
+LOCAL_WEIGHT = 1.5  # a in complexity = elbo - a * local_nll, chosen on validation images (docs/anomaly.md)
 KNN_K = 5  # neighbours averaged in the latent kNN distance
 REFERENCE_IMAGES = 10_000  # training images whose codes the kNN distance compares against
 UNITS = {
@@ -136,10 +142,8 @@ def fit_reference(
     (float, any number) and validation images: the local pixel model, the codes of up to 10,000 training images, and
     the mean and std of each score over up to 1,000 validation images. Plain tensors and floats: it is stored in
     best.pt at the end of training."""
-    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:REFERENCE_IMAGES].to(
-        train_x.device
-    )
-    reference_x = train_x[pick]
+    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:REFERENCE_IMAGES]
+    reference_x = train_x[pick.to(train_x.device)]
     with torch.inference_mode():
         codes = torch.cat([model.encode(reference_x[i : i + 1000])[0] for i in range(0, len(reference_x), 1000)])
     # about four passes over the reference images at batch 64, at most 600 steps (the count for a full-size run)
@@ -173,39 +177,23 @@ def score(
     reference: dict | None = None,
     progress: str = "",
 ) -> torch.Tensor:
-    """Anomaly scores (B,) of float images (B, 1, 28, 28) in [0, 1], higher = more anomalous; on the images' device.
-
-    elbo        the negative ELBO in nats: what the model fails to explain. Flags badly written digits, but ranks
-                simple images (a 1, a blank page) as typical whatever the model learned.
-    complexity  the negative ELBO minus LOCAL_WEIGHT times the nats a local pixel model needs (a likelihood ratio
-                against a model of stroke texture): what remains is what the VAE finds unlike a digit, not merely
-                complex.
-    knn         mean distance of the image's code to its KNN_K nearest codes of training images: how far from
-                familiar ground.
-    combined    complexity and knn on one scale, guarded by elbo (see combine): the default, best on held-out digits.
-
-    All but elbo need the reference the model was trained with (fit_reference): the one its checkpoint holds,
-    reference_of(ckpt). `progress`, when given, is the description of a progress bar over the batches.
-    """
+    """Anomaly scores (B,) of float images (B, 1, 28, 28) in [0, 1] by `method` (the module's docstring), higher =
+    more anomalous, on the images' device. `progress`, when given, describes a progress bar over the batches."""
     method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise ValueError(f"unknown anomaly method {method!r}; choose one of {', '.join(METHODS)}")
     VAE.check_input(images)
     if method != "elbo" and reference is None:
         raise ValueError(
-            f"method {method!r} needs the model's anomaly reference, which its checkpoint does not hold: pass "
-            f"reference=anomaly.fit_reference(model, training_images, validation_images), or method='elbo'"
+            f"method {method!r} needs the model's anomaly reference, which its checkpoint does not hold: "
+            "pass reference=anomaly.fit_reference(model, training_images, validation_images), or "
+            "method='elbo'"
         )
     gen = torch.Generator(device=images.device).manual_seed(seed)
+    used = reference if method != "elbo" else None
     out = []
     for i in tqdm(range(0, len(images), batch_size), progress, disable=not progress):
-        parts = score_parts(
-            model,
-            images[i : i + batch_size],
-            reference=reference if method != "elbo" else None,
-            samples=samples,
-            gen=gen,
-        )
+        parts = score_parts(model, images[i : i + batch_size], reference=used, samples=samples, gen=gen)
         out.append(combine(parts, reference["calibration"]) if method == "combined" else parts[method])
     return torch.cat(out)
 

@@ -38,8 +38,8 @@ SETTINGS_HELP = {
     "seed": "seed of weights, validation split, shuffling and noise; on one machine and device the same seed gives "
     "the same run",
     "val_size": "training images held out for validation, which picks best.pt",
-    "subset": "train on only the first N training images, for quick runs (default: all)",
-    "exclude_digit": "leave this digit out of training and validation, to test anomaly detection on it (default: none)",
+    "subset": "train on only the first N training images, for quick runs",
+    "exclude_digit": "leave this digit out of training and validation, to test anomaly detection on it",
     "binarize": "binarized MNIST as in the literature: training pixels redrawn as Bernoulli(intensity) at every use, "
     "evaluation on one fixed binarization of the test set",
     "kl_warmup": "epochs over which the KL term's weight ramps from 0 to 1 (0: none); reported losses are always the "
@@ -87,23 +87,24 @@ def number(kind: type, low, high, what: str = ""):
 
 def add_settings(group, config_class: type) -> None:
     """One flag per field of TrainConfig or VAEConfig, parsed with the field's own range. Every default is None, so
-    that --resume can tell the flags given from those left out; --help shows the field's default."""
+    that --resume can tell the flags given from those left out; --help shows the field's range and default."""
     for f in fields(config_class):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        flag, meta, text = "--" + f.name.replace("_", "-"), f.metadata, SETTINGS_HELP[f.name]
         default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        text = (
-            f"{SETTINGS_HELP[f.name]} (default: {default})" if f.default not in (None, False) else SETTINGS_HELP[f.name]
-        )
+        default = {"subset": "all", "exclude_digit": "none"}.get(f.name, default)
         if isinstance(f.default, bool):
-            group.add_argument(flag, action="store_true", default=None, help=SETTINGS_HELP[f.name])
+            group.add_argument(flag, action="store_true", default=None, help=text)
         elif "choices" in meta:
-            group.add_argument(flag, choices=meta["choices"], help=text)
+            group.add_argument(flag, choices=meta["choices"], help=f"{text} (default: {default})")
         else:
             low, high = meta["range"]
-            kind, nargs = type(low), len(f.default) if isinstance(f.default, tuple) else None
+            span = f"{low:,} to {high:,}" if type(low) is int else f"{low:g} to {high:g}"
+            nargs = len(f.default) if isinstance(f.default, tuple) else None
             metavar = ("C1", "C2") if nargs else ("DECAY" if f.name == "ema" else None)
-            text = text.replace(" (default", f", {range_text(low, high)[2:]} (default")
-            group.add_argument(flag, type=number(kind, low, high), nargs=nargs, metavar=metavar, help=text)
+            kind = number(type(low), low, high)
+            group.add_argument(
+                flag, type=kind, nargs=nargs, metavar=metavar, help=f"{text} ({span}; default: {default})"
+            )
 
 
 def add_common(p: argparse.ArgumentParser, checkpoint_flag: bool = True, files: bool = True) -> None:
@@ -177,16 +178,30 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
         default=10,
         help="z samples averaged per image, 1 to 1,000 (default: 10)",
     )
-    p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed of the z samples (default: 0)")
+    add_seed(p, 0, "seed of the z samples (default: 0)")
 
 
-def train_parser(epilog: str) -> argparse.ArgumentParser:
-    p = Parser(
-        prog="main.py",
-        epilog=epilog,
-        description="Train the convolutional VAE on MNIST, keep the best "
-        "checkpoint by validation loss, then evaluate it on the test set and draw pictures.",
-    )
+DESCRIPTIONS = {
+    "train": "Train the convolutional VAE on MNIST, keep the best checkpoint by validation loss, then evaluate it on "
+    "the test set and draw pictures.",
+    "evaluate": "Test-set metrics (negative ELBO, IWAE bound, active units, KL per dimension) and pictures for a "
+    "checkpoint; writes metrics.json.",
+    "sample": "Decode z ~ N(0, I) into a grid of new digits (IMAGE_DIR/samples.png).",
+    "score": "Anomaly score (higher = stranger) of every test digit; writes anomaly_scores.csv and "
+    "IMAGE_DIR/anomalies.png.",
+    "reconstruct": "Prepare your own digit pictures as MNIST was made, reconstruct them, and score them against the "
+    "test digits.",
+    "demo": "Serve a page on which you draw a digit and watch the VAE answer: the digit as the model sees it, its "
+    "reconstruction, how unusual it is and its place in the latent space, sliders that move its code, and random "
+    "samples. Works offline; Ctrl-C stops it.",
+}
+
+
+def add_seed(p: argparse.ArgumentParser, default: int | None, what: str) -> None:
+    p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=default, help=what)
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
     add_settings(p.add_argument_group("training"), TrainConfig)
     add_settings(p.add_argument_group("model"), VAEConfig)
     g = p.add_argument_group("files and running")
@@ -210,78 +225,44 @@ def train_parser(epilog: str) -> argparse.ArgumentParser:
         "one: its best.pt, last.pt, metrics.json and anomaly_scores.csv are deleted first",
     )
     add_iwae_k(g)
-    return p
 
 
-def build_parsers() -> dict[str, argparse.ArgumentParser]:
-    epilog = "other commands: " + ", ".join(f"python main.py {c} --help" for c in COMMANDS[1:])
-    parsers = {"train": train_parser(epilog)}
-
-    p = parsers["evaluate"] = Parser(
-        prog="main.py evaluate",
-        description="Test-set metrics (negative ELBO, IWAE "
-        "bound, active units, KL per dimension) and pictures for a checkpoint; writes "
-        "metrics.json.",
-    )
-    add_common(p)
-    add_iwae_k(p)
-    add_output_dir(p, "metrics.json")
-    p.add_argument(
-        "--seed",
-        type=number(int, 0, 2**63 - 1),
-        default=None,
-        help="seed of the evaluation's z samples (default: the checkpoint's training seed)",
-    )
-
-    p = parsers["sample"] = Parser(
-        prog="main.py sample", description="Decode z ~ N(0, I) into a grid of new digits (IMAGE_DIR/samples.png)."
-    )
-    add_common(p)
-    p.add_argument("--n", type=number(int, 1, 1024), default=64, help="number of digits, 1 to 1,024 (default: 64)")
-    p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed of the z draws (default: 0)")
-
-    p = parsers["score"] = Parser(
-        prog="main.py score",
-        description="Anomaly score (higher = stranger) of every test "
-        "digit; writes anomaly_scores.csv and IMAGE_DIR/anomalies.png.",
-    )
-    add_common(p)
-    add_scoring_flags(p)
-    add_output_dir(p, "anomaly_scores.csv")
-
-    p = parsers["reconstruct"] = Parser(
-        prog="main.py reconstruct",
-        description="Prepare your own digit pictures as "
-        "MNIST was made, reconstruct them, and score them against the test digits.",
-    )
-    p.add_argument(
-        "files",
-        nargs="+",
-        metavar="FILE",
-        help="PNG/JPEG/... pictures of single digits, any size, dark-on-light or light-on-dark, drawings or photos",
-    )
-    add_common(p)
-    add_scoring_flags(p)
-
-    p = parsers["demo"] = Parser(
-        prog="main.py demo",
-        description="Serve a page on which you draw a digit and watch "
-        "the VAE answer: the digit as the model sees it, its reconstruction, how unusual it "
-        "is and its place in the latent space, sliders that move its code, and random "
-        "samples. Works offline; Ctrl-C stops it.",
-    )
+def add_demo_flags(p: argparse.ArgumentParser) -> None:
     add_common(p, files=False)
     p.add_argument(
         "--host",
         default="127.0.0.1",
         help="address to serve on; anything but a loopback address lets other machines in (default: 127.0.0.1)",
     )
-    p.add_argument(
-        "--port",
-        type=number(int, 0, 65535, "a port from 0 (any free one) to 65535"),
-        default=8000,
-        help="port to serve on (default: 8000)",
+    port = number(int, 0, 65535, "a port from 0 (any free one) to 65535")
+    p.add_argument("--port", type=port, default=8000, help="port to serve on (default: 8000)")
+
+
+def build_parsers() -> dict[str, argparse.ArgumentParser]:
+    epilog = "other commands: " + ", ".join(f"python main.py {c} --help" for c in COMMANDS[1:])
+    parsers = {c: Parser(prog=f"main.py {c}", description=DESCRIPTIONS[c]) for c in COMMANDS[1:]}
+    parsers["train"] = Parser(prog="main.py", description=DESCRIPTIONS["train"], epilog=epilog)
+    add_train_flags(parsers["train"])
+    add_common(parsers["evaluate"])
+    add_iwae_k(parsers["evaluate"])
+    add_output_dir(parsers["evaluate"], "metrics.json")
+    add_seed(parsers["evaluate"], None, "seed of the evaluation's z samples (default: the checkpoint's training seed)")
+    add_common(parsers["sample"])
+    parsers["sample"].add_argument(
+        "--n", type=number(int, 1, 1024), default=64, help="number of digits, 1 to 1,024 (default: 64)"
     )
+    add_seed(parsers["sample"], 0, "seed of the z draws (default: 0)")
+    parsers["reconstruct"].add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="PNG/JPEG/... pictures of single digits, any size, dark-on-light or light-on-dark, drawings or photos",
+    )
+    for name in ("score", "reconstruct"):
+        add_common(parsers[name])
+        add_scoring_flags(parsers[name])
+    add_output_dir(parsers["score"], "anomaly_scores.csv")
+    add_demo_flags(parsers["demo"])
     return parsers
 
 

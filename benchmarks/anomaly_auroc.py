@@ -7,14 +7,14 @@ AUROC of telling digit D apart from the other digits on two sets:
   selection  the run's validation images (negatives) against its training-split images of digit D (positives, never
              trained on): the set methods and their settings are chosen on;
   test       the 10,000 test images: digit D against the rest, reported once a method is chosen.
-and, against the test digits other than D, for out-of-distribution sets built here: uniform noise, salt noise (sparse white
-pixels), inverted test digits, blank and white images, and capital letters drawn with PIL's font and prepared the way
-MNIST was made. Lines are `name: value`, one per figure.
+and, against the test digits other than D, for out-of-distribution sets built here: uniform noise, salt noise
+(sparse white pixels), inverted test digits, blank and white images, and capital letters drawn with PIL's font and
+prepared the way MNIST was made. Lines are `name: value`, one per figure. --max-images N scores only the first N
+images of each set (a quick check of the script, not a measurement).
 """
+
 from __future__ import annotations
 
-import argparse
-import os
 import string
 import sys
 import time
@@ -29,6 +29,10 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 import anomaly  # noqa: E402
 import checkpoint  # noqa: E402
 import data  # noqa: E402
+import main as cli  # noqa: E402
+import prepare  # noqa: E402
+from benchmarks.common import add_data_dir, parser, run  # noqa: E402
+from files import UserError  # noqa: E402
 from model import VAE  # noqa: E402
 
 
@@ -39,44 +43,83 @@ def letters() -> torch.Tensor:
     for ch in string.ascii_uppercase:
         img = Image.new("L", (64, 64), 0)
         ImageDraw.Draw(img).text((12, 4), ch, fill=255, font=font)
-        ink = data.to_ink(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255))
-        out.append(data.mnist_like(ink)[None])
+        out.append(prepare.prepare_digit(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)))
     return torch.stack(out)
 
 
 def foreign_sets(test_x: torch.Tensor) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    salt = (torch.rand(500, 1, 28, 28, generator=g) < 0.05).float()
-    return {"uniform_noise": torch.rand(500, 1, 28, 28, generator=g), "salt_noise": salt, "inverted_digits": 1 - test_x[:500],
-            "blank": torch.zeros(20, 1, 28, 28), "white": torch.ones(20, 1, 28, 28), "letters": letters()}
+    return {
+        "uniform_noise": torch.rand(500, 1, 28, 28, generator=g),
+        "salt_noise": (torch.rand(500, 1, 28, 28, generator=g) < 0.05).float(),
+        "inverted_digits": 1 - test_x[:500],
+        "blank": torch.zeros(20, 1, 28, 28),
+        "white": torch.ones(20, 1, 28, 28),
+        "letters": letters(),
+    }
 
 
 def all_methods(model: VAE, x: torch.Tensor, reference: dict) -> dict[str, torch.Tensor]:
-    """Every method's scores of x, from one pass over its parts (anomaly.score computes the same, one method at a time)."""
+    """Every method's scores of x, from one pass over its parts (anomaly.score computes the same, one method at a
+    time)."""
     gen = torch.Generator().manual_seed(0)
-    parts = [anomaly.score_parts(model, x[i : i + 1000], reference, samples=10, gen=gen) for i in range(0, len(x), 1000)]
+    parts = [
+        anomaly.score_parts(model, x[i : i + 1000], reference, samples=10, gen=gen) for i in range(0, len(x), 1000)
+    ]
     parts = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return parts | {"combined": anomaly.combine(parts, reference["calibration"])}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_reference(path: Path, ckpt: dict, model: VAE, mnist: dict) -> dict:
+    """The anomaly reference best.pt stores; for a run stopped before storing it, one fitted now from the run's own
+    training and validation images, as `python main.py score` does."""
+    try:
+        reference = anomaly.reference_of(ckpt)
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from None
+    if reference is None:
+        print(f"note: {path} holds no anomaly reference; fitting one from its training split", flush=True)
+        c = checkpoint.train_config(ckpt)
+        split = data.run_split(mnist["train_labels"], c.val_size, c.seed, c.exclude_digit, c.subset)
+        train_x, val_x = (data.eval_images(mnist["train_images"][i], c.binarize, torch.device("cpu")) for i in split)
+        reference = anomaly.fit_reference(model, train_x, val_x)
+    return reference
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders holding best.pt of --exclude-digit runs")
-    p.add_argument("--data-dir", default=os.environ.get("MNIST_DIR", "data"), help="folder with the four MNIST files (default: $MNIST_DIR or data)")
-    args = p.parse_args()
-    mnist = data.load_mnist(args.data_dir, download=False)
-    test_x, test_labels = data.to_float(mnist["test_images"]), mnist["test_labels"]
-    foreign = foreign_sets(test_x)
-    for run in args.runs:
+    add_data_dir(p)
+    p.add_argument(
+        "--max-images",
+        type=cli.number(int, 100, 10**9),
+        metavar="N",
+        help="score only the first N images of each set, at least 100: a quick check (default: all)",
+    )
+    args = p.parse_args(argv)
+    n = args.max_images
+    mnist = data.load_mnist(args.data_dir)
+    test_x, test_labels = data.to_float(mnist["test_images"][:n]), mnist["test_labels"][:n]
+    train_labels = mnist["train_labels"]
+    foreign = {name: images[:n] for name, images in foreign_sets(test_x).items()}
+    for folder in args.runs:
         t0 = time.perf_counter()
-        model, ckpt = checkpoint.load_model(Path(run) / "best.pt")
-        config, digit = ckpt["config"], ckpt["config"]["exclude_digit"]
-        reference = anomaly.reference_for(ckpt, model, mnist, args.data_dir, torch.device("cpu"))
-        split = data.split_indices(len(mnist["train_labels"]), config["val_size"], config["seed"])
-        unseen = split[0][mnist["train_labels"][split[0]] == digit]  # training-split images of D: never trained on
-        _, val_idx = data.run_split(config, mnist["train_labels"])
-        negatives, positives = (all_methods(model, data.eval_images(mnist["train_images"][i], binarized=False, device=torch.device("cpu")), reference)
-                                for i in (val_idx, unseen))
+        path = Path(folder) / "best.pt"
+        if not path.is_file():
+            raise UserError(f"{folder}: holds no best.pt; pass folders of runs trained with --exclude-digit D")
+        model, ckpt = checkpoint.load_model(path)
+        config = checkpoint.train_config(ckpt)
+        digit = config.exclude_digit
+        if digit is None:
+            raise UserError(f"{path}: trained on every digit; pass runs trained with --exclude-digit D")
+        reference = run_reference(path, ckpt, model, mnist)
+        train_idx, _ = data.split_indices(len(train_labels), config.val_size, config.seed)
+        unseen = train_idx[train_labels[train_idx] == digit]  # training-split images of D: never trained on
+        _, val_idx = data.run_split(train_labels, config.val_size, config.seed, config.exclude_digit, config.subset)
+        negatives, positives = (
+            all_methods(model, data.eval_images(mnist["train_images"][i], False, torch.device("cpu")), reference)
+            for i in (val_idx[:n], unseen[:n])
+        )
         on_test = all_methods(model, test_x, reference)
         for method in anomaly.METHODS:
             scores = torch.cat([negatives[method], positives[method]])
@@ -91,7 +134,8 @@ def main() -> None:
                 is_foreign = torch.cat([torch.zeros(int(seen.sum())), torch.ones(len(images))]).bool()
                 print(f"digit_{digit}_{method}_{name}_auroc: {anomaly.auroc(both, is_foreign):.4f}")
         print(f"digit_{digit}_seconds: {time.perf_counter() - t0:.0f}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -7,10 +7,9 @@ with ReLU, a sigmoid output, summed BCE + KL, Adam at 1e-3. Trained on the same 
 (seed 1 split), for 20 epochs at batch 64 (its own defaults are 10 epochs at batch 128); like its script, the last
 epoch's weights are scored. Prints the test set's negative ELBO per image in nats, z sampled (as evaluate.py does).
 """
+
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import data  # noqa: E402
+from benchmarks.common import add_data_dir, parser, positive_int, run  # noqa: E402
 
 
 class ExamplesVAE(nn.Module):
@@ -45,14 +45,21 @@ def loss_function(recon_x, x, mu, logvar) -> torch.Tensor:
     return bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=os.environ.get("MNIST_DIR", "data"), help="folder with the four MNIST files (default: $MNIST_DIR or data)")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20, this repository's budget)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64, this repository's budget)")
-    args = p.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    add_data_dir(p)
+    p.add_argument(
+        "--epochs",
+        type=positive_int(10_000),
+        default=20,
+        help="training epochs (default: 20, this repository's budget)",
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int(60_000), default=64, help="batch size (default: 64, this repository's budget)"
+    )
+    args = p.parse_args(argv)
 
-    mnist = data.load_mnist(args.data_dir, download=False)
+    mnist = data.load_mnist(args.data_dir)
     train_idx, _ = data.split_indices(len(mnist["train_images"]), 5000, seed=1)
     train_x, test_x = mnist["train_images"][train_idx], data.to_float(mnist["test_images"])
     torch.manual_seed(1)
@@ -78,7 +85,8 @@ def main() -> None:
     print(f"batch_size: {args.batch_size}")
     print(f"test_loss: {test_loss:.3f}")
     print(f"minutes: {(time.perf_counter() - t0) / 60:.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

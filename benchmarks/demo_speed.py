@@ -3,13 +3,14 @@
     python benchmarks/demo_speed.py [--checkpoint models_mnist/best.pt] [--updates 100] [--device cpu]
 
 An update is what the server does for each POST /api/digit: parse the JSON body of a 280x280 drawing (as the page
-sends it), prepare it as MNIST was made, encode, decode, and score it with the default method (10 z samples, seed 0,
-as `python main.py reconstruct`). The drawings are random pen strokes, 18 px wide like the page's. Prints
-`median_ms: X` and `p95_ms: Y` for whole updates, and the same for the score alone; the page feels live under 100 ms.
+sends it), then demo.Demo.digit: prepare it as MNIST was made, encode, decode, and score it with the default method
+(10 z samples, seed 0, as `python main.py reconstruct`). The drawings are random pen strokes, 18 px wide like the
+page's. Prints `median_ms: X` and `p95_ms: Y` for whole updates, and the same for the score alone; the page feels
+live under 100 ms.
 """
+
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -23,7 +24,10 @@ import torch  # noqa: E402
 import anomaly  # noqa: E402
 import checkpoint  # noqa: E402
 import demo  # noqa: E402
-import utils  # noqa: E402
+import prepare  # noqa: E402
+from benchmarks.common import parser, positive_int, run  # noqa: E402
+from commands import pick_device  # noqa: E402
+from files import UserError  # noqa: E402
 
 
 def pen_drawing(gen: torch.Generator, size: int = 280, width: float = 18.0) -> torch.Tensor:
@@ -43,45 +47,71 @@ def request_body(gray: torch.Tensor) -> bytes:
     return json.dumps({"width": gray.shape[1], "height": gray.shape[0], "pixels": pixels}).encode()
 
 
+def reject_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_drawing(payload: bytes) -> torch.Tensor:
+    """What the server does with the body before the model sees it: JSON to a (height, width) float tensor."""
+    body = json.loads(payload, parse_constant=reject_constant)
+    return torch.tensor(body["pixels"], dtype=torch.float32).reshape(body["height"], body["width"])
+
+
 def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
     ms = sorted(1000 * s for s in seconds)
     return statistics.median(ms), ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=checkpoint.DEFAULT, help="checkpoint to time (default: "
-                        f"{checkpoint.DEFAULT}; until training has written it, the shipped one)")
-    parser.add_argument("--updates", type=int, default=100, help="timed updates, each of another drawing (default: 100)")
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to compute (default: cpu)")
-    args = parser.parse_args()
+def open_demo(path: Path, device: torch.device) -> demo.Demo:
+    """The demo as `python main.py demo` sets it up for this checkpoint."""
+    model, ckpt = checkpoint.load_model(path, device)
+    print(f"checkpoint: {checkpoint.describe(path, ckpt)}")
     try:
-        app = demo.load(checkpoint.for_use(args.checkpoint), args.device)
-    except utils.UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        reference = anomaly.reference_of(ckpt)
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from None
+    return demo.Demo(model, reference, ckpt.get("latent_map"), binarize=ckpt["config"]["binarize"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--checkpoint",
+        default=checkpoint.DEFAULT,
+        help=f"checkpoint to time (default: {checkpoint.DEFAULT}; until training has written it, the shipped one)",
+    )
+    p.add_argument(
+        "--updates", type=positive_int(), default=100, help="timed updates, each of another drawing (default: 100)"
+    )
+    p.add_argument(
+        "--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to compute (default: cpu)"
+    )
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    app = open_demo(checkpoint.for_use(args.checkpoint), device)
     gen = torch.Generator().manual_seed(0)
     bodies = [request_body(pen_drawing(gen)) for _ in range(args.updates + 3)]
 
-    def update(payload: bytes) -> dict:
-        return app.digit(demo.drawing(json.loads(payload, parse_constant=demo.reject_constant)))
-
     for payload in bodies[:3]:  # warm up: first calls allocate and pick kernels
-        update(payload)
+        app.digit(parse_drawing(payload))
     update_s, score_s = [], []
     for payload in bodies[3:]:
         t0 = time.perf_counter()
-        answer = update(payload)
+        app.digit(parse_drawing(payload))
         update_s.append(time.perf_counter() - t0)
-        x = torch.tensor(answer["prepared"], device=app.device)[None, None]
+        x = prepare.prepare_digit(parse_drawing(payload))[None].to(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            anomaly.score(app.model, x, method=app.method, samples=demo.SAMPLES, seed=demo.SEED, reference=app.reference)
+            anomaly.score(
+                app.model, x, method=app.method, samples=demo.SAMPLES, seed=demo.SEED, reference=app.reference
+            )
         score_s.append(time.perf_counter() - t0)
     median, p95 = percentiles_ms(update_s)
     score_median, score_p95 = percentiles_ms(score_s)
-    print(f"{args.updates} updates of 280x280 drawings on {app.device} ({torch.get_num_threads()} threads), method {app.method}, "
-          f"{demo.SAMPLES} z samples, {app.model.config.latent_dim}-dim latent")
+    print(
+        f"{args.updates} updates of 280x280 drawings on {device} ({torch.get_num_threads()} threads), "
+        f"method {app.method}, {demo.SAMPLES} z samples, {app.model.config.latent_dim}-dim latent"
+    )
     print(f"median_ms: {median:.1f}")
     print(f"p95_ms: {p95:.1f}")
     print(f"score_median_ms: {score_median:.1f}")
@@ -90,4 +120,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

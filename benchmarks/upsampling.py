@@ -8,9 +8,9 @@ multiply-adds. This times both, forward + backward at batch 64 (channels-last on
 each place the default model has them, and prints `name: value` lines (milliseconds, median of the timed windows,
 the two alternated window by window so that a drifting machine affects both alike).
 """
+
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -21,9 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import utils  # noqa: E402
-from main import positive_int  # noqa: E402
-from benchmarks.train_speed import sync  # noqa: E402
+from benchmarks.common import parser, positive_int, run, sync  # noqa: E402
+from commands import pick_device  # noqa: E402
 from model import VAEConfig  # noqa: E402
 
 
@@ -45,15 +44,19 @@ def timed(layer: nn.Module, x: torch.Tensor, steps: int, device: torch.device) -
     return (time.perf_counter() - t) / steps * 1e3
 
 
-def main_() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--windows", type=positive_int, default=7, help="timed windows per layer; the median is reported (default: 7)")
-    p.add_argument("--steps", type=positive_int, default=30, help="forward + backward passes per window (default: 30)")
-    args = p.parse_args()
+    p.add_argument("--batch-size", type=positive_int(4096), default=64)
+    p.add_argument(
+        "--windows", type=positive_int(), default=7, help="timed windows per layer; the median is reported (default: 7)"
+    )
+    p.add_argument(
+        "--steps", type=positive_int(), default=30, help="forward + backward passes per window (default: 30)"
+    )
+    args = p.parse_args(argv)
 
-    device = utils.pick_device(args.device)
+    device = pick_device(args.device)
     torch.set_flush_denormal(True)
     fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     print(f"device: {device}")
@@ -63,7 +66,9 @@ def main_() -> None:
         x = torch.randn(args.batch_size, c_in, size, size, device=device).to(memory_format=fmt).requires_grad_()
         layers = {
             "transposed_conv": nn.ConvTranspose2d(c_in, c_out, 4, 2, 1),
-            "upsample_conv": nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1)),
+            "upsample_conv": nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1)
+            ),
         }
         layers = {name: layer.to(device).to(memory_format=fmt) for name, layer in layers.items()}
         shapes = {tuple(layer(x).shape) for layer in layers.values()}
@@ -79,7 +84,8 @@ def main_() -> None:
         for name in layers:
             print(f"{name}_{place}_ms: {median[name]:.3f}")
         print(f"upsample_conv_over_transposed_{place}: {median['upsample_conv'] / median['transposed_conv']:.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main_()
+    run(main)
