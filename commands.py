@@ -77,29 +77,38 @@ def load_data(data_dir: str) -> dict[str, torch.Tensor]:
 
 def download_mnist(data_dir: Path) -> None:
     """Fetch the four files with torchvision's MNIST (its mirrors, with progress) into data_dir/MNIST/raw; when that
-    fails (offline, say), one line naming what is missing and how to supply it, and no empty folders left behind."""
+    fails (offline, say), one line naming what is missing and how to supply it. A file that did not arrive whole is
+    deleted, and no empty folder is left behind, so the next run downloads again."""
     from torchvision.datasets import MNIST
+    from torchvision.datasets.utils import check_integrity
 
     raw_dir = (data_dir / "MNIST" / "raw").absolute()
     made = [p for p in (raw_dir, *raw_dir.parents) if not p.exists()]  # folders the download creates, innermost first
     print(f"{where_missing(data_dir)}; downloading MNIST with torchvision ...", flush=True)
     try:
         MNIST(str(data_dir), train=True, download=True)
-    except (RuntimeError, OSError, ValueError) as err:  # torchvision wraps every failed mirror in RuntimeError
+    except BaseException as err:  # a Ctrl-C mid-download too: clean up, then let it end the command
+        for name, md5 in MNIST.resources:
+            if (raw_dir / name).is_file() and not check_integrity(str(raw_dir / name), md5):
+                (raw_dir / name).unlink()
         for p in made:
             if p.exists() and not any(p.iterdir()):
                 p.rmdir()
-        text = " ".join(str(err).split())
-        got = re.search(r"got: (.+?)(?= Tried |$)", text)  # torchvision: "... Tried <mirror>, got: <error> ..."
-        missing = data.missing_files(data_dir)  # the download may have fetched some before it failed
-        names = f"{data.join_names(missing)} (.gz or not)"
-        fix = f"copy {names} into a folder and pass --data-dir FOLDER"
-        if len(missing) < len(data.MNIST_FILES):
-            fix = f"copy {names} into {data_dir}, or pass --data-dir FOLDER holding all four files"
-        reason = got.group(1) if got else text[:160]
-        raise data.DataError(
-            f"{where_missing(data_dir)}, and the download failed ({reason}); if you are offline, {fix}"
-        )
+        if not isinstance(err, (RuntimeError, OSError, ValueError)):  # torchvision wraps a failed mirror in these
+            raise
+        raise data.DataError(download_failure(data_dir, err)) from None
+
+
+def download_failure(data_dir: Path, err: Exception) -> str:
+    text = " ".join(str(err).split())
+    got = re.search(r"got: (.+?)(?= Tried |$)", text)  # torchvision: "... Tried <mirror>, got: <error> ..."
+    missing = data.missing_files(data_dir)  # the download may have fetched some before it failed
+    names = f"{data.join_names(missing)} (.gz or not)"
+    fix = f"copy {names} into a folder and pass --data-dir FOLDER"
+    if len(missing) < len(data.MNIST_FILES):
+        fix = f"copy {names} into {data_dir}, or pass --data-dir FOLDER holding all four files"
+    reason = got.group(1) if got else text[:160]
+    return f"{where_missing(data_dir)}, and the download failed ({reason}); if you are offline, {fix}"
 
 
 def where_missing(data_dir: Path) -> str:
@@ -192,8 +201,8 @@ def run_train(args) -> int:
         else:
             with StopOnSignal() as stop:
                 run = train.train(run, should_stop=stop.requested, show_progress=args.progress)
-            if run.epoch < train_config.epochs:
-                return stopped(args, run, stop.signum, folder)
+            if stop.requested():  # also when the signal came as the last epoch was saved: no evaluation then
+                return stopped(args, run, stop.signum, folder, resumed_from)
         return final_evaluation(args, folder, resumed_from, mnist, split, device)
 
 
@@ -310,22 +319,24 @@ class StopOnSignal:
             signal.signal(s, signal.SIG_IGN if self.signum is not None else handler)
 
 
-def stopped(args, run: train.Run, signum: int, folder: Path) -> int:
+def stopped(args, run: train.Run, signum: int, folder: Path, resumed_from: Path | None) -> int:
     """Say where a stopped run stands and the command that continues it (on stderr: stdout may have gone)."""
-    if run.epoch == 0:
-        message = f"stopped in epoch 1 of {run.config.epochs}, before any epoch was saved; start it again with:\n  "
+    last = folder / "last.pt" if (folder / "last.pt").is_file() else resumed_from
+    if last is None:
+        message = f"stopped in epoch 1 of {run.config.epochs}, before any epoch was saved; start it again with:"
         command = ["python", "main.py", *sys.argv[1:]]
     else:
-        message = f"stopped in epoch {run.epoch + 1}; {folder / 'last.pt'} holds the run up to epoch {run.epoch}. "
-        message += "Resume with:\n  "
-        command = resume_command(args, folder)
-    print(message + shlex.join(command), file=sys.stderr, flush=True)
+        done = f"the run up to epoch {run.epoch}" + (", not yet evaluated" if run.epoch == run.config.epochs else "")
+        message = f"stopped in epoch {min(run.epoch + 1, run.config.epochs)}; {last} holds {done}. Resume with:"
+        command = resume_command(args, last, folder)
+    print(f"{message}\n  {shlex.join(command)}", file=sys.stderr, flush=True)
     return 128 + signum
 
 
-def resume_command(args, folder: Path) -> list[str]:
-    """The command line that continues this run, with the folders and device it was given."""
-    parts = ["python", "main.py", "--resume", str(folder / "last.pt")]
+def resume_command(args, last: Path, folder: Path) -> list[str]:
+    """The command line that continues this run from `last`, with the folders and device it was given."""
+    parts = ["python", "main.py", "--resume", str(last)]
+    parts += ["--checkpoint-dir", str(folder)] if last.parent != folder else []
     for flag, default in (("data_dir", "data"), ("image_dir", "images"), ("device", "auto")):
         if getattr(args, flag) != default:
             parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]

@@ -1,0 +1,200 @@
+"""The core with oracles: KL, BCE, reparameterization, the IWAE bound and the mean ELBO against hand-derived values and
+independent computations; the model's door; the settings' checks; the weight average with batch norm."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from helpers import tiny_images, tiny_model
+from torch.distributions import Normal
+from torch.optim.swa_utils import AveragedModel
+
+import checkpoint
+import config
+import model
+import train
+from config import TrainConfig
+from model import VAE, VAEConfig
+
+
+def manual_bce(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # -sum(x log p + (1-x) log(1-p)) per image
+    p, x = torch.sigmoid(logits.double()), x.double()
+    return -(x * p.log() + (1 - x) * (1 - p).log()).flatten(1).sum(1)
+
+
+def test_kl_per_dim_equals_hand_derived_values():
+    mu = torch.tensor([[0.0, 1.0, 0.0, 2.0]], dtype=torch.float64)
+    logvar = torch.tensor([[0.0, 0.0, math.log(2.0), -1.0]], dtype=torch.float64)
+    # KL(N(m, v) || N(0, 1)) = (m^2 + v - 1 - log v) / 2, worked out for each pair
+    expected = [0.0, 0.5, (1 - math.log(2.0)) / 2, (4 + math.exp(-1) - 1 + 1) / 2]
+    assert model.kl_per_dim(mu, logvar)[0].tolist() == pytest.approx(expected, abs=1e-12)
+    assert torch.equal(model.kl_per_dim(torch.zeros(3, 5), torch.zeros(3, 5)), torch.zeros(3, 5))
+
+
+def test_neg_elbo_terms_equal_the_manual_bernoulli_nll_and_summed_kl():
+    gen = torch.Generator().manual_seed(1)
+    logits = 3 * torch.randn(4, 1, 28, 28, generator=gen, dtype=torch.float64)
+    x = (1.6 * torch.rand(4, 1, 28, 28, generator=gen, dtype=torch.float64) - 0.3).clamp(0, 1)  # 0, 1 and between
+    mu, logvar = torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    bce, kl = model.neg_elbo_terms(logits, x, mu, logvar)
+    torch.testing.assert_close(bce, manual_bce(logits, x), rtol=1e-10, atol=0)
+    torch.testing.assert_close(kl, (0.5 * (mu**2 + logvar.exp() - 1 - logvar)).sum(1), rtol=1e-12, atol=0)
+
+
+def test_reparameterize_is_mu_plus_sigma_eps_passes_gradients_and_forward_uses_it():
+    mu, logvar, eps = torch.randn(3, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mu, logvar = mu.requires_grad_(), logvar.requires_grad_()
+    z = model.reparameterize(mu, logvar, eps=eps)
+    torch.testing.assert_close(z, mu + torch.exp(logvar / 2) * eps, rtol=0, atol=1e-12)
+    z.sum().backward()
+    assert torch.equal(mu.grad, torch.ones_like(mu))  # dz/dmu = 1
+    torch.testing.assert_close(logvar.grad, 0.5 * eps * torch.exp(logvar.detach() / 2))  # dz/dlogvar = eps sigma / 2
+    m, x, eps = tiny_model(), tiny_images(3), eps[:, :2].repeat(1, 4).float()  # forward decodes the noise it is given
+    with torch.no_grad():
+        (mu, logvar), (logits, _, _) = m.encode(x), m(x, eps=eps)
+        torch.testing.assert_close(logits, m.decode(mu + eps * torch.exp(logvar / 2)), rtol=0, atol=1e-6)
+        assert not torch.allclose(logits, m(x, eps=-eps)[0])
+
+
+def shifted_model(seed: int = 0) -> VAE:  # an untrained model whose posterior is far from N(0, I)
+    m = tiny_model(seed)
+    encode = m.encode
+    m.encode = lambda x: (lambda mu, lv: (mu + 1.0, lv - 2.0))(*encode(x))
+    return m
+
+
+def test_iwae_at_k1_equals_the_single_sample_neg_elbo_with_the_same_noise():
+    m, x = shifted_model(), tiny_images(5, seed=3)
+    nll = model.iwae_nll(model.iwae_log_weights(m, x, 1, generator=torch.Generator().manual_seed(7)))
+    eps = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(7))[0]  # the draw the bound makes
+    with torch.no_grad():
+        mu, logvar = m.encode(x)
+        z = mu + eps * torch.exp(logvar / 2)
+        prior, posterior = Normal(0.0, 1.0), Normal(mu.double(), torch.exp(logvar.double() / 2))
+        # -(log p(x|z) + log p(z) - log q(z|x)), each density from torch.distributions
+        log_ratio = (posterior.log_prob(z.double()) - prior.log_prob(z.double())).sum(1)
+        expected = manual_bce(m.decode(z), x) + log_ratio
+    assert log_ratio.abs().min() > 1  # the prior and posterior terms are large enough to matter
+    torch.testing.assert_close(nll.double(), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_iwae_bound_does_not_depend_on_chunk_and_tightens_with_k():
+    m, x = shifted_model(1), tiny_images(48, seed=4)
+    bound = lambda k, chunk=None, seed=11: model.iwae_nll(  # noqa: E731
+        model.iwae_log_weights(m, x, k, generator=torch.Generator().manual_seed(seed), chunk=chunk)
+    )
+    reference = bound(9, chunk=10_000)
+    for chunk in (1, 7, 100):  # passes of 1, 1 and 2 samples per image
+        torch.testing.assert_close(bound(9, chunk=chunk), reference, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(bound(9, seed=12), reference)
+    with torch.no_grad():  # the negative ELBO (exact KL), averaged over 20 draws
+        draws = [m(x, generator=torch.Generator().manual_seed(s)) for s in range(20)]
+        neg_elbo = torch.stack([sum(model.neg_elbo_terms(lg, x, mu, lv)) for lg, mu, lv in draws]).mean()
+    k1, k50 = bound(1, seed=1).mean(), bound(50, seed=2).mean()
+    assert k50 < neg_elbo and k50 < k1, (float(k50), float(neg_elbo), float(k1))
+
+
+def test_mean_neg_elbo_equals_the_per_batch_sum_by_hand_and_repeats_for_a_seed():
+    m, x = tiny_model(), tiny_images(7, seed=5)
+    got = model.mean_neg_elbo(m, x, seed=4, batch_size=3)
+    gen, bce_sum, kl_sum = torch.Generator().manual_seed(4), 0.0, 0.0
+    with torch.no_grad():
+        for xb in (x[0:3], x[3:6], x[6:7]):  # batches of 3, 3 and 1, each drawing its own noise in turn
+            mu, logvar = m.encode(xb)
+            z = mu + torch.randn(len(xb), 8, generator=gen) * torch.exp(logvar / 2)
+            bce_sum += manual_bce(m.decode(z), xb).sum().item()
+            kl_sum += (0.5 * (mu**2 + logvar.exp() - 1 - logvar)).sum().item()
+    assert got["bce"] == pytest.approx(bce_sum / 7, rel=1e-5) and got["kl"] == pytest.approx(kl_sum / 7, rel=1e-5)
+    assert got["loss"] == pytest.approx(got["bce"] + got["kl"], rel=1e-12)
+    assert model.mean_neg_elbo(m, x, 4, 3) == got and model.mean_neg_elbo(m, x, 5, 3)["bce"] != got["bce"]
+
+
+@pytest.mark.parametrize(
+    "x",
+    [torch.zeros(2, 28, 28), torch.zeros(2, 3, 28, 28), torch.zeros(2, 1, 32, 32), torch.zeros(1, 1, 28, 28).long()]
+    + [torch.zeros(2, 1, 28, 28, dtype=torch.uint8), [[0.0] * 28] * 28],
+    ids=["no-channel", "rgb", "32x32", "int64", "uint8", "list"],
+)
+@pytest.mark.parametrize("method", ["forward", "encode", "reconstruct"])
+def test_the_model_refuses_wrong_shapes_and_dtypes(x, method):
+    with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
+        getattr(tiny_model(), method)(x)
+
+
+def test_vae_config_round_trips_through_the_checkpoint_config():
+    original = VAEConfig(latent_dim=5, channels=(4, 12), hidden_dim=0, fc_layers=3, activation="gelu", norm="batch")
+    stored = checkpoint.config_dict(TrainConfig(seed=9, subset=300), original)
+    assert stored["channels"] == [4, 12] and stored["seed"] == 9 and stored["subset"] == 300
+    assert VAEConfig(**{k: stored[k] for k in VAEConfig.__dataclass_fields__}) == original
+    assert TrainConfig(**{k: stored[k] for k in TrainConfig.__dataclass_fields__}) == TrainConfig(seed=9, subset=300)
+
+
+BAD_SETTINGS = {  # setting -> values its check must refuse
+    "latent_dim": [0, 32.0, True, "8"],
+    "channels": [(8, 16, 32), (8, 16.0), 8],
+    "activation": ["x"],
+    "norm": ["layer"],
+    "binarize": [1],
+    "lr": [math.nan, 0.0],
+    "ema": [1.0],
+    "exclude_digit": [10],
+}
+
+
+@pytest.mark.parametrize("name,value", [(name, v) for name, values in BAD_SETTINGS.items() for v in values])
+def test_check_refuses_bad_settings_naming_them(name, value):
+    kind = VAEConfig if name in VAEConfig.__dataclass_fields__ else TrainConfig
+    with pytest.raises(ValueError) as err:
+        config.check(kind(**{name: value}))
+    assert str(err.value).startswith(f"{name} must be"), err.value
+
+
+def test_check_accepts_the_defaults_and_refuses_an_architecture_over_the_limit(monkeypatch):
+    config.check(VAEConfig())
+    config.check(TrainConfig())
+    with pytest.raises(ValueError, match="50,000,000.*hidden_dim"):
+        config.check(VAEConfig(hidden_dim=16384, fc_layers=16))  # billions of weights, counted without allocating them
+    count = VAEConfig().parameter_count()
+    monkeypatch.setattr(config, "MAX_PARAMETERS", count)
+    config.check(VAEConfig())  # exactly at the limit: allowed
+    monkeypatch.setattr(config, "MAX_PARAMETERS", count - 1)
+    with pytest.raises(ValueError, match=f"{count:,} weights"):
+        config.check(VAEConfig())
+
+
+def test_parameter_count_on_the_meta_device_equals_the_real_count():
+    # by hand: two 4x4 convs 1->1 (17 each), Linear(49, 4) (200), Linear(2, 49) (147), two 4x4 transposed convs (17)
+    assert VAEConfig(latent_dim=2, channels=(1, 1), hidden_dim=0, res_blocks=0, out_conv=0).parameter_count() == 415
+    base = dict(latent_dim=4, channels=(4, 8), hidden_dim=16, out_conv=4)
+    for settings in ({}, dict(fc_layers=2, res_blocks=2, norm="batch"), dict(hidden_dim=0, out_conv=0)):
+        c = VAEConfig(**base | settings)
+        built = VAE(c)
+        assert c.parameter_count() == sum(p.numel() for p in built.parameters())
+        assert not any(p.is_meta for p in built.parameters())  # counting left later models real
+
+
+def test_weight_average_with_batch_norm_ramps_its_decay_and_copies_counters():
+    torch.manual_seed(0)
+    m = VAE(VAEConfig(latent_dim=4, channels=(4, 8), hidden_dim=0, res_blocks=0, out_conv=0, norm="batch"))
+    average = AveragedModel(m, multi_avg_fn=functools.partial(train.ema_with_warmup, decay=0.9), use_buffers=True)
+    norms = lambda net: [x for x in net.modules() if isinstance(x, torch.nn.BatchNorm2d)]  # noqa: E731
+    floats = lambda net: [*net.parameters(), *(x.running_mean for x in norms(net))]  # noqa: E731
+    expected = []
+    for step in range(30):
+        with torch.no_grad():
+            for t in floats(m):
+                t.add_(1.0)  # the live weights and statistics move on; the average trails them
+        for x in norms(m):
+            x.num_batches_tracked += 1
+        average.update_parameters(m)
+        live = [t.detach().clone() for t in floats(m)]
+        decay = 0.0 if step == 0 else min(0.9, (1 + step) / (10 + step))  # copy, then 2/11, 3/12, ... up to 0.9
+        expected = [decay * e + (1 - decay) * t for e, t in zip(expected if step else live, live)]
+    for e, a, t in zip(expected, floats(average.module), live):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-4)
+        assert (t - a).min() > 1
+    counters = [x.num_batches_tracked for x in norms(average.module)]
+    assert len(counters) == 3 and all(int(c) == 30 for c in counters)  # integers copied, not averaged
