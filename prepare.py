@@ -75,6 +75,8 @@ def read_picture(path: str | os.PathLike) -> torch.Tensor:
 
 def check_regular_file(path: str | os.PathLike) -> None:
     """A FIFO, device or socket is refused without being opened: reading one could wait forever."""
+    if not isinstance(path, (str, bytes, os.PathLike)):  # an open file object: the caller chose it
+        return
     mode = os.stat(path).st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder gets its own message from open()
         raise ImageError("not a regular file (a pipe, device or socket); give a PNG or JPEG of a single digit")
