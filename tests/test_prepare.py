@@ -166,6 +166,7 @@ def test_empty_file_folder_and_unreadable_file(tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
     monkeypatch.setattr(Image, "open", denied)
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG")
     one_line_image_error(tmp_path / "secret.png", "Permission denied", "permissions")
 
 
