@@ -28,6 +28,7 @@ import hashlib
 import io
 import math
 import os
+import pickle
 import platform
 import zipfile
 from contextlib import contextmanager
@@ -78,7 +79,7 @@ def load(path: str | os.PathLike, flag: str = "--checkpoint", resume: bool = Fal
             check_weights(ckpt[key], expected, key)
         check_history(ckpt)
         if resume:
-            check_resumable(ckpt)
+            check_resumable(ckpt, path)
     return ckpt
 
 
@@ -101,7 +102,17 @@ def refused(path: Path):
         yield
     except CheckpointError:
         raise
-    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError, EOFError, OSError) as err:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        IndexError,
+        EOFError,
+        OSError,
+    ) as err:
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         if "Unsupported global" in reason or "Weights only load failed" in reason:
             reason = "it contains pickled objects that are not plain tensors or values, so it was refused unread"
@@ -130,10 +141,15 @@ def check_archive(path: Path, flag: str) -> int:
     pickled = sum(r.file_size for r in records if r.filename.endswith(".pkl"))
     if any(r.compress_type != zipfile.ZIP_STORED for r in records) or total > path.stat().st_size:
         raise CheckpointError(f"{path}: holds compressed records, which torch.save never writes; refused unread")
-    if total > MAX_BYTES or pickled > MAX_PICKLE_BYTES:
+    if total > MAX_BYTES:
         raise CheckpointError(
             f"{path}: {total:,} bytes of data, more than a checkpoint of the largest model this "
             f"program trains holds ({MAX_BYTES:,}); refused unread"
+        )
+    if pickled > MAX_PICKLE_BYTES:
+        raise CheckpointError(
+            f"{path}: its pickled structure is {pickled:,} bytes, more than the {MAX_PICKLE_BYTES:,} "
+            "a checkpoint needs; refused unread"
         )
     return sum(r.file_size for r in records if "/data/" in r.filename)
 
@@ -224,15 +240,15 @@ def check_history(ckpt: dict) -> None:
         raise ValueError("its history is not a list of per-epoch losses")
 
 
-def check_resumable(ckpt: dict) -> None:
+def check_resumable(ckpt: dict, path: Path) -> None:
     """What --resume restores: the training state, Adam's moments shaped as the weights, usable generator states."""
     missing = [key for key in RESUME_KEYS if key not in ckpt]
     if ckpt["config"]["ema"] and "train_weights" not in ckpt:
         missing.append("train_weights")
     if missing:
-        raise ValueError(
-            f"it holds weights but no training state ({', '.join(missing)} missing), so it cannot be "
-            "resumed; use it with `evaluate`/`sample`/`score`, or start a new run without --resume"
+        raise CheckpointError(
+            f"{path}: holds weights but no training state ({', '.join(missing)} missing), so it "
+            "cannot be resumed; use it with evaluate, sample or score, or start a new run without --resume"
         )
     epoch = ckpt["epoch"]
     if type(epoch) is not int or not 1 <= epoch <= ckpt["config"]["epochs"] or len(ckpt["history"]) != epoch:

@@ -543,7 +543,8 @@ def reconstruct_one(file: str, out: Path, model, ckpt: dict, reference, test_sco
         xb = data.binarize(xb, torch.Generator(device=xb.device).manual_seed(args.seed))
     value = anomaly.score(model, xb, args.method, args.samples, args.seed, reference=reference).item()
     rank = anomaly.percentile(test_scores, value)
-    title = f"{Path(file).name}: {args.method} score {value:.1f}, above {rank:.1f}% of test digits"
+    name = os.fsencode(Path(file).name).decode(errors="replace")  # a name of any bytes, drawn as text
+    title = f"{name}: {args.method} score {value:.1f}, above {rank:.1f}% of test digits"
     utils.plot_user_reconstruction(original, xb[0], model.reconstruct(xb)[0], title, out)
     print(f"{file}: {args.method} score {value:.2f}, percentile {rank:.1f} among test digits; wrote {out}", flush=True)
 
@@ -559,9 +560,7 @@ def run_demo(args) -> int:
     page = demo.Demo(model, reference, checked(path, evaluate.latent_map_of, ckpt), ckpt["config"]["binarize"])
     if warning:
         print(warning)
-    server = demo.make_server(page, args.host, args.port)
-    print(f"demo ready at {demo.page_url(server)} (Ctrl-C stops it)", flush=True)
-    demo.serve(server)
+    demo.serve(demo.make_server(page, args.host, args.port))
     return 0
 
 

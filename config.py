@@ -56,7 +56,4 @@ def check(config) -> None:
         if not all(type(v) in kinds and low <= v <= high for v in items):  # a NaN fails low <= v
             raise ValueError(f"{f.name} must be {range_text(low, high)}, got {value!r}")
     if isinstance(config, VAEConfig) and (count := config.parameter_count()) > MAX_PARAMETERS:
-        raise ValueError(
-            f"these settings make {count:,} weights, more than the {MAX_PARAMETERS:,} this program trains; "
-            "choose smaller channels, hidden_dim, fc_layers or res_blocks"
-        )
+        raise ValueError(f"these settings make {count:,} weights, more than the {MAX_PARAMETERS:,} this program trains")

@@ -490,8 +490,9 @@ def page_url(server: Server) -> str:
 
 
 def serve(server: Server) -> None:
-    """Serve until Ctrl-C, which ends with one line."""
+    """Say where the page is, then serve until Ctrl-C, which ends with one line."""
     try:
+        print(f"demo ready at {page_url(server)} (Ctrl-C stops it)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         print("demo stopped")

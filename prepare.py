@@ -57,7 +57,7 @@ def read_picture(path: str | os.PathLike) -> torch.Tensor:
             with Image.open(path) as img:
                 check_picture_size(*img.size)  # from the header, before the pixels are decoded
                 if getattr(img, "n_frames", 1) > 1:  # an animated GIF, a multi-page TIFF
-                    print(f"note: {os.fsdecode(path)} holds {img.n_frames} frames; only the first is used")
+                    print(f"note: {os.fsdecode(path)} holds {img.n_frames} frames; only the first frame is used")
                 return intensities(ImageOps.exif_transpose(img))  # phones store the picture sideways plus a tag
     except FileNotFoundError:
         raise ImageError("no such file") from None

@@ -1,0 +1,299 @@
+"""checkpoint.load as the one door for files: what a run writes comes back as it was, and anything else (a foreign
+file, pickled code, an old format, damaged or edited values, a few kB that claim gigabytes) is refused in one
+CheckpointError line naming the file, before it can run code or take memory. The hostile sizes are run as a user
+runs them, with the child's peak memory measured."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT, needs_mnist, resave, tiny_images, tiny_model
+
+import checkpoint
+from checkpoint import CheckpointError
+from config import TrainConfig
+from model import VAE, neg_elbo_terms
+
+
+def refused(path: Path, **kw) -> str:
+    """The one-line CheckpointError that loading path raises; it names the file."""
+    with pytest.raises(CheckpointError) as caught:
+        checkpoint.load(path, **kw)
+    message = str(caught.value)
+    assert str(path) in message and "\n" not in message, message
+    return message
+
+
+# ----------------------------------------------------------------------------- a valid file, in and out
+
+
+@needs_mnist
+def test_a_runs_last_pt_loads_as_the_model_it_saved(trained):
+    path = trained.ckpt_dir / "last.pt"
+    ckpt = checkpoint.load(path, resume=True)
+    assert ckpt["format"] == checkpoint.FORMAT and [h["epoch"] for h in ckpt["history"]] == [1, ckpt["epoch"]] == [1, 2]
+    model, stored = checkpoint.load_model(path)
+    assert not model.training and stored["checksum"] == ckpt["checksum"]
+    plain = VAE(checkpoint.model_config(stored)).eval()
+    plain.load_state_dict(stored["model"])
+    z = torch.randn(5, plain.config.latent_dim, generator=torch.Generator().manual_seed(0))
+    x = tiny_images(5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode(z), plain.decode(z))
+        torch.testing.assert_close(model.encode(x), plain.encode(x))
+        assert not torch.allclose(VAE(plain.config).eval().decode(z), plain.decode(z))  # the weights matter
+
+
+@needs_mnist
+def test_trim_keeps_what_use_needs_and_still_loads(trained, tmp_path):
+    ckpt = checkpoint.load(trained.ckpt_dir / "best.pt")
+    trimmed = checkpoint.trim(ckpt)
+    assert set(trimmed) == {k for k in checkpoint.USE_KEYS if k in ckpt} | {"checksum"}
+    assert "anomaly_reference" in trimmed and "optimizer" not in ckpt.keys() & trimmed.keys()
+    checkpoint.save(trimmed, tmp_path / "small.pt")
+    model, stored = checkpoint.load_model(tmp_path / "small.pt")
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in stored["model"].items())
+    assert "no training state" in refused(tmp_path / "small.pt", resume=True)
+
+
+@needs_mnist
+def test_describe_says_what_a_checkpoint_is(trained):
+    ckpt = checkpoint.load(trained.ckpt_dir / "best.pt")
+    text = checkpoint.describe(trained.ckpt_dir / "best.pt", ckpt)
+    assert text.startswith(f"{trained.ckpt_dir / 'best.pt'}: a model trained here, epoch 2 of 2 on the first 2,000 ")
+    held_out = ckpt | {"config": ckpt["config"] | {"subset": None, "exclude_digit": 3}}
+    assert "epoch 2 of 2 on 55,000 training images (digit 3 left out)" in checkpoint.describe("x.pt", held_out)
+    shipped = checkpoint.describe(checkpoint.SHIPPED, checkpoint.load(checkpoint.SHIPPED))
+    assert shipped.startswith("pretrained/vae-mnist.pt: the shipped model, epoch 20 of 20 on 55,000 training images")
+
+
+# ----------------------------------------------------------------------------- refusals, in process
+
+
+@pytest.fixture(scope="module")
+def built() -> dict:
+    """A valid checkpoint of a tiny model after one real Adam step (no data set needed)."""
+    model = tiny_model().train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = tiny_images(4)
+    logits, mu, logvar = model(x, generator=torch.Generator().manual_seed(0))
+    sum(neg_elbo_terms(logits, x=x, mu=mu, logvar=logvar)).mean().backward()
+    optimizer.step()
+    entry = {k: 100.0 for k in checkpoint.HISTORY_KEYS} | {"epoch": 1}
+    rng = {"shuffle": torch.Generator().get_state(), "noise": torch.Generator().get_state(), "device": "cpu"}
+    config = checkpoint.config_dict(TrainConfig(epochs=2, precision="fp32", ema=0.0), model.config)
+    progress = {"epoch": 1, "best_val_loss": 100.0, "history": [entry], "rng": rng}
+    return checkpoint.build(config, model.state_dict(), optimizer.state_dict(), progress)
+
+
+@pytest.fixture
+def ckpt(built) -> dict:
+    return copy.deepcopy(built)
+
+
+def test_a_built_checkpoint_loads_for_use_and_for_resume(tmp_path, ckpt):  # the control for the refusals below
+    checkpoint.save(ckpt, tmp_path / "good.pt")
+    assert checkpoint.load(tmp_path / "good.pt", resume=True)["checksum"] == ckpt["checksum"]
+
+
+def test_files_that_are_not_checkpoints(tmp_path):
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    assert "not a checkpoint" in refused(tmp_path / "notes.pt")
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
+        archive.writestr("hello.txt", "a zip, but not one torch.save wrote")
+    assert "not a usable vae-mnist checkpoint" in refused(tmp_path / "other.zip")
+    assert "is a folder" in refused(tmp_path)
+    assert "no such checkpoint" in refused(tmp_path / "absent.pt")
+
+
+def test_pickled_code_is_refused_unread(tmp_path, ckpt):
+    """The payload, unpickled, creates a file: it stands for any code a hostile checkpoint could run."""
+    marker = tmp_path / "ran"
+    payload = type("Payload", (), {"__reduce__": lambda self: (open, (str(marker), "w"))})()
+    torch.save(ckpt | {"extra": payload}, tmp_path / "evil.pt")
+    assert "refused unread" in refused(tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError):
+        checkpoint.load_model(tmp_path / "evil.pt")
+    assert not marker.exists()
+    torch.load(tmp_path / "evil.pt", weights_only=False)["extra"].close()  # control: unpickled, the payload runs
+    assert marker.exists()
+
+
+def test_an_old_format_is_refused_saying_to_train_a_new_one(tmp_path, ckpt):
+    resave(ckpt | {"format": "vae-mnist/2"}, tmp_path / "old.pt")
+    message = refused(tmp_path / "old.pt")
+    assert "'vae-mnist/2'" in message and checkpoint.FORMAT in message and "train a new one" in message
+
+
+def test_a_changed_tensor_byte_fails_the_checksum(tmp_path, ckpt):
+    """One byte of tensor data changed inside a valid zip (its CRC recomputed): only the checksum can tell."""
+    checkpoint.save(ckpt, tmp_path / "good.pt")
+    with zipfile.ZipFile(tmp_path / "good.pt") as src, zipfile.ZipFile(tmp_path / "bad.pt", "w") as dst:
+        for info in src.infolist():
+            blob = bytearray(src.read(info))
+            if info.filename.endswith("/data/0"):
+                blob[len(blob) // 2] ^= 0x10
+            dst.writestr(info, bytes(blob))
+    assert "do not match its checksum" in refused(tmp_path / "bad.pt")
+
+
+def set_weight(name: str, value):
+    return lambda c: c["model"].__setitem__(name, value(c["model"][name]))
+
+
+EDITS = {  # an edit of a valid checkpoint, saved with its checksum renewed, and what the refusal must say
+    "lr out of range": (lambda c: c["config"].update(lr=-1.0), "config lr must be a number"),
+    "latent_dim a float": (lambda c: c["config"].update(latent_dim=8.0), "latent_dim must be a whole number"),
+    "unknown activation": (lambda c: c["config"].update(activation="tanh"), "activation must be one of"),
+    "one channel width": (lambda c: c["config"].update(channels=[8]), "channels must be 2 numbers"),
+    "weight of the wrong shape": (set_weight("to_stats.bias", lambda t: t[:-1]), "do not match the stored"),
+    "weight of the wrong dtype": (set_weight("to_stats.bias", lambda t: t.double()), "do not match the stored"),
+    "weight renamed": (lambda c: c["model"].__setitem__("extra", c["model"].pop("to_stats.bias")), "do not match"),
+    "NaN weight": (set_weight("to_stats.bias", lambda t: t.clone().fill_(float("nan"))), "NaN or infinite"),
+    "malformed history": (lambda c: c["history"][0].update(val_loss="low"), "history is not a list"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_a_bad_value_with_a_renewed_checksum_is_refused(tmp_path, ckpt, case):
+    edit, words = EDITS[case]
+    edit(ckpt)
+    resave(ckpt, tmp_path / "edited.pt")
+    message = refused(tmp_path / "edited.pt")
+    assert words in message and "checksum" not in message, message
+
+
+def test_a_training_state_is_checked_only_for_resume(tmp_path, ckpt):
+    """Adam's moments of the wrong shape, or no training state at all, do not matter to using the weights."""
+    ckpt["optimizer"]["state"][0]["exp_avg"] = torch.zeros(1)
+    resave(ckpt, tmp_path / "optimizer.pt")
+    checkpoint.load_model(tmp_path / "optimizer.pt")
+    assert "optimizer state is not Adam's state" in refused(tmp_path / "optimizer.pt", resume=True)
+    resave(checkpoint.trim(ckpt | {"config": ckpt["config"] | {"ema": 0.999}}), tmp_path / "weights.pt")  # as shipped
+    checkpoint.load_model(tmp_path / "weights.pt")
+    message = refused(tmp_path / "weights.pt", resume=True)
+    assert "no training state" in message and "optimizer" in message and "cannot be resumed" in message
+    assert "start a new run without --resume" in message, message  # the advice whole, not cut off
+
+
+# ----------------------------------------------------------------------------- hostile sizes, as a user meets them
+
+
+class Storage(int):
+    """Storage "0" of this many floats, pickled by reference as torch pickles a storage (see Pickler)."""
+
+
+class Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return ("storage", torch.FloatStorage, "0", "cpu", int(obj)) if isinstance(obj, Storage) else None
+
+
+def view(numel: int, size: int, stride: int):
+    """What unpickles as torch rebuilds a tensor: a view (size, stride) of storage "0" of numel floats."""
+    args = (Storage(numel), 0, (size,), (stride,), False, collections.OrderedDict())
+    return type("View", (), {"__reduce__": lambda self: (torch._utils._rebuild_tensor_v2, args)})()
+
+
+def write_archive(path: Path, model: dict | None, data: bytes = b"", deflated: int = 0, pickled: bytes = b"") -> None:
+    """A zip as torch.save lays one out, written by hand: a checkpoint-shaped pickle whose "model" holds `model`
+    (or `pickled` as it is), and storage "0" holding `data`, or, DEFLATE-compressed, `deflated` zero bytes."""
+    if model is not None:
+        buffer = io.BytesIO()
+        config = checkpoint.config_dict(TrainConfig(), tiny_model().config)
+        Pickler(buffer, protocol=2).dump(dict(format=checkpoint.FORMAT, checksum="0" * 64, config=config, model=model))
+        pickled = buffer.getvalue()
+    small = {"data.pkl": pickled, "byteorder": b"little", "version": b"3\n"} | ({"data/0": data} if data else {})
+    records = [(name, blob, zlib.crc32(blob), len(blob), 0) for name, blob in small.items()]
+    if deflated:  # 16 MB of zeros compressed once; full flushes make the copies independent, so they concatenate
+        chunk, crc = bytes(16 << 20), 0
+        compress = zlib.compressobj(9, zlib.DEFLATED, -15)
+        piece = compress.compress(chunk) + compress.flush(zlib.Z_FULL_FLUSH)
+        for _ in range(deflated // len(chunk)):
+            crc = zlib.crc32(chunk, crc)
+        stream = piece * (deflated // len(chunk)) + zlib.compressobj(9, zlib.DEFLATED, -15).flush()
+        records.append(("data/0", stream, crc, deflated, zipfile.ZIP_DEFLATED))
+    out, central = bytearray(), bytearray()
+    for name, payload, crc, size, method in records:
+        name = f"archive/{name}".encode()
+        fields = (20, 0, method, 0, 0, crc, len(payload), size, len(name))
+        central += struct.pack("<IH5HIIIH4HII", 0x02014B50, 20, *fields, 0, 0, 0, 0, 0, len(out)) + name
+        out += struct.pack("<I5HIIIHH", 0x04034B50, *fields, 0) + name + payload
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(records), len(records), len(central), len(out), 0)
+    path.write_bytes(bytes(out + central + end))
+
+
+def hostile(kind: str, path: Path) -> Path:
+    """Each would take gigabytes if read naively (made contiguous for the checksum, inflated, unpickled)."""
+    if kind == "expanded view":  # about 1 kB: one float, viewed as 750 M of them (3 GB)
+        write_archive(path, {"w": view(1, 750_000_000, 0)}, data=bytes(4))
+    elif kind == "many views":  # 1 MB stored, 4,000 views of all of it (4 GB)
+        write_archive(path, {f"w{i}": view(250_000, 250_000, 1) for i in range(4000)}, data=bytes(1_000_000))
+    elif kind == "deflated":  # 650 kB inflating to 640 MB, under MAX_BYTES: only the compression tells
+        write_archive(path, {"w": view(160 << 20, 160 << 20, 1)}, deflated=640 << 20)
+    else:  # a 30 MB pickle of 30 M empty lists: about 2 GB of Python objects
+        write_archive(path, None, pickled=b"\x80\x02](" + b"]" * 30_000_000 + b"e.")
+    return path
+
+
+# A small parent for `python main.py` that reports its one child's peak memory (from pytest, a child would inherit
+# pytest's own high-water mark).
+MEASURE = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[2:], timeout=float(sys.argv[1])).returncode; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)"
+)
+
+
+def run_measured(argv: list, cwd: Path, timeout: float = 120) -> tuple[int, str, str, int]:
+    """(exit status, stdout, stderr, peak resident bytes) of `python main.py argv`; killed after timeout."""
+    command = [sys.executable, "-c", MEASURE, str(timeout), sys.executable, str(ROOT / "main.py"), *map(str, argv)]
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    err, _, peak = proc.stderr.rstrip("\n").rpartition("\n")
+    return proc.returncode, proc.stdout, err + "\n" if err else "", int(peak) * 1024
+
+
+HOSTILE_WORDS = {
+    "expanded view": "its tensors claim 3,000,000,000 bytes",
+    "many views": "its tensors claim 4,000,000,000 bytes",
+    "deflated": "compressed records",
+    "huge pickle": "pickle",  # what is too large: the pickled structure, not the data (30 MB is under 1 GB)
+}
+
+
+@pytest.mark.parametrize(
+    "kind,command",
+    [
+        ("expanded view", "evaluate"),
+        ("expanded view", "--resume"),
+        ("many views", "sample"),
+        ("many views", "demo"),
+        ("deflated", "demo"),
+        ("deflated", "evaluate"),
+        ("huge pickle", "--resume"),
+        ("huge pickle", "sample"),
+    ],
+)
+def test_a_hostile_size_is_refused_in_one_line_with_little_memory(tmp_path, capsys, kind, command):
+    path = hostile(kind, tmp_path / "hostile.pt")
+    argv = {
+        "--resume": ["--resume", path, "--data-dir", tmp_path / "data", "--image-dir", tmp_path / "img"],
+        "demo": ["demo", "--checkpoint", path, "--port", "0"],
+    }.get(command, [command, "--checkpoint", path, "--data-dir", tmp_path / "data", "--image-dir", tmp_path / "img"])
+    code, out, err, peak = run_measured(argv, tmp_path)
+    with capsys.disabled():
+        print(f"\n  {kind} ({path.stat().st_size:,} bytes) in {command}: peak memory {peak / 2**20:,.0f} MiB")
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {path}: ") and "Traceback" not in err, err
+    assert HOSTILE_WORDS[kind] in err, err
+    assert peak < 1.5 * 2**30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile.pt"]
