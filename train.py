@@ -1,7 +1,6 @@
 """Train the VAE. Read it top to bottom: the step (where a batch becomes one Adam update), the run's state, one
 epoch, validation and the checkpoints, then train(), the whole run. The command line (main.py) resolves the flags,
-loads and splits the data, then calls start() and train(); a notebook calls them the same way.
-"""
+loads and splits the data, then calls start() and train(); a notebook calls them the same way."""
 
 from __future__ import annotations
 
@@ -200,7 +199,7 @@ def check_finite(step_losses: torch.Tensor, epoch: int, lr: float) -> None:
 # ----------------------------------------------------------------------------- validation and checkpoints
 
 
-def end_epoch(run: Run, epoch: int, sums: torch.Tensor, seconds: float) -> bool:
+def end_epoch(run: Run, epoch: int, sums: torch.Tensor, seconds: float) -> None:
     """Validate the evaluated weights, record the epoch, save last.pt (and best.pt when validation improved), then
     print the epoch's line: a line is never printed for an epoch that was not saved."""
     run.evaluated.eval()
@@ -218,7 +217,6 @@ def end_epoch(run: Run, epoch: int, sums: torch.Tensor, seconds: float) -> bool:
     line = f"epoch {epoch:3d}/{run.config.epochs}  train {bce + kl:8.3f}  val {val['loss']:8.3f} "
     line += f"(bce {val['bce']:.3f}, kl {val['kl']:.3f})  {seconds:6.1f}s" + ("  saved best.pt" if improved else "")
     print(line, flush=True)
-    return improved
 
 
 def save(run: Run, improved: bool) -> None:
