@@ -1,7 +1,6 @@
 """Make the project root and tests/ importable, keep in-process torch on one thread (tiny tensors run fastest so),
 and share one small trained run among the tests that need one."""
 
-import hashlib
 import pathlib
 import sys
 from types import SimpleNamespace
@@ -11,14 +10,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from helpers import MNIST_DIR, run_main, train_args  # noqa: E402
+from helpers import MNIST_DIR, run_main, snapshot, train_args  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-def digest(folder: pathlib.Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +24,6 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained")
     code, out, err = run_main(train_args(folder, epochs=2))
     assert code == 0, err
-    before = digest(folder / "ckpt")
-    yield SimpleNamespace(ckpt_dir=folder / "ckpt", image_dir=folder / "img", output=out, folder=folder)
-    assert digest(folder / "ckpt") == before, "a test wrote into the shared trained run; use helpers.copy_run"
+    before = snapshot(folder / "ckpt")
+    yield SimpleNamespace(ckpt_dir=folder / "ckpt", image_dir=folder / "img", output=out)
+    assert snapshot(folder / "ckpt") == before, "a test wrote into the shared trained run; use helpers.copy_run"

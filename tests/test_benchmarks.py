@@ -20,7 +20,7 @@ from model import VAEConfig
 
 TABLE = """\
 structure: --verbose
-upsampling: --device cpu --windows 1 --steps 1
+upsampling: --device cpu --windows 1 --steps 1 --batch-size 8
 demo_speed: --checkpoint pretrained/vae-mnist.pt --updates 3
 train_speed: --data-dir DATA --windows 1 --steps 2 --warmup 1 --matmul-size 256 --eval-images 20
   --latent-dim 8 --channels 8 16 --hidden-dim 32 --res-blocks 0 --out-conv 0

@@ -1,15 +1,16 @@
 """checkpoint.load as the one door for files: what a run writes comes back as it was, and anything else (a foreign
 file, pickled code, an old format, damaged or edited values, a few kB that claim gigabytes) is refused in one
-CheckpointError line naming the file, before it can run code or take memory. The hostile sizes are run as a user
-runs them, with the child's peak memory measured."""
+CheckpointError line naming the file, before it can run code or take memory. The hostile sizes run through main.main
+in a fresh process whose peak memory is measured (the same refusals run as a user runs them in tests/test_cli.py)."""
 
 from __future__ import annotations
 
 import collections
 import copy
 import io
-import os
+import json
 import pickle
+import platform
 import struct
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from helpers import ROOT, needs_mnist, resave, tiny_images, tiny_model
 
 import checkpoint
@@ -40,12 +42,28 @@ def refused(path: Path, **kw) -> str:
 
 
 @needs_mnist
-def test_a_runs_last_pt_loads_as_the_model_it_saved(trained):
+def test_a_runs_checkpoints_describe_themselves_and_load_as_the_model_they_saved(trained):
+    last, best = (torch.load(trained.ckpt_dir / n, weights_only=True) for n in ("last.pt", "best.pt"))
+    assert last["format"] == checkpoint.FORMAT == "vae-mnist/3" and len(last["checksum"]) == 64
+    given = dict(epochs=2, subset=2000, latent_dim=8, channels=[8, 16], hidden_dim=32, res_blocks=0)
+    defaults = dict(lr=1e-3, seed=1, batch_size=64, val_size=5000, ema=0.999, binarize=False, exclude_digit=None)
+    assert {k: last["config"][k] for k in given | defaults} == given | defaults
+    assert [h["epoch"] for h in last["history"]] == [1, 2] and last["epoch"] == 2
+    assert all(h["val_loss"] == pytest.approx(h["val_bce"] + h["val_kl"]) for h in last["history"])
+    assert last["best_val_loss"] == min(h["val_loss"] for h in last["history"]) == best["best_val_loss"]
+    assert best["history"] == last["history"][: best["epoch"]]
+    assert best["history"][-1]["val_loss"] == best["best_val_loss"]
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__}
+    assert last["versions"] == versions | {"python": platform.python_version()}
+    assert "anomaly_reference" in best and "latent_map" in best and "train_weights" in last  # --ema 0.999
+    held_out = best | {"config": best["config"] | {"subset": None, "exclude_digit": 3}}  # (others: as commands say)
+    assert "epoch 2 of 2 on 55,000 training images (digit 3 left out)" in checkpoint.describe("x.pt", held_out)
     path = trained.ckpt_dir / "last.pt"
-    ckpt = checkpoint.load(path, resume=True)
-    assert ckpt["format"] == checkpoint.FORMAT and [h["epoch"] for h in ckpt["history"]] == [1, ckpt["epoch"]] == [1, 2]
+    ckpt = checkpoint.load(path, resume=True)  # passes every check --resume makes
     model, stored = checkpoint.load_model(path)
-    assert not model.training and stored["checksum"] == ckpt["checksum"]
+    assert not model.training and stored["checksum"] == ckpt["checksum"] == last["checksum"]
+    last["model"]["to_stats.bias"][0] += 1
+    assert checkpoint.checksum(last) != last["checksum"]  # the checksum covers the weights
     plain = VAE(checkpoint.model_config(stored)).eval()
     plain.load_state_dict(stored["model"])
     z = torch.randn(5, plain.config.latent_dim, generator=torch.Generator().manual_seed(0))
@@ -66,17 +84,6 @@ def test_trim_keeps_what_use_needs_and_still_loads(trained, tmp_path):
     model, stored = checkpoint.load_model(tmp_path / "small.pt")
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in stored["model"].items())
     assert "no training state" in refused(tmp_path / "small.pt", resume=True)
-
-
-@needs_mnist
-def test_describe_says_what_a_checkpoint_is(trained):
-    ckpt = checkpoint.load(trained.ckpt_dir / "best.pt")
-    text = checkpoint.describe(trained.ckpt_dir / "best.pt", ckpt)
-    assert text.startswith(f"{trained.ckpt_dir / 'best.pt'}: a model trained here, epoch 2 of 2 on the first 2,000 ")
-    held_out = ckpt | {"config": ckpt["config"] | {"subset": None, "exclude_digit": 3}}
-    assert "epoch 2 of 2 on 55,000 training images (digit 3 left out)" in checkpoint.describe("x.pt", held_out)
-    shipped = checkpoint.describe(checkpoint.SHIPPED, checkpoint.load(checkpoint.SHIPPED))
-    assert shipped.startswith("pretrained/vae-mnist.pt: the shipped model, epoch 20 of 20 on 55,000 training images")
 
 
 # ----------------------------------------------------------------------------- refusals, in process
@@ -103,19 +110,12 @@ def ckpt(built) -> dict:
     return copy.deepcopy(built)
 
 
-def test_a_built_checkpoint_loads_for_use_and_for_resume(tmp_path, ckpt):  # the control for the refusals below
-    checkpoint.save(ckpt, tmp_path / "good.pt")
-    assert checkpoint.load(tmp_path / "good.pt", resume=True)["checksum"] == ckpt["checksum"]
-
-
 def test_files_that_are_not_checkpoints(tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")
     assert "not a checkpoint" in refused(tmp_path / "notes.pt")
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
         archive.writestr("hello.txt", "a zip, but not one torch.save wrote")
-    assert "not a usable vae-mnist checkpoint" in refused(tmp_path / "other.zip")
-    assert "is a folder" in refused(tmp_path)
-    assert "no such checkpoint" in refused(tmp_path / "absent.pt")
+    assert "not a usable vae-mnist checkpoint" in refused(tmp_path / "other.zip")  # a folder, no file: test_cli.py
 
 
 def test_pickled_code_is_refused_unread(tmp_path, ckpt):
@@ -129,12 +129,6 @@ def test_pickled_code_is_refused_unread(tmp_path, ckpt):
     assert not marker.exists()
     torch.load(tmp_path / "evil.pt", weights_only=False)["extra"].close()  # control: unpickled, the payload runs
     assert marker.exists()
-
-
-def test_an_old_format_is_refused_saying_to_train_a_new_one(tmp_path, ckpt):
-    resave(ckpt | {"format": "vae-mnist/2"}, tmp_path / "old.pt")
-    message = refused(tmp_path / "old.pt")
-    assert "'vae-mnist/2'" in message and checkpoint.FORMAT in message and "train a new one" in message
 
 
 def test_a_changed_tensor_byte_fails_the_checksum(tmp_path, ckpt):
@@ -163,6 +157,7 @@ EDITS = {  # an edit of a valid checkpoint, saved with its checksum renewed, and
     "weight renamed": (lambda c: c["model"].__setitem__("extra", c["model"].pop("to_stats.bias")), "do not match"),
     "NaN weight": (set_weight("to_stats.bias", lambda t: t.clone().fill_(float("nan"))), "NaN or infinite"),
     "malformed history": (lambda c: c["history"][0].update(val_loss="low"), "history is not a list"),
+    "older format": (lambda c: c.update(format="vae-mnist/2"), "'vae-mnist/2', but this code reads 'vae-mnist/3'"),
 }
 
 
@@ -172,11 +167,14 @@ def test_a_bad_value_with_a_renewed_checksum_is_refused(tmp_path, ckpt, case):
     edit(ckpt)
     resave(ckpt, tmp_path / "edited.pt")
     message = refused(tmp_path / "edited.pt")
-    assert words in message and "checksum" not in message, message
+    assert words in message and "checksum" not in message and "train a new one" in message, message
 
 
 def test_a_training_state_is_checked_only_for_resume(tmp_path, ckpt):
-    """Adam's moments of the wrong shape, or no training state at all, do not matter to using the weights."""
+    """The built checkpoint loads for use and for --resume (the control for the refusals in this file); Adam's moments
+    of the wrong shape, or no training state at all, do not matter to using the weights."""
+    checkpoint.save(ckpt, tmp_path / "good.pt")
+    assert checkpoint.load(tmp_path / "good.pt", resume=True)["checksum"] == ckpt["checksum"]
     ckpt["optimizer"]["state"][0]["exp_avg"] = torch.zeros(1)
     resave(ckpt, tmp_path / "optimizer.pt")
     checkpoint.load_model(tmp_path / "optimizer.pt")
@@ -188,7 +186,7 @@ def test_a_training_state_is_checked_only_for_resume(tmp_path, ckpt):
     assert "start a new run without --resume" in message, message  # the advice whole, not cut off
 
 
-# ----------------------------------------------------------------------------- hostile sizes, as a user meets them
+# ----------------------------------------------------------------------------- hostile sizes, and the memory they take
 
 
 class Storage(int):
@@ -247,53 +245,38 @@ def hostile(kind: str, path: Path) -> Path:
     return path
 
 
-# A small parent for `python main.py` that reports its one child's peak memory (from pytest, a child would inherit
-# pytest's own high-water mark).
-MEASURE = (
-    "import resource, subprocess, sys; code = subprocess.run(sys.argv[2:], timeout=float(sys.argv[1])).returncode; "
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)"
-)
-
-
-def run_measured(argv: list, cwd: Path, timeout: float = 120) -> tuple[int, str, str, int]:
-    """(exit status, stdout, stderr, peak resident bytes) of `python main.py argv`; killed after timeout."""
-    command = [sys.executable, "-c", MEASURE, str(timeout), sys.executable, str(ROOT / "main.py"), *map(str, argv)]
-    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    err, _, peak = proc.stderr.rstrip("\n").rpartition("\n")
-    return proc.returncode, proc.stdout, err + "\n" if err else "", int(peak) * 1024
-
-
-HOSTILE_WORDS = {
-    "expanded view": "its tensors claim 3,000,000,000 bytes",
-    "many views": "its tensors claim 4,000,000,000 bytes",
-    "deflated": "compressed records",
-    "huge pickle": "pickle",  # what is too large: the pickled structure, not the data (30 MB is under 1 GB)
+# The cases run in one fresh process, one after another, through main.main as main.py runs it; it reports each one's
+# exit status and stderr, and its peak resident memory so far. A small parent starts it (started from pytest, it would
+# inherit pytest's own high-water mark); it is killed after the timeout.
+PARENT = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[2:], timeout=float(sys.argv[1])).returncode)"
+CHILD = """import contextlib, io, json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import main
+for argv in json.loads(sys.argv[2]):
+    with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
+        code = main.main(argv)
+    print(json.dumps([code, err.getvalue(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))"""
+HOSTILE = {  # each file in two of the commands, each command with two of the files; what the refusal must say
+    "expanded view": (["evaluate", "--resume"], "its tensors claim 3,000,000,000 bytes"),
+    "many views": (["sample", "demo"], "its tensors claim 4,000,000,000 bytes"),
+    "deflated": (["demo", "evaluate"], "compressed records"),
+    "huge pickle": (["--resume", "sample"], "pickle"),  # the pickled structure is too large (30 MB of data is not)
 }
 
 
-@pytest.mark.parametrize(
-    "kind,command",
-    [
-        ("expanded view", "evaluate"),
-        ("expanded view", "--resume"),
-        ("many views", "sample"),
-        ("many views", "demo"),
-        ("deflated", "demo"),
-        ("deflated", "evaluate"),
-        ("huge pickle", "--resume"),
-        ("huge pickle", "sample"),
-    ],
-)
-def test_a_hostile_size_is_refused_in_one_line_with_little_memory(tmp_path, capsys, kind, command):
-    path = hostile(kind, tmp_path / "hostile.pt")
-    argv = {
-        "--resume": ["--resume", path, "--data-dir", tmp_path / "data", "--image-dir", tmp_path / "img"],
-        "demo": ["demo", "--checkpoint", path, "--port", "0"],
-    }.get(command, [command, "--checkpoint", path, "--data-dir", tmp_path / "data", "--image-dir", tmp_path / "img"])
-    code, out, err, peak = run_measured(argv, tmp_path)
-    with capsys.disabled():
-        print(f"\n  {kind} ({path.stat().st_size:,} bytes) in {command}: peak memory {peak / 2**20:,.0f} MiB")
-    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {path}: ") and "Traceback" not in err, err
-    assert HOSTILE_WORDS[kind] in err, err
-    assert peak < 1.5 * 2**30
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile.pt"]
+def test_a_hostile_size_is_refused_in_one_line_with_little_memory(tmp_path, capsys):
+    files = {kind: hostile(kind, tmp_path / f"{kind}.pt") for kind in HOSTILE}
+    cases = [(kind, command, files[kind]) for kind in HOSTILE for command in HOSTILE[kind][0]]
+    common = ["--data-dir", tmp_path / "data", "--image-dir", tmp_path / "img"]
+    flags = {"--resume": ["--resume"], "demo": ["demo", "--port", "0", "--checkpoint"]}  # demo reads no data
+    argvs = [[*flags.get(c, [c, "--checkpoint"]), p, *(common if c != "demo" else [])] for _, c, p in cases]
+    child = [sys.executable, "-c", CHILD, str(ROOT), json.dumps([[str(a) for a in argv] for argv in argvs])]
+    proc = subprocess.run([sys.executable, "-c", PARENT, "120", *child], cwd=tmp_path, capture_output=True, text=True)
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 0 and proc.stderr == "" and len(results) == len(cases), proc.stdout + proc.stderr
+    for (kind, command, path), (code, err, peak) in zip(cases, results):
+        with capsys.disabled():
+            print(f"\n  {kind} ({path.stat().st_size:,} bytes) in {command}: peak {peak / 2**20:,.0f} MiB so far")
+        assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {path}: "), err
+        assert HOSTILE[kind][1] in err and peak < 1.5 * 2**30, (err, peak)
+    assert sorted(tmp_path.iterdir()) == sorted(files.values())  # nothing written

@@ -19,12 +19,43 @@ import pytest
 import torch
 import torchvision
 from helpers import MNIST_DIR, needs_mnist
-from idx_helpers import FILE_NAMES, idx_bytes, random_images, write_gzip_of_zeros, write_idx, write_tiny_mnist
 
 import commands
 import data
 
-IMAGES, LABELS = (2051, (60000, 28, 28)), (2049, (60000,))  # the IDX magic numbers and the canonical shapes
+# IDX, the MNIST container: a big-endian 4-byte magic number (2051 for 3-d uint8 images, 2049 for 1-d uint8 labels),
+# then one big-endian 4-byte size per dimension, then the uint8 values in C order.
+IMAGES, LABELS = (2051, (60000, 28, 28)), (2049, (60000,))  # the magic numbers and the canonical shapes
+FILE_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def idx_bytes(array: np.ndarray, magic: int | None = None, dims: tuple[int, ...] | None = None) -> bytes:
+    """The IDX encoding of a uint8 array; magic and dims may be overridden to build broken files."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    magic = magic or (IMAGES if array.ndim == 3 else LABELS)[0]
+    header = int(magic).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in dims or array.shape)
+    return header + array.tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool | None = None, **kwargs) -> None:
+    """Write `array` as an IDX file, gzipped when gz (by default, when the name ends in .gz)."""
+    raw = idx_bytes(array, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw) if (path.suffix == ".gz" if gz is None else gz) else raw)
+
+
+def random_images(n: int, seed: int = 0, size: tuple[int, int] = (28, 28)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *size), dtype=np.uint8)
+
+
+def write_tiny_mnist(folder: Path, n_train=6, n_test=4, gz=True, dotted=False) -> dict[str, np.ndarray]:
+    """Write all four files with structurally valid but non-canonical content; returns name -> array written."""
+    labels = [np.random.default_rng(s).integers(0, 10, size=n, dtype=np.uint8) for n, s in ((n_train, 2), (n_test, 4))]
+    arrays = dict(zip(FILE_NAMES, (random_images(n_train, 1), labels[0], random_images(n_test, 3), labels[1])))
+    for name, array in arrays.items():
+        spelled = name.replace("-idx", ".idx") if dotted else name
+        write_idx(folder / (spelled + (".gz" if gz else "")), array, gz=gz)
+    return arrays
 
 
 def refused(path: Path, spec=IMAGES, md5=None) -> str:
@@ -58,9 +89,12 @@ def test_read_idx_checks_the_md5_of_the_uncompressed_content(tmp_path, gz):
         assert "md5 mismatch" in refused(path, md5=hashlib.md5(path.read_bytes()).hexdigest())
 
 
-def test_read_idx_refuses_a_wrong_magic_number(tmp_path):
+def test_read_idx_refuses_a_wrong_magic_number_and_images_that_are_not_28x28(tmp_path):
     write_idx(tmp_path / "f", random_images(2), magic=2049)
     assert "magic number 2049, expected 2051" in refused(tmp_path / "f")
+    for size in ((27, 28), (28, 27), (32, 32)):
+        write_idx(tmp_path / "f", random_images(3, size=size))  # header and body consistent
+        assert f"dimensions (3, {size[0]}, {size[1]}), expected (N, 28, 28)" in refused(tmp_path / "f")
 
 
 @pytest.mark.parametrize("gz", [True, False], ids=["gz", "raw"])
@@ -73,12 +107,6 @@ def test_read_idx_refuses_a_body_that_does_not_match_its_header(tmp_path, gz, ch
     assert ("shorter than its header" if change == "short" else "truncated or padded") in refused(path)
 
 
-@pytest.mark.parametrize("size", [(27, 28), (28, 27), (32, 32)])
-def test_read_idx_refuses_images_that_are_not_28x28(tmp_path, size):
-    write_idx(tmp_path / "f", random_images(3, size=size))  # header and body consistent
-    assert f"dimensions (3, {size[0]}, {size[1]}), expected (N, 28, 28)" in refused(tmp_path / "f")
-
-
 def test_read_idx_refuses_corrupt_and_cut_gzip_and_a_missing_file(tmp_path):
     (tmp_path / "noise.gz").write_bytes(np.random.default_rng(5).integers(0, 256, 500, dtype=np.uint8).tobytes())
     packed = gzip.compress(idx_bytes(random_images(3)))
@@ -89,7 +117,8 @@ def test_read_idx_refuses_corrupt_and_cut_gzip_and_a_missing_file(tmp_path):
 
 def test_read_idx_stops_a_gzip_bomb_and_a_huge_raw_file_at_the_canonical_size(tmp_path):
     """100 MB of zeros in a 100 kB .gz, and a sparse 200 MB raw file: each refused, with a small memory peak."""
-    write_gzip_of_zeros(tmp_path / "bomb.gz", idx_bytes(np.zeros(0, np.uint8), dims=(10**8,)), megabytes=100)
+    member = gzip.compress(bytes(1 << 20))  # a gzip file may hold several members, read one after the other
+    (tmp_path / "bomb.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(0, np.uint8), dims=(10**8,))) + member * 100)
     with open(tmp_path / "huge", "wb") as f:
         f.write(idx_bytes(np.zeros(0, np.uint8), dims=(200_000_000,)))
         f.truncate(8 + 200_000_000)
@@ -199,12 +228,6 @@ def test_download_puts_the_files_where_find_mnist_files_finds_them(tmp_path, mir
     loaded = commands.load_data(str(data_dir))
     assert torch.equal(loaded["train_images"], torch.from_numpy(arrays["train-images-idx3-ubyte"]))
     assert torch.equal(loaded["test_labels"], torch.from_numpy(arrays["t10k-labels-idx1-ubyte"]).long())
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("how", ["absent", "garbled"])

@@ -19,8 +19,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import resave, run_main, start_cli
 
 import anomaly
 import checkpoint
@@ -38,7 +37,6 @@ from config import TrainConfig
 from files import UserError
 from model import VAE, VAEConfig
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = VAEConfig(latent_dim=8, channels=(8, 8), hidden_dim=32)
 # Pen strokes as fractions of the drawing's side: eight different "digits".
 STROKES = [
@@ -74,9 +72,8 @@ def tiny():
     torch.manual_seed(0)
     model = VAE(CONFIG).eval()
     gen = torch.Generator().manual_seed(0)
-    x = torch.stack(
-        [prepare.prepare_digit(drawing(torch.rand(4, 2, generator=gen) * 0.6 + 0.2, 56)) for _ in range(64)]
-    )
+    strokes = [torch.rand(4, 2, generator=gen) * 0.6 + 0.2 for _ in range(64)]
+    x = torch.stack([prepare.prepare_digit(drawing(points, 56)) for points in strokes])
     reference = anomaly.fit_reference(model, x[:40], x[40:], samples=2, local_steps=5)
     with torch.inference_mode():
         mu, _ = model.encode(x)
@@ -107,14 +104,7 @@ def server(app) -> int:
     srv.server_close()
 
 
-def request(
-    port: int,
-    method: str,
-    path: str,
-    payload: bytes | None = None,
-    headers: dict | None = None,
-    host: str = "127.0.0.1",
-) -> tuple[int, dict]:
+def request(port: int, method: str, path: str, payload=None, headers=None, host="127.0.0.1") -> tuple[int, dict]:
     """(status, JSON answer). Headers go exactly as given: no Content-Length is added, nor a Host if one is given."""
     conn = http.client.HTTPConnection(host, port, timeout=30)
     try:
@@ -173,8 +163,9 @@ def test_digit_answer_matches_the_python_api(server, tiny):
     torch.testing.assert_close(torch.tensor(answer["point"]), (mu[0] - tiny.space["mean"]) @ tiny.space["axes"])
 
 
-def test_verdicts_follow_the_test_digits_percentiles_shown_with_the_map(server, tiny, app):
-    """Thresholds at the 90th and 99th percentile of the test scores: a score reaching one is as high as that many."""
+def test_the_map_its_verdict_thresholds_sliders_decode_and_samples(server, tiny, app):
+    """Thresholds at the 90th and 99th percentile of the test scores: a score reaching one is as high as that many.
+    A code decodes as the Python API does, and a click on the map decodes the mean of the nearest training codes."""
     status, info = request(server, "GET", "/api/map")
     ranked, n = tiny.reference["test_scores"], len(tiny.reference["test_scores"])
     assert status == 200 and info["verdict_percentiles"] == [90, 99] and info["test_digits"] == n
@@ -183,11 +174,7 @@ def test_verdicts_follow_the_test_digits_percentiles_shown_with_the_map(server, 
     below = torch.nextafter(torch.tensor(low), torch.tensor(-math.inf)).item()
     assert app.percentile(below) < 90 <= app.percentile(low) and app.percentile(high) >= 99
     assert [app.verdict(v) for v in (below, low, high)] == ["typical", "unusual", "very unusual"]
-
-
-def test_map_sliders_decode_and_samples(server, tiny):
-    status, info = request(server, "GET", "/api/map")
-    assert status == 200 and info["latent_dim"] == 8 and len(info["points"]) == len(info["labels"]) == 64
+    assert info["latent_dim"] == 8 and len(info["points"]) == len(info["labels"]) == 64
     names, most = [d["name"] for d in info["directions"]], tiny.reference["codes"].var(0).argsort(descending=True)
     ranks = ["the most-used", "the 2nd most-used", "the 3rd most-used", "the 4th most-used"]
     assert names == ["map axis 1 (left-right on the map)", "map axis 2 (up-down on the map)"] + [
@@ -201,21 +188,18 @@ def test_map_sliders_decode_and_samples(server, tiny):
     status, answer = post(server, "/api/decode", {"z": z.tolist()})
     assert status == 200 and answer["z"] == pytest.approx(z.tolist())
     assert_image(answer["image"], decoded(tiny.model, z))
-    status, samples = request(server, "GET", "/api/samples?n=16&seed=3")
-    assert status == 200 and len(samples["images"]) == 16
-    assert_image(samples["images"], tiny.model.sample(16, torch.Generator().manual_seed(3)))
-    assert request(server, "GET", "/api/samples?n=16&seed=4")[1]["images"] != samples["images"]
-
-
-def test_a_click_on_the_map_decodes_the_mean_of_the_nearest_training_codes(server, tiny):
     codes, space = tiny.reference["codes"], tiny.space
     where = (codes - space["mean"]) @ space["axes"]
     point = where[:3].mean(0)
     status, answer = post(server, "/api/decode", {"point": point.tolist()})
-    assert status == 200, answer
     code = codes[(where - point).norm(dim=1).argsort()[: demo.NEAREST]].mean(0)
+    assert status == 200, answer
     torch.testing.assert_close(torch.tensor(answer["z"]), code)
     assert_image(answer["image"], decoded(tiny.model, code))
+    status, samples = request(server, "GET", "/api/samples?n=16&seed=3")
+    assert status == 200 and len(samples["images"]) == 16
+    assert_image(samples["images"], tiny.model.sample(16, torch.Generator().manual_seed(3)))
+    assert request(server, "GET", "/api/samples?n=16&seed=4")[1]["images"] != samples["images"]
 
 
 def test_every_slider_changes_the_digit_even_where_the_map_lies_in_dimensions_the_decoder_ignores(tiny):
@@ -241,23 +225,6 @@ def test_every_slider_changes_the_digit_even_where_the_map_lies_in_dimensions_th
     assert min(changes) > 0.2 * max(changes), changes
 
 
-def test_the_latent_map_leaves_out_the_dimensions_the_decoder_ignores():
-    """A near-constant dimension that happens to tell the digits apart (the encoder leaks a little there) would win a
-    discriminant over all dimensions; the map keeps to the active ones (Var > 0.01), where moving changes the digit."""
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(600) % 3
-    codes = torch.randn(600, 4, generator=g)
-    codes[:, 1] += 2 * labels  # active, and tells the digits apart
-    codes[:, 3] = 0.01 * labels + 0.001 * torch.randn(600, generator=g)  # Var ~ 1e-4: inactive, yet separates better
-
-    class Codes:  # stands in for the model: the "images" are the codes
-        def encode(self, x):
-            return x, None
-
-    axes = evaluate.latent_map(Codes(), codes, labels)["axes"]
-    assert axes[3].abs().max() == 0 and axes[1, 0].abs() > 5 * axes[[0, 2], 0].abs().max()
-
-
 def test_a_checkpoint_without_a_reference_is_scored_by_elbo_with_no_percentile(tiny):
     bare = demo.Demo(tiny.model, None)
     answer = bare.digit(drawing(STROKES[1]))
@@ -279,6 +246,7 @@ def grey(pixels, side: int = 28) -> bytes:
 
 
 DIGIT, DECODE, Z = "/api/digit", "/api/decode", js({"z": [0.0] * 8})
+QUERIES, SIZES = ("n=0", "n=1000", "n=abc", "seed=-1", "seed=" + "9" * 5000, "n=%C2%B2"), ("abc", "-5", "\u00b2")
 BAD_REQUESTS = {  # name: (method, path, body, headers or None for JSON ones, expected status)
     "malformed JSON": ("POST", DIGIT, b'{"width": 28,', None, 400),
     "not an object": ("POST", DIGIT, b"[1, 2, 3]", None, 400),
@@ -309,16 +277,10 @@ BAD_REQUESTS = {  # name: (method, path, body, headers or None for JSON ones, ex
     "POST on a GET route": ("POST", "/api/map", b"{}", None, 405),
     "PUT": ("PUT", "/", b"{}", None, 405),
     "DELETE": ("DELETE", DECODE, None, {}, 405),
-    "samples n=0": ("GET", "/api/samples?n=0", None, {}, 400),
-    "samples n=1000": ("GET", "/api/samples?n=1000", None, {}, 400),
-    "samples n=abc": ("GET", "/api/samples?n=abc", None, {}, 400),
-    "samples seed=-1": ("GET", "/api/samples?seed=-1", None, {}, 400),
-    "samples seed of 5,000 digits": ("GET", "/api/samples?seed=" + "9" * 5000, None, {}, 400),  # int() refuses it
-    "samples n=superscript 2": ("GET", "/api/samples?n=%C2%B2", None, {}, 400),  # a digit to isdigit(), not to int()
+    # a seed of 5,000 digits is refused by int(); n=%C2%B2, a superscript 2, is a digit to isdigit(), not to int()
+    **{f"samples {q[:12]}": ("GET", f"/api/samples?{q}", None, {}, 400) for q in QUERIES},
     "no Content-Length": ("POST", DECODE, None, {"Content-Type": "application/json"}, 411),
-    "Content-Length not a number": ("POST", DECODE, None, json_headers(b"", **{"Content-Length": "abc"}), 400),
-    "negative Content-Length": ("POST", DECODE, None, json_headers(b"", **{"Content-Length": "-5"}), 400),
-    "superscript Content-Length": ("POST", DECODE, None, json_headers(b"", **{"Content-Length": "\u00b2"}), 400),
+    **{f"Content-Length {n!r}": ("POST", DECODE, None, json_headers(b"", **{"Content-Length": n}), 400) for n in SIZES},
     "Content-Length of 5,000 digits": ("POST", DECODE, None, json_headers(b"", **{"Content-Length": "9" * 5000}), 413),
     # The body is never sent: a server that tried to read it before checking the size would hang here.
     "body over 1 MB": ("POST", DIGIT, None, json_headers(b"", **{"Content-Length": "1000001"}), 413),
@@ -362,39 +324,43 @@ def test_the_servers_own_names_and_page_are_answered(server):
     assert request(server, "POST", "/api/decode", Z, mixed)[0] == 403
 
 
-@pytest.mark.parametrize(
-    "header, host, address, expected",
-    [
-        ("10.1.2.3:8000", "10.1.2.3", "10.1.2.3", True),  # one address: that address, with the port
-        ("demo.lan:8000", "demo.lan", "10.1.2.3", True),  # or --host as given
-        ("localhost:8000", "10.1.2.3", "10.1.2.3", False),
-        ("evil.example:8000", "demo.lan", "10.1.2.3", False),
-        ("10.1.2.3:8001", "10.1.2.3", "10.1.2.3", False),
-        ("[fd00::5]:8000", "fd00::5", "fd00::5", True),
-        (
-            "anything.example:1234",
-            "0.0.0.0",
-            "0.0.0.0",
-            True,
-        ),  # every address: no one name is right; Origin still applies
-        ("anything.example", "::", "::", True),
-        ("localhost", "127.0.0.1", "127.0.0.1", False),  # no port: 80, not 8000
-    ],
-)
+HOSTS = """\
+10.1.2.3:8000 10.1.2.3 10.1.2.3 True
+demo.lan:8000 demo.lan 10.1.2.3 True
+localhost:8000 10.1.2.3 10.1.2.3 False
+evil.example:8000 demo.lan 10.1.2.3 False
+10.1.2.3:8001 10.1.2.3 10.1.2.3 False
+[fd00::5]:8000 fd00::5 fd00::5 True
+anything.example:1234 0.0.0.0 0.0.0.0 True
+anything.example :: :: True
+localhost 127.0.0.1 127.0.0.1 False"""  # Host header, --host, the address served on, whether it names this server
+
+
+@pytest.mark.parametrize("header,host,address,expected", [line.split() for line in HOSTS.splitlines()])
 def test_which_host_headers_name_the_server(header, host, address, expected):
-    assert demo.is_own_host(header, host, address, 8000) is expected
+    """One address: that address with the port, or --host as given; every address (0.0.0.0, ::): any name, Origin
+    still applies; no port: 80, not 8000."""
+    assert demo.is_own_host(header, host, address, 8000) is (expected == "True")
 
 
-def test_head_answers_get_routes_with_their_headers_and_no_body(server):
+def test_the_page_needs_nothing_outside_head_answers_as_get_without_a_body_and_a_bad_request_line_gets_json(server):
+    def ask(method: str, path: str) -> tuple[bytes, bytes]:  # (status line and headers, body)
+        raw = exchange(server, f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{server}\r\n\r\n".encode())
+        assert b"\r\n\r\n" in raw, raw
+        return raw.partition(b"\r\n\r\n")[::2]
+
     for path in ("/", "/api/map"):
-        reply = exchange(server, f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{server}\r\n\r\n".encode())
-        head, _, rest = reply.partition(b"\r\n\r\n")
-        page = exchange(server, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{server}\r\n\r\n".encode())
-        size = len(page.partition(b"\r\n\r\n")[2])
-        assert head.startswith(b"HTTP/1.0 200") and f"Content-Length: {size}".encode() in head and size, reply[:300]
-        assert rest == b""
-    reply = exchange(server, f"HEAD /api/digit HTTP/1.1\r\nHost: 127.0.0.1:{server}\r\n\r\n".encode())
-    assert reply.startswith(b"HTTP/1.0 405") and reply.endswith(b"\r\n\r\n")
+        (head, rest), (got, content) = ask("HEAD", path), ask("GET", path)
+        assert head.startswith(b"HTTP/1.0 200") and f"Content-Length: {len(content)}".encode() in head and content, head
+        assert rest == b"" and got.startswith(b"HTTP/1.0 200")
+        if path == "/":  # the page: no CDN, so it works offline
+            assert b"Content-Type: text/html" in got and b"<canvas" in content and b"touch-action: none" in content
+            assert b"://" not in content
+    head, rest = ask("HEAD", "/api/digit")
+    assert head.startswith(b"HTTP/1.0 405") and rest == b""
+    reply = exchange(server, b"GET / HTTP/1.1 junk\r\n\r\n")  # a request line that is not HTTP: still JSON
+    assert list(json.loads(reply.split(b"\r\n\r\n")[-1])) == ["error"]  # no status line: not even HTTP/1.0
+    assert request(server, "GET", "/api/map")[0] == 200
 
 
 def test_a_client_trickling_its_request_is_cut_off_at_the_deadline(server, monkeypatch, capfd):
@@ -414,21 +380,6 @@ def test_a_client_trickling_its_request_is_cut_off_at_the_deadline(server, monke
                 closed = True
         assert closed and time.monotonic() - start < 3
     assert request(server, "GET", "/api/map")[0] == 200 and capfd.readouterr().err == ""  # no traceback either
-
-
-def test_a_malformed_request_line_gets_a_json_error(server):
-    reply = exchange(server, b"GET / HTTP/1.1 junk\r\n\r\n")
-    assert list(json.loads(reply.split(b"\r\n\r\n")[-1])) == ["error"]  # no status line: not even HTTP/1.0
-    assert request(server, "GET", "/api/map")[0] == 200
-
-
-def test_the_page_is_served_without_outside_resources(server):
-    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
-    conn.request("GET", "/")
-    response = conn.getresponse()
-    page = response.read().decode()
-    assert response.status == 200 and response.getheader("Content-Type").startswith("text/html")
-    assert "<canvas" in page and "touch-action: none" in page and "://" not in page  # no CDN, works offline
 
 
 def test_concurrent_clients_get_the_same_answers_as_one_client(server):
@@ -456,10 +407,9 @@ def test_the_ipv6_loopback_serves_and_an_unresolvable_host_is_named(app):
     finally:
         srv.shutdown()
         srv.server_close()
-    for host, words in (
-        ("no-such-host.invalid", ("--host no-such-host.invalid is unresolvable",)),
-        ("192.0.2.1", ("cannot serve on 192.0.2.1:0", "pass --host")),
-    ):  # an address of no machine here
+    expected = {"no-such-host.invalid": ["--host no-such-host.invalid is unresolvable"]}
+    expected["192.0.2.1"] = ["cannot serve on 192.0.2.1:0", "pass --host"]  # an address of no machine here
+    for host, words in expected.items():
         with pytest.raises(UserError) as caught:
             demo.make_server(app, host, 0)
         message = str(caught.value)
@@ -470,28 +420,16 @@ def test_the_ipv6_loopback_serves_and_an_unresolvable_host_is_named(app):
 def checkpoint_file(tiny, tmp_path_factory) -> Path:
     """The tiny model saved as a checkpoint that `python main.py demo --checkpoint` loads."""
     config = checkpoint.config_dict(TrainConfig(precision="fp32"), CONFIG)
-    ckpt = {
-        "format": checkpoint.FORMAT,
-        "config": config,
-        "model": tiny.model.state_dict(),
-        "anomaly_reference": tiny.reference,
-        "latent_map": tiny.space,
-    }
+    ckpt = {"format": checkpoint.FORMAT, "config": config, "model": tiny.model.state_dict()}
     path = tmp_path_factory.mktemp("demo") / "tiny.pt"
-    torch.save(checkpoint.with_keys(ckpt), path)
+    resave(ckpt | {"anomaly_reference": tiny.reference, "latent_map": tiny.space}, path)
     return path
 
 
-def start_demo(*args) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    argv = [sys.executable, str(ROOT / "main.py"), "demo", "--device", "cpu", *map(str, args)]
-    return subprocess.Popen(
-        argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
-    )
-
-
 def test_ctrl_c_stops_the_server_in_one_line_and_a_busy_port_is_a_one_line_error(checkpoint_file):
-    first = start_demo("--checkpoint", checkpoint_file, "--port", 0)
+    """The server runs as a user runs it; a second one on its port, on every interface, runs in process."""
+    use = ["demo", "--device", "cpu", "--checkpoint", checkpoint_file]
+    first = start_cli(use + ["--port", 0], env={"OMP_NUM_THREADS": "1"})
     try:
         using, line = first.stdout.readline(), first.stdout.readline()
         assert using.startswith(f"using {checkpoint_file}: a model with no training history"), using
@@ -499,11 +437,9 @@ def test_ctrl_c_stops_the_server_in_one_line_and_a_busy_port_is_a_one_line_error
         port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
         assert request(port, "GET", "/api/map")[0] == 200
         # A second server on the same port, on every interface: the warning, then one error line and exit 2.
-        second = start_demo("--checkpoint", checkpoint_file, "--port", port, "--host", "0.0.0.0")
-        out, err = second.communicate(timeout=60)
-        assert second.returncode == 2, err
+        code, out, err = run_main(use + ["--port", port, "--host", "0.0.0.0"])
+        assert code == 2 and out.count("\n") == 2, out + err
         assert out.splitlines()[1].startswith("warning: --host 0.0.0.0 is not a loopback address"), out
-        assert out.count("\n") == 2, out
         assert err.count("\n") == 1 and err.startswith("error: cannot serve on 0.0.0.0:") and "--port" in err, err
         first.send_signal(signal.SIGINT)
         out, err = first.communicate(timeout=30)
@@ -584,14 +520,18 @@ def black_pixels(driver) -> int:
     return sum(rgba[i : i + 4] == [0, 0, 0, 255] for i in range(0, len(rgba), 4))
 
 
-def draw_a_seven(browser) -> None:
-    """The 7's top and stem with the mouse (offsets from the pad's centre, in CSS pixels), its bar with a pen."""
+def test_a_browser_draws_moves_every_control_and_clears(page, browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
     from selenium.webdriver.common.actions.interaction import POINTER_PEN
     from selenium.webdriver.common.actions.pointer_input import PointerInput
     from selenium.webdriver.common.by import By
 
+    app, port = page
+    browser.get(f"http://127.0.0.1:{port}/")
+    wait_for(browser, "document.querySelectorAll('#sliders input').length === 6")
+    browser.execute_script(COUNT_DIGIT_CALLS)
+    # A 7: its top and stem with the mouse (offsets from the pad's centre, in CSS pixels), its bar with a pen.
     pad = browser.find_element(By.ID, "pad")
     mouse = ActionChains(browser, duration=20).move_to_element_with_offset(pad, -70, -80).click_and_hold()
     for dx, dy in [(35, 0), (35, 0), (35, 0), (35, 0), (-20, 40), (-20, 40), (-20, 40), (-20, 40)]:
@@ -603,12 +543,10 @@ def draw_a_seven(browser) -> None:
         pen.pointer_action.move_to(pad, dx, 0)
     pen.pointer_action.pointer_up()
     pen.perform()
-
-
-def check_the_answer(browser, app: demo.Demo, answer: dict) -> None:
-    """The page shows what the Python API answers for the drawing the page sent last (the canvas has not changed)."""
-    from selenium.webdriver.common.by import By
-
+    answer = wait_for(browser, "state.inFlight === 0 && state.answer")
+    calls = browser.execute_script("return [calls, most]")
+    assert calls[0] >= 3 and calls[1] == 1, calls  # live while drawing (not only on release), one at a time
+    # The page shows what the Python API answers for the drawing the page sent last (the canvas has not changed).
     text = {i: browser.find_element(By.ID, i).text for i in ("score", "percentile", "verdict", "thresholds")}
     sent = browser.execute_script("return drawingBody()")
     x = prepare.prepare_digit(torch.tensor(sent["pixels"]).reshape(sent["height"], sent["width"]))[None]
@@ -618,20 +556,12 @@ def check_the_answer(browser, app: demo.Demo, answer: dict) -> None:
     assert text["percentile"] == f"{app.percentile(answer['score']):.1f}%"
     assert f"{app.thresholds[0]:.2f}" in text["thresholds"] and f"{app.thresholds[1]:.2f}" in text["thresholds"]
     assert sum(browser.execute_script(PIXELS, "prepared")) > 28 * 28 * 255 and black_pixels(browser) > 0  # and its ring
-
-
-def move_every_control(browser) -> None:
-    """Every slider, then a click on the map: each must visibly change the decoded digit."""
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-
+    # Every slider, then a click on the map, must visibly change the decoded digit: the page's own POSTs pass the
+    # Host, Origin and Content-Type checks.
     for k in range(6):
         before = browser.execute_script(PIXELS, "moved")
-        browser.execute_script(
-            "const s = document.querySelectorAll('#sliders input')[arguments[0]]; s.value = 2.5;"
-            "s.dispatchEvent(new Event('input'))",
-            k,
-        )
+        slider = f"document.querySelectorAll('#sliders input')[{k}]"
+        browser.execute_script(f"{slider}.value = 2.5; {slider}.dispatchEvent(new Event('input'))")
         wait_for(browser, "state.inFlight === 0 && state.movedPoint")
         change = grey_change(before, browser.execute_script(PIXELS, "moved"))
         assert change > 2, f"slider {k} hardly changed the digit: {change:.2f} grey levels on average"
@@ -640,21 +570,6 @@ def move_every_control(browser) -> None:
     wait_for(browser, "state.inFlight === 0")
     assert grey_change(before, browser.execute_script(PIXELS, "moved")) > 2
     assert browser.execute_script("return state.code") != code
-
-
-def test_a_browser_draws_moves_every_control_and_clears(page, browser):
-    from selenium.webdriver.common.by import By
-
-    app, port = page
-    browser.get(f"http://127.0.0.1:{port}/")
-    wait_for(browser, "document.querySelectorAll('#sliders input').length === 6")
-    browser.execute_script(COUNT_DIGIT_CALLS)
-    draw_a_seven(browser)
-    answer = wait_for(browser, "state.inFlight === 0 && state.answer")
-    calls = browser.execute_script("return [calls, most]")
-    assert calls[0] >= 3 and calls[1] == 1, calls  # live while drawing (not only on release), one at a time
-    check_the_answer(browser, app, answer)
-    move_every_control(browser)  # the page's own POSTs pass the Host, Origin and Content-Type checks
     browser.find_element(By.ID, "sample").click()
     wait_for(browser, "document.querySelectorAll('#samples canvas').length === 16")
     if os.environ.get("DEMO_SCREENSHOT"):

@@ -1,4 +1,5 @@
-"""files.py: atomic writes that fail cleanly, stale temporaries, the folder lock, the output-folder check."""
+"""files.py: atomic writes that fail cleanly, stale temporaries, the folder lock (a lock file that is not a plain file
+of its own, and the output-folder check, are refused end to end in tests/test_cli.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import errno
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from unittest.mock import Mock
 
@@ -107,44 +107,3 @@ def test_a_failing_body_removes_the_lock_file_and_the_folders_made_for_it(tmp_pa
         with files.lock_folder(tmp_path / "kept"):
             raise KeyboardInterrupt
     assert os.listdir(tmp_path / "kept") == ["notes.txt"]
-
-
-def refusal(folder: Path) -> str:
-    with pytest.raises(UserError) as err:
-        with files.lock_folder(folder):
-            pytest.fail("the body ran")
-    return str(err.value)
-
-
-@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "hard link"])
-def test_a_prepared_lock_file_is_refused_and_what_it_points_to_untouched(tmp_path, kind):
-    target, folder = tmp_path / "precious.txt", tmp_path / "ckpt"
-    if kind != "dangling symlink":
-        target.write_text("keep me")
-        os.utime(target, (1_000_000, 1_000_000))
-    folder.mkdir()
-    (os.link if kind == "hard link" else os.symlink)(target, folder / ".lock")
-    assert ("hard link" if kind == "hard link" else "is a symbolic link") in refusal(folder)
-    if kind == "dangling symlink":
-        assert not target.exists()  # nothing was created through the link
-    else:
-        assert target.read_text() == "keep me" and target.stat().st_mtime == 1_000_000
-
-
-def test_a_fifo_named_lock_is_refused_without_blocking(tmp_path):
-    os.mkfifo(tmp_path / ".lock")
-    outcome = []
-    thread = threading.Thread(target=lambda: outcome.append(refusal(tmp_path)), daemon=True)
-    thread.start()
-    thread.join(timeout=20)  # a blocking open would hang here, and leave outcome empty
-    assert outcome == [f"{tmp_path / '.lock'} is not a plain file; remove it (nothing was written to it)"]
-
-
-def test_check_output_dir_refuses_a_file_or_a_path_under_one_and_creates_nothing(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    for given in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "images" / "more"):
-        with pytest.raises(UserError) as err:
-            files.check_output_dir(given, "--image-dir")
-        assert str(err.value).startswith(f"--image-dir {given}: {tmp_path / 'notes.txt'} is a file, not a folder")
-    files.check_output_dir(tmp_path / "new" / "images", "--image-dir")  # can be made: accepted, but not made yet
-    assert os.listdir(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"

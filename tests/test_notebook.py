@@ -1,4 +1,4 @@
-"""notebooks/explore.ipynb runs top to bottom in a real Jupyter kernel, and the README's notebook block runs as written."""
+"""notebooks/explore.ipynb runs top to bottom in a real Jupyter kernel; the README's notebook block runs as written."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from helpers import MNIST_DIR, ROOT, copy_run, needs_mnist
 
 NOTEBOOK = ROOT / "notebooks" / "explore.ipynb"

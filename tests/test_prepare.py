@@ -39,9 +39,6 @@ def one_line_image_error(path, *words: str) -> str:
     return msg
 
 
-# ----------------------------------------------------------------------------- size limits
-
-
 def png_claiming_size(path, width: int, height: int) -> None:
     """A small PNG whose header claims width x height pixels (its pixel data is that of a 16 x 16 picture)."""
     seven((16, 16)).save(path)
@@ -51,27 +48,18 @@ def png_claiming_size(path, width: int, height: int) -> None:
     path.write_bytes(bytes(raw))
 
 
-def test_huge_picture_is_refused_before_decoding(tmp_path):
-    """12000 x 12000 is under PIL's own bomb limit; decoding it would fail here only because the data is short,
-    so the size message proves the size was checked before the pixels were read."""
-    path = tmp_path / "huge.png"
-    png_claiming_size(path, 12000, 12000)
-    one_line_image_error(path, "12000 x 12000 pixels is more than", "scale it down")
-
-
-def test_picture_over_pils_bomb_limit_is_one_line(tmp_path):
-    path = tmp_path / "bomb.png"
-    png_claiming_size(path, 20000, 20000)  # 400 million pixels: PIL refuses it at open
-    one_line_image_error(path, "scale it down")
-
-
-def test_size_limits_are_inclusive():
+def test_a_huge_picture_is_refused_before_decoding_and_the_size_limits_are_inclusive(tmp_path):
+    """12000 x 12000 is under PIL's own bomb limit; decoding it would fail here only because the data is short, so
+    the size message proves the size was checked before the pixels were read. 400 million pixels: PIL refuses at open.
+    """
+    for side, words in ((12000, "12000 x 12000 pixels is more than"), (20000, "scale it down")):
+        png_claiming_size(tmp_path / "huge.png", side, side)
+        one_line_image_error(tmp_path / "huge.png", words, "scale it down")
     prepare.check_picture_size(4096, 4096)
     prepare.check_picture_size(prepare.MIN_SIDE, prepare.MIN_SIDE)
-    with pytest.raises(prepare.ImageError):
-        prepare.check_picture_size(4097, 4096)
-    with pytest.raises(prepare.ImageError):
-        prepare.check_picture_size(prepare.MIN_SIDE - 1, 100)
+    for width, height in ((4097, 4096), (prepare.MIN_SIDE - 1, 100)):
+        with pytest.raises(prepare.ImageError):
+            prepare.check_picture_size(width, height)
 
 
 @pytest.mark.parametrize("size", [(40, 1), (1, 40), (1, 1), (7, 30)])
@@ -81,9 +69,6 @@ def test_degenerate_picture_is_one_line_error(tmp_path, size):
     a.flat[: a.size // 2] = 0  # ink in half of it, so that it is not merely blank
     Image.fromarray(a).save(path)
     one_line_image_error(path, f"too small: {size[0]} x {size[1]} pixels", "at least 8 pixels")
-
-
-# ----------------------------------------------------------------------------- orientation and formats
 
 
 @pytest.mark.parametrize("orientation", [6, 8])
@@ -119,16 +104,10 @@ def save_as(img: Image.Image, path, kind: str) -> None:
         Image.fromarray(np.asarray(img, dtype=np.float32) / 255, "F").save(path)
 
 
-@pytest.mark.parametrize(
-    "kind,suffix",
-    [
-        ("png16", "png"),
-        ("cmyk_jpeg", "jpg"),
-        ("animated_gif", "gif"),
-        ("palette_transparent_png", "png"),
-        ("float_tiff", "tiff"),
-    ],
-)
+FORMATS = "png16.png cmyk_jpeg.jpg animated_gif.gif palette_transparent_png.png float_tiff.tiff"
+
+
+@pytest.mark.parametrize("kind,suffix", [name.split(".") for name in FORMATS.split()])
 def test_unusual_formats_give_the_same_digit(tmp_path, kind, suffix):
     seven().save(tmp_path / "plain.png")
     save_as(seven(), tmp_path / f"odd.{suffix}", kind)
@@ -137,26 +116,17 @@ def test_unusual_formats_give_the_same_digit(tmp_path, kind, suffix):
     assert (x - want).abs().mean() < 0.02
 
 
-# ----------------------------------------------------------------------------- files that are not pictures
-
-
-@pytest.mark.parametrize("bad", ["nan", "inf"])
-def test_float_tiff_with_non_finite_values(tmp_path, bad):
-    a = np.asarray(seven(), dtype=np.float32) / 255
-    a[3, 3] = float(bad)
-    path = tmp_path / "f.tiff"
-    Image.fromarray(a, "F").save(path)
-    one_line_image_error(path, "NaN or infinite")
-
-
-def test_png_cut_inside_its_pixel_data(tmp_path):
-    path = tmp_path / "cut.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(path)
-    path.write_bytes(path.read_bytes()[:-200])  # the header is whole: open succeeds, decoding fails
-    one_line_image_error(path, "unreadable image")
-
-
-def test_empty_file_folder_and_unreadable_file(tmp_path, monkeypatch):
+def test_files_that_are_not_pictures_are_one_line_each(tmp_path, monkeypatch):
+    """A float TIFF holding NaN or infinity; a PNG whose header is whole (open succeeds) but whose pixel data is cut;
+    an empty file, a folder, and a file that cannot be read."""
+    for bad in ("nan", "inf"):
+        a = np.asarray(seven(), dtype=np.float32) / 255
+        a[3, 3] = float(bad)
+        Image.fromarray(a, "F").save(tmp_path / f"{bad}.tiff")
+        one_line_image_error(tmp_path / f"{bad}.tiff", "NaN or infinite")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(tmp_path / "cut.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:-200])
+    one_line_image_error(tmp_path / "cut.png", "unreadable image")
     (tmp_path / "empty.png").write_bytes(b"")
     one_line_image_error(tmp_path / "empty.png", "not an image file")
     (tmp_path / "dir.png").mkdir()
@@ -168,9 +138,6 @@ def test_empty_file_folder_and_unreadable_file(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "open", denied)
     (tmp_path / "secret.png").write_bytes(b"\x89PNG")
     one_line_image_error(tmp_path / "secret.png", "Permission denied", "permissions")
-
-
-# ----------------------------------------------------------------------------- photos of digits on paper
 
 
 def clean_seven() -> torch.Tensor:
@@ -228,9 +195,6 @@ def test_upsampled_mnist_digits_prepare_to_themselves():
     big = 1 - torch.nn.functional.interpolate(digits, size=(280, 280), mode="bilinear")
     prepared = torch.stack([prepare.prepare_digit(gray[0]) for gray in big])
     assert (prepared - digits).abs().mean() < 0.035
-
-
-# ----------------------------------------------------------------------------- prepare_digit
 
 
 def canvas_with_seven() -> torch.Tensor:
