@@ -175,6 +175,8 @@ def test_a_training_state_is_checked_only_for_resume(tmp_path, ckpt):
     of the wrong shape, or no training state at all, do not matter to using the weights."""
     checkpoint.save(ckpt, tmp_path / "good.pt")
     assert checkpoint.load(tmp_path / "good.pt", resume=True)["checksum"] == ckpt["checksum"]
+    resave(ckpt | {"epoch": -3}, tmp_path / "epoch.pt")
+    assert "epoch -3 is out of range" in refused(tmp_path / "epoch.pt", resume=True)
     ckpt["optimizer"]["state"][0]["exp_avg"] = torch.zeros(1)
     resave(ckpt, tmp_path / "optimizer.pt")
     checkpoint.load_model(tmp_path / "optimizer.pt")

@@ -122,6 +122,17 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_before_anything_is_r
     assert not (tmp_path / "img").exists()
 
 
+@needs_mnist
+@pytest.mark.parametrize(
+    "flags,train,val",
+    [("--subset 5", 5, 5000), ("--val-size 1", 59999, 1), ("--exclude-digit 3 --val-size 100", 53779, 90)],
+)
+def test_too_few_training_or_validation_images_are_named_before_any_folder_is_made(tmp_path, flags, train, val):
+    code, out, err = run_main(train_args(tmp_path)[4:] + flags.split(), tmp_path)  # without train_args' --subset
+    assert_one_line_error(code, err, f"train on {train} images and validate on {val}", "at least 100", flags.split()[0])
+    assert "training on" not in out and not (tmp_path / "ckpt").exists() and not (tmp_path / "img").exists()
+
+
 def test_a_folder_named_best_pt_is_named_as_a_folder(tmp_path):
     (tmp_path / "ckpt" / "best.pt").mkdir(parents=True)
     (tmp_path / "ckpt" / "best.pt" / "mine.txt").write_text("mine")
