@@ -10,17 +10,15 @@ prepare.prepare_digit. The table compares, over the N digits, the mean anomaly p
   clean           the digit as MNIST has it;
   clean, redrawn  the clean digit upsampled 10x, dark on white, prepared (the demo's and a clean scan's case);
   photo           the photo, prepared;
-  photo, old way  the photo, prepared as before photos were handled (border median as background, linear
-                  stretch), for comparison.
+  photo, plain    the photo, prepared the plain way (the border's median as background, a linear stretch), for
+                  comparison.
 Tune on --split train; the test digits are for the report. Prints figures, asserts nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
-import os
 import statistics
 import sys
 import time
@@ -37,8 +35,7 @@ import anomaly
 import checkpoint
 import data
 import prepare
-from files import UserError
-from main import positive_int
+from benchmarks.common import add_data_dir, parser, positive_int, run
 
 
 def lighting(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
@@ -82,15 +79,15 @@ def photo(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     return out.getvalue()
 
 
-def old_prepare(gray: torch.Tensor) -> torch.Tensor:
-    """The preparation before photos were handled, copied here to compare with: the border's median is the
-    background, the rest stretched linearly; cropped, scaled to 20 px (bilinear) and centred on (13.5, 13.5)."""
+def plain_prepare(gray: torch.Tensor) -> torch.Tensor:
+    """A plain preparation to compare with: the border's median is the background, the rest stretched linearly;
+    cropped, scaled to 20 px (bilinear) and centred on (13.5, 13.5)."""
     border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     if border.median() > 0.5:
         gray, border = 1 - gray, 1 - border
     background, peak = border.median(), gray.max()
     if peak - background < 0.1:
-        return torch.zeros(1, 28, 28)  # it refused the picture: no digit
+        return torch.zeros(1, 28, 28)  # nothing stands out of the background: no digit
     ink = ((gray - background) / (peak - background)).clamp_(0, 1)
     rows, cols = (ink > 0.05).any(1).nonzero(), (ink > 0.05).any(0).nonzero()
     crop = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
@@ -115,28 +112,24 @@ def redrawn(digit: np.ndarray) -> torch.Tensor:
 def prepared_sets(digits: np.ndarray, seed: int) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Each way of preparing the digits as (N, 1, 28, 28), and the milliseconds prepare_digit took per photo."""
     rng = np.random.default_rng(seed)
-    sets = {"clean": [], "clean, redrawn": [], "photo": [], "photo, old way": []}
+    sets = {"clean": [], "clean, redrawn": [], "photo": [], "photo, plain": []}
     times = []
     for digit in digits:
         gray = prepare.read_picture(io.BytesIO(photo(digit, rng)))  # read back as a file is
         t = time.perf_counter()
         sets["photo"].append(prepare.prepare_digit(gray))
         times.append(1000 * (time.perf_counter() - t))
-        sets["photo, old way"].append(old_prepare(gray))
+        sets["photo, plain"].append(plain_prepare(gray))
         sets["clean"].append(torch.from_numpy(digit.astype(np.float32) / 255)[None])
         sets["clean, redrawn"].append(prepare.prepare_digit(redrawn(digit)))
     return {name: torch.stack(xs) for name, xs in sets.items()}, times
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
     p.add_argument("--checkpoint", default="pretrained/vae-mnist.pt", help="model and anomaly reference to score with")
-    p.add_argument(
-        "--data-dir",
-        default=os.environ.get("MNIST_DIR", "data"),
-        help="folder with the four MNIST files (default: $MNIST_DIR or data)",
-    )
-    p.add_argument("--n", type=positive_int, default=20, help="how many digits (default 20)")
+    add_data_dir(p)
+    p.add_argument("--n", type=positive_int(10_000), default=20, help="how many digits (default 20)")
     p.add_argument("--seed", type=int, default=0, help="which digits, and every random choice in their photos")
     p.add_argument(
         "--split",
@@ -145,12 +138,9 @@ def main() -> None:
         help="draw the digits from here: tune on train, report on test (default)",
     )
     p.add_argument("--per-digit", action="store_true", help="also print each digit's figures")
-    args = p.parse_args()
-    try:
-        mnist = data.load_mnist(args.data_dir)
-        model, ckpt = checkpoint.load_model(args.checkpoint)
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    args = p.parse_args(argv)
+    mnist = data.load_mnist(args.data_dir)
+    model, ckpt = checkpoint.load_model(args.checkpoint)
     images, labels = mnist[f"{args.split}_images"], mnist[f"{args.split}_labels"]
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[: args.n]
     sets, times = prepared_sets(images[pick].numpy(), args.seed)
@@ -165,7 +155,7 @@ def main() -> None:
     for name in sets:
         print(f"{name:<16} {statistics.mean(rank[name]):>16.1f} {diff[name].mean().item():>17.4f}")
     gap = statistics.mean(rank["photo"]) - statistics.mean(rank["clean"])
-    print(f"photos minus clean: {gap:+.1f} percentile points (goal: within 15)")
+    print(f"photos_minus_clean: {gap:+.1f} percentile points")
     print(f"prepare_digit per photo: {statistics.median(times):.0f} ms median ({torch.get_num_threads()} thread)")
     if args.per_digit:
         print("digit  label  " + "  ".join(f"{name:>14}" for name in sets) + "  |photo - clean|")
@@ -176,6 +166,8 @@ def main() -> None:
                 + f"  {diff['photo'][i].item():>15.4f}"
             )
 
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -4,7 +4,7 @@
 
 Prints one `name: value` line per figure, so runs can be compared. Everything runs in one process on the
 current device with the default model at batch 64 (or the one main.py's model flags and --ema describe, e.g.
-`--hidden-dim 512 --out-conv 0 --ema 0` for the previous default):
+`--hidden-dim 512 --out-conv 0 --ema 0` for the model docs/model-selection.md started from):
   - the project's training step (in-memory uint8 data, channels-last, fused Adam, no per-step host sync, and bf16
     autocast where main.py's --precision auto picks it),
   - a naive baseline as pytorch/examples writes it: torchvision datasets.MNIST + ToTensor + DataLoader(shuffle=True),

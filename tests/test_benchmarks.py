@@ -26,7 +26,8 @@ train_speed: --data-dir DATA --windows 1 --steps 2 --warmup 1 --matmul-size 256 
   --latent-dim 8 --channels 8 16 --hidden-dim 32 --res-blocks 0 --out-conv 0
 baselines: --data-dir DATA --epochs 1 --batch-size 512
 quality: --data-dir DATA --reuse RUN --iwae-k 3
-anomaly_auroc: --data-dir DATA RUN --max-images 300"""  # DATA: $MNIST_DIR; RUN: a run trained here
+anomaly_auroc: --data-dir DATA RUN --max-images 300
+photos: --data-dir DATA --n 3"""  # DATA: $MNIST_DIR; RUN: a run trained here
 SETTINGS = dict(line.split(": ") for line in TABLE.replace("\n  ", " ").splitlines())  # an indented line continues
 CHECKS = {  # of the figures f a script printed, n(name) being the number f[name] starts with
     "structure": lambda f, n: f["circles"] == f["upward arrows"] == "none" and n("reachable_from_train_train") > 5,
@@ -38,9 +39,10 @@ CHECKS = {  # of the figures f a script printed, n(name) being the number f[name
     "baselines": lambda f, n: "652,824 parameters" in f["model"] and 100 < n("test_loss") < 300,  # trained: 104
     "quality": lambda f, n: n("test_iwae_nll") <= n("test_loss") + 1 and f["iwae_k"] == "3" and f["epochs"] == "1",
     "anomaly_auroc": lambda f, n: all(0 <= n(f"digit_3_{m}_letters_auroc") <= 1 for m in anomaly.METHODS),
+    "photos": lambda f, n: "photos_minus_clean" in f and n("prepare_digit per photo") > 0,
 }
 MISTAKES = "train_speed --out-conv x, quality --latent-dim 0, upsampling --windows 0, baselines --epochs x, "
-MISTAKES += "anomaly_auroc --max-images 0 R, structure --bogus, demo_speed --checkpoint nowhere.pt"
+MISTAKES += "anomaly_auroc --max-images 0 R, structure --bogus, demo_speed --checkpoint nowhere.pt, photos --n 0"
 
 
 @pytest.fixture(scope="module")

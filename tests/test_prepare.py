@@ -161,7 +161,7 @@ def photo(digit: torch.Tensor, light_ink: bool = False, speck: bool = False) -> 
 
 
 def border_median_way(gray: torch.Tensor) -> torch.Tensor:
-    """The preparation before photos were handled: the border's median is the background, the rest is stretched."""
+    """A plain preparation to compare with: the border's median is the background, the rest is stretched."""
     border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     gray, border = (1 - gray, 1 - border) if border.median() > 0.5 else (gray, border)
     return prepare.mnist_like(((gray - border.median()) / (gray.max() - border.median())).clamp(0, 1))
