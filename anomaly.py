@@ -256,7 +256,8 @@ def read_csv_scores(path: Path, source: dict[str, str], n: int) -> torch.Tensor 
         KeyError,
         UnicodeDecodeError,
         csv.Error,
-    ):  # edited or damaged by hand: compute afresh
+        OSError,
+    ):  # edited, damaged or unreadable: compute afresh
         return None
 
 

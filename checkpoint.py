@@ -260,6 +260,8 @@ def check_resumable(ckpt: dict, path: Path) -> None:
     rng, names = ckpt["rng"], ("shuffle", "noise") + (("binarize",) if ckpt["config"]["binarize"] else ())
     if not isinstance(rng, dict) or not all(isinstance(rng.get(n), torch.Tensor) for n in names):
         raise ValueError("its random-generator states are missing")
+    if rng.get("device") not in ("cpu", "cuda", "mps") or any(rng[n].dtype != torch.uint8 for n in names):
+        raise ValueError(f"its random-generator states are not a generator's (device {rng.get('device')!r})")
     for name in names:
         if name == "shuffle" or rng.get("device") == "cpu":  # another device's states are re-seeded, not used
             torch.Generator().set_state(rng[name])  # raises for a state that is not a generator's

@@ -185,7 +185,8 @@ def run_train(args) -> int:
         files.remove_stale_temporaries(folder)
         train_config, model_config, resume = resolve_settings(args, resumed_from)
         device = pick_device(args.device)
-        train_config = replace(train_config, precision=pick_precision(train_config.precision, device))
+        precision = pick_precision(train_config.precision, device, resumed=resume is not None)
+        train_config = replace(train_config, precision=precision)
         mnist = load_data(args.data_dir)
         split = checked_split(mnist["train_labels"], train_config)
         if args.replace:  # every check has passed: only now is the earlier run removed
@@ -203,11 +204,13 @@ def run_train(args) -> int:
                 run = train.train(run, should_stop=stop.requested, show_progress=args.progress)
             if stop.requested():  # also when the signal came as the last epoch was saved: no evaluation then
                 return stopped(args, run, stop.signum, folder, resumed_from)
-        return final_evaluation(args, folder, resumed_from, mnist, split, device)
+        return final_evaluation(args, folder, resumed_from, mnist, split, device, run.history)
 
 
 def run_files(args) -> tuple[Path, Path | None]:
     """The run's checkpoint folder, and the checkpoint it resumes from (None for a fresh run)."""
+    if args.resume and args.replace:
+        raise UserError("--replace deletes a run to start a new one, --resume continues one: pass only one of them")
     if not args.resume:
         return Path(args.checkpoint_dir or "models_mnist"), None
     resumed_from = Path(args.checkpoint_dir or "models_mnist") / "last.pt" if args.resume is True else Path(args.resume)
@@ -217,7 +220,7 @@ def run_files(args) -> tuple[Path, Path | None]:
 def check_run_folder(folder: Path, replacing: bool, resumed_from: Path | None) -> None:
     """Before anything is read or written: no folder stands where a file will be saved, and a fresh run never
     silently replaces the run a folder already holds."""
-    for name in RUN_FILES[:3]:
+    for name in RUN_FILES:
         if (folder / name).is_dir():
             raise UserError(files.folder_in_the_way(folder / name))
     held = [name for name in RUN_FILES[:2] if (folder / name).exists()]
@@ -257,15 +260,17 @@ def resolve_settings(args, resumed_from: Path | None) -> tuple[config.TrainConfi
     return replace(stored[0], epochs=epochs), stored[1], ckpt
 
 
-def pick_precision(name: str, device: torch.device) -> str:
+def pick_precision(name: str, device: torch.device, resumed: bool = False) -> str:
     """The training step's arithmetic: auto is bf16 autocast on CPUs with Intel AMX (native bf16 matrix units), else
     fp32. Not bf16 on CUDA: at batch 64 this model's step is bound by kernel launches, and autocast adds launches."""
     if name == "auto":
         return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
+    # a resumed run keeps its stored precision, so the way out is another device
+    fix = "resume it with --device cpu" if resumed else "use --precision fp32"
     if name == "bf16" and device.type == "mps":
-        raise UserError("--precision bf16 is supported on cpu and cuda; on mps use --precision fp32")
+        raise UserError(f"--precision bf16 is supported on cpu and cuda, not mps; {fix}")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("--precision bf16: this GPU has no bf16 support; use --precision fp32")
+        raise UserError(f"--precision bf16: this GPU has no bf16 support; {fix}")
     return name
 
 
@@ -324,7 +329,7 @@ def stopped(args, run: train.Run, signum: int, folder: Path, resumed_from: Path 
     last = folder / "last.pt" if (folder / "last.pt").is_file() else resumed_from
     if last is None:
         message = f"stopped in epoch 1 of {run.config.epochs}, before any epoch was saved; start it again with:"
-        command = ["python", "main.py", *sys.argv[1:]]
+        command = ["python", "main.py", *args.argv]
     else:
         done = f"the run up to epoch {run.epoch}" + (", not yet evaluated" if run.epoch == run.config.epochs else "")
         message = f"stopped in epoch {min(run.epoch + 1, run.config.epochs)}; {last} holds {done}. Resume with:"
@@ -351,15 +356,14 @@ def best_checkpoint(folder: Path, resumed_from: Path | None) -> Path:
     return resumed_from.parent / "best.pt"
 
 
-def final_evaluation(args, folder: Path, resumed_from: Path | None, mnist: dict, split, device) -> int:
+def final_evaluation(args, folder: Path, resumed_from: Path | None, mnist: dict, split, device, history) -> int:
     """Evaluate the run's best checkpoint; first store in it what anomaly scores compare against and the latent map,
-    if this run wrote it."""
+    if this run wrote it. metrics.json goes into the run's folder, even when best.pt is the one resumed from."""
     best = best_checkpoint(folder, resumed_from)
     model, ckpt = checkpoint.load_model(best, device)
     if "anomaly_reference" not in ckpt and best.parent == folder:
         ckpt = store_reference(best, ckpt, model, mnist, split, args.progress)
     print(f"training done; evaluating {best} on the 10,000 test images", flush=True)
-    history = run_history(best, ckpt)
     evaluate.evaluate(
         best,
         model,
@@ -368,7 +372,7 @@ def final_evaluation(args, folder: Path, resumed_from: Path | None, mnist: dict,
         Path(args.image_dir),
         args.iwae_k,
         None,
-        best.parent / "metrics.json",
+        folder / "metrics.json",
         history,
         progress=args.progress,
     )

@@ -27,7 +27,7 @@ class TrainConfig:
     binarize: bool = False  # train on pixels redrawn as Bernoulli(intensity) at every use
     kl_warmup: int = setting(0, 0, 10_000)  # epochs over which the KL term's weight ramps from 0 to 1
     lr_schedule: str = choice("constant", ("constant", "cosine"))
-    precision: str = choice("auto", ("auto", "fp32", "bf16"))  # the step's arithmetic; stored resolved
+    precision: str = choice("auto", ("auto", "fp32", "bf16"))  # auto: resolved by the command line; else fp32
     ema: float = setting(0.999, 0.0, 0.999999)  # decay of the weight average that is validated and saved; 0: none
 
 

@@ -50,7 +50,7 @@ SAMPLES, SEED = 10, 0  # z samples and seed of the score: `python main.py recons
 SLIDER_DIMS = 4  # latent dimensions offered as sliders, besides the two map axes
 NEAREST = 25  # reference codes averaged into the code at a clicked place of the map
 VERDICTS = (("typical", 0), ("unusual", 90), ("very unusual", 99))  # from this percentile of the test digits' scores on
-ORDINALS = ("", "2nd ", "3rd ", "4th ", "5th ", "6th ", "7th ", "8th ")
+ORDINALS = ("", "2nd ", "3rd ", "4th ")  # one per slider dimension
 
 
 class BadRequest(Exception):
@@ -164,11 +164,11 @@ def slider_directions(
 ) -> list[dict]:
     """What each slider moves a code along: a unit vector and the step of one slider unit (a slider spans +-3).
 
-    A map axis slider does not move the code along the axis itself: a map made before evaluate.latent_map kept to the
-    active dimensions (the shipped checkpoint's) has its axes in dimensions the decoder ignores. It moves the code the
-    way the reference codes change, on average, across the map (their least-squares regression on their map places):
-    the ring moves along that axis only, one spread of the map per unit, and the digit changes as the digits on the
-    map do. The other sliders move one of the most-used latent dimensions (largest spread of the codes) alone."""
+    A map axis slider does not move the code along the axis itself, which on the shipped checkpoint barely changes the
+    decoded digit. It moves the code the way the reference codes change, on average, across the map (their least-squares
+    regression on their map places): the ring moves along that axis only, one spread of the map per unit, and the digit
+    changes as the digits on the map do. The other sliders move one of the most-used latent dimensions (largest spread
+    of the codes) alone."""
     if codes is None:  # the least change of code that moves the ring by one along each axis
         lift, spread, code_spread = torch.linalg.pinv(space["axes"]), torch.ones(2), torch.ones(latent_dim)
     else:

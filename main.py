@@ -65,6 +65,9 @@ SETTINGS_HELP = {
 class Parser(argparse.ArgumentParser):
     """argparse that says what is wrong in one line (exit 2) instead of dumping the usage block."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # --epoch is a typo, not --epochs
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -167,7 +170,7 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
         help="combined: the larger "
         "of the ELBO's z-score and the z-scored sum of complexity and knn, the best at telling a digit the "
         "model never saw; complexity: the negative ELBO minus 1.5 times a local pixel model's nats, so "
-        "simple images no longer pass as typical; knn: mean distance of the image's code to the 5 nearest "
+        "simple images do not pass as typical; knn: mean distance of the image's code to the 5 nearest "
         "codes of training images; elbo: the plain negative ELBO. All but elbo use the reference stored in "
         "best.pt, or fit one from --data-dir when training was stopped before storing it. See "
         f"docs/anomaly.md (default: {anomaly.DEFAULT_METHOD})",
@@ -291,7 +294,9 @@ class ClosedPipeSafe:
 
     def gone(self) -> None:
         # point the descriptor at /dev/null too, so the interpreter's last flush of the old stream finds a reader
-        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())
+        os.close(devnull)
         self.stream = open(os.devnull, "w")
 
     def __getattr__(self, name: str):
@@ -308,8 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     # Denormal floats (tiny values that build up in Adam's state as training goes on) are ~100x slower on x86 CPUs;
     # flushing them to zero changes results only at rounding level.
     torch.set_flush_denormal(True)
+    given = list(argv)  # for the command that starts a stopped run again
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
-    args = build_parsers()[command].parse_args(argv)
+    parser = build_parsers()[command]
+    if command == "train" and argv and not argv[0].startswith("-"):
+        parser.error(f"unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)}")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        misplaced = [word for word in unknown if word in COMMANDS]
+        hint = f"; the command comes first: python main.py {misplaced[0]} [flags]" if misplaced else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    args.argv = given
     try:
         return commands.HANDLERS[command](args)
     except UserError as err:

@@ -1,6 +1,6 @@
 """Train the VAE. Read it top to bottom: the step (where a batch becomes one Adam update), the run's state, one
-epoch, validation and the checkpoints, then train(), the whole run. The command line (main.py) resolves the flags,
-loads and splits the data, then calls start() and train(); a notebook calls them the same way."""
+epoch, validation and the checkpoints, then train(), the whole run. The command line (commands.run_train) resolves
+the flags, loads and splits the data, then calls start() and train(); a notebook calls them the same way."""
 
 from __future__ import annotations
 

@@ -28,6 +28,10 @@ CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a 
     "user,argv,words",
     [  # user: run as a user runs it (argparse's check, and a check of the flags together), else in process
         (True, "--batch-size x", ["--batch-size", "got x"]),
+        (True, "evalute", ["unknown command 'evalute'", "evaluate, sample"]),
+        (False, "--no-progress sample", ["unrecognized arguments: sample", "python main.py sample"]),
+        (False, "--epoch 1", ["unrecognized arguments: --epoch 1"]),  # not taken for --epochs
+        (False, "--resume --replace", ["--replace", "--resume", "only one of them"]),
         (True, "--hidden-dim 16384 --fc-layers 16", ["weights", "50,000,000", "--hidden-dim", "--fc-layers"]),
         (False, "--lr nan", ["--lr", "got nan"]),
         (False, f"sample --seed {2**64}", ["--seed", str(2**64)]),

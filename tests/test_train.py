@@ -178,6 +178,19 @@ def test_a_stop_in_a_new_checkpoint_dir_prints_a_working_command(trained, tmp_pa
     assert code == 130 and Path(argv[argv.index("--resume") + 1]).is_file(), err
 
 
+@needs_mnist
+def test_a_finished_run_resumed_into_another_folder_is_evaluated_into_that_folder(trained, tmp_path, monkeypatch):
+    source = copy_run(trained, tmp_path / "a")
+    before, calls = snapshot(source), []
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args, **kwargs: calls.append(args))
+    args = ["--resume", source / "last.pt", "--checkpoint-dir", tmp_path / "b", "--data-dir", MNIST_DIR]
+    code, out, err = run_main(args + ["--no-progress"])
+    assert code == 0 and "already trained 2 epochs" in out and len(calls) == 1, err
+    best, *_, metrics, history = calls[0]
+    assert best == source / "best.pt" and metrics == tmp_path / "b" / "metrics.json" and len(history) == 2
+    assert snapshot(source) == before  # the run resumed from is only read
+
+
 def test_binarized_averaged_run_resumes_exactly(tmp_path):
     """Fresh pixels at every step, and an average with its own update count: both restored exactly."""
     images = uint8_images(300, seed=1), uint8_images(100, seed=2)
