@@ -137,12 +137,14 @@ def test_too_few_training_or_validation_images_are_named_before_any_folder_is_ma
     assert "training on" not in out and not (tmp_path / "ckpt").exists() and not (tmp_path / "img").exists()
 
 
-def test_a_folder_named_best_pt_is_named_as_a_folder(tmp_path):
-    (tmp_path / "ckpt" / "best.pt").mkdir(parents=True)
-    (tmp_path / "ckpt" / "best.pt" / "mine.txt").write_text("mine")
-    code, out, err = run_main(train_args(tmp_path) + ["--data-dir", unreadable_data(tmp_path / "data")], tmp_path)
-    assert_one_line_error(code, err, f"{tmp_path / 'ckpt' / 'best.pt'} is a folder, not a file")
-    assert helpers.snapshot(tmp_path / "ckpt") == {"best.pt/mine.txt": b"mine"}
+@pytest.mark.parametrize("name", ["best.pt", "anomaly_scores.csv"])  # the first file a run saves, the last it deletes
+def test_a_folder_named_best_pt_is_named_as_a_folder(tmp_path, name):
+    (tmp_path / "ckpt" / name).mkdir(parents=True)
+    (tmp_path / "ckpt" / name / "mine.txt").write_text("mine")
+    argv = train_args(tmp_path) + ["--replace", "--data-dir", unreadable_data(tmp_path / "data")]
+    code, out, err = run_main(argv, tmp_path)
+    assert_one_line_error(code, err, f"{tmp_path / 'ckpt' / name} is a folder, not a file")
+    assert helpers.snapshot(tmp_path / "ckpt") == {f"{name}/mine.txt": b"mine"}
 
 
 @needs_mnist
