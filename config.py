@@ -31,10 +31,13 @@ class TrainConfig:
     ema: float = setting(0.999, 0.0, 0.999999)  # decay of the weight average that is validated and saved; 0: none
 
 
+def span_text(low, high) -> str:
+    """`1 to 10,000` or `1e-08 to 10`: a range as --help and the errors write it."""
+    return f"{low:,} to {high:,}" if type(low) is int else f"{low:g} to {high:g}"
+
+
 def range_text(low, high) -> str:
-    if type(low) is int:
-        return f"a whole number from {low:,} to {high:,}"
-    return f"a number from {low:g} to {high:g}"
+    return f"a {'whole ' if type(low) is int else ''}number from {span_text(low, high)}"
 
 
 def check(config) -> None:

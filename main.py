@@ -24,7 +24,7 @@ import torch
 import anomaly
 import checkpoint
 import commands
-from config import TrainConfig, range_text
+from config import TrainConfig, range_text, span_text
 from files import UserError
 from model import VAEConfig
 
@@ -101,13 +101,10 @@ def add_settings(group, config_class: type) -> None:
             group.add_argument(flag, choices=meta["choices"], help=f"{text} (default: {default})")
         else:
             low, high = meta["range"]
-            span = f"{low:,} to {high:,}" if type(low) is int else f"{low:g} to {high:g}"
             nargs = len(f.default) if isinstance(f.default, tuple) else None
             metavar = ("C1", "C2") if nargs else ("DECAY" if f.name == "ema" else None)
-            kind = number(type(low), low, high)
-            group.add_argument(
-                flag, type=kind, nargs=nargs, metavar=metavar, help=f"{text} ({span}; default: {default})"
-            )
+            kind, help_text = number(type(low), low, high), f"{text} ({span_text(low, high)}; default: {default})"
+            group.add_argument(flag, type=kind, nargs=nargs, metavar=metavar, help=help_text)
 
 
 def add_common(p: argparse.ArgumentParser, checkpoint_flag: bool = True, files: bool = True) -> None:
