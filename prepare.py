@@ -286,9 +286,9 @@ def ink_from_contrast(
 ) -> torch.Tensor:
     """Contrast (paper 0) -> ink in [0, 1]. Otsu's threshold splits what was found into the strokes' soft edges and
     their cores; the ink's own level is the cores' median contrast, and the cut is at INK_CUT of it, half way up a
-    blurred stroke's edge. MNIST's digits were binary scans averaged down to 20 px,
-    so where the picture has many pixels for each of those, the cut is sharp and mnist_like's averaging makes the
-    grey edges; a small picture's grey levels carry the shape, so there the cut widens into a plain stretch."""
+    blurred stroke's edge. MNIST's digits were binary scans averaged down to 20 px, so where the picture has many pixels
+    for each of those, the cut is sharp and mnist_like's averaging makes the grey edges; a small picture's grey levels
+    carry the shape, so there the cut widens into a plain stretch."""
     level = contrast[found & (smooth >= otsu(smooth[found]))].median().item()  # the strokes' cores, not their edges
     cut = level * INK_CUT
     rows, cols = found.any(1).nonzero(), found.any(0).nonzero()
