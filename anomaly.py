@@ -1,5 +1,5 @@
-"""Anomaly scores: how unlike the training digits an image is (higher = stranger), the reference they compare
-against, and the test digits' scores that turn a score into a percentile. The methods:
+"""Anomaly scores: how unlike the training digits an image is (higher = stranger), the reference
+they compare against, and the test digits' scores that turn a score into a percentile. The methods:
 
     elbo        the negative ELBO in nats: what the model fails to explain. Flags badly written digits, but ranks
                 simple images (a 1, a blank page) as typical whatever the model learned.
@@ -8,9 +8,10 @@ against, and the test digits' scores that turn a score into a percentile. The me
     knn         mean distance of the image's code to its KNN_K nearest codes of training images.
     combined    complexity and knn on one scale, guarded by elbo (see combine): the default, best on held-out digits.
 
-All but elbo need the reference the model was trained with (fit_reference), which its checkpoint holds. In a
-notebook: `anomaly.score(model, images, reference=anomaly.reference_of(ckpt))` with float images (B, 1, 28, 28) in
-[0, 1] returns (B,) scores; `anomaly.percentile(reference["test_scores"], score)` ranks one among the test digits.
+All but elbo need the reference the model was trained with (fit_reference), which its checkpoint
+holds. In a notebook: `anomaly.score(model, images, reference=anomaly.reference_of(ckpt))` with
+float images (B, 1, 28, 28) in [0, 1] returns (B,) scores;
+`anomaly.percentile(reference["test_scores"], score)` ranks one among the test digits.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from model import VAE, neg_elbo_terms, reparameterize
 
 METHODS = ("combined", "complexity", "knn", "elbo")
 DEFAULT_METHOD = "combined"
-LOCAL_WEIGHT = 1.5  # a in complexity = elbo - a * local_nll, chosen on validation images (docs/anomaly.md)
+# a in complexity = elbo - a * local_nll, chosen on validation images (docs/anomaly.md)
+LOCAL_WEIGHT = 1.5
 KNN_K = 5  # neighbours averaged in the latent kNN distance
 REFERENCE_IMAGES = 10_000  # training images whose codes the kNN distance compares against
 UNITS = {
@@ -40,15 +42,19 @@ UNITS = {
     "knn": "latent distance",
     "elbo": "nats",
 }
-CALIBRATION_IMAGES = 1_000  # validation images whose score statistics put the parts of `combined` on one scale
+# validation images whose score statistics put the parts of `combined` on one scale
+CALIBRATION_IMAGES = 1_000
 
 
 # ----------------------------------------------------------------------------- the parts of a score
 
 
 @torch.inference_mode()
-def neg_elbo_per_image(model: VAE, x: torch.Tensor, samples: int, gen: torch.Generator) -> torch.Tensor:
-    """Each image's negative ELBO in nats, its reconstruction term averaged over `samples` z draws (the KL is exact)."""
+def neg_elbo_per_image(
+    model: VAE, x: torch.Tensor, samples: int, gen: torch.Generator
+) -> torch.Tensor:
+    """Each image's negative ELBO in nats, its reconstruction term averaged over `samples` z draws
+    (the KL is exact)."""
     mu, logvar = model.encode(x)
     bce = torch.zeros(len(x), device=x.device)
     for _ in range(samples):
@@ -60,10 +66,11 @@ def neg_elbo_per_image(model: VAE, x: torch.Tensor, samples: int, gen: torch.Gen
 
 
 class LocalPixelModel(nn.Module):
-    """A deliberately short-sighted model of digit images: each pixel predicted from the 12 pixels above and to its
-    left (a masked 5x5 convolution, then two 1x1 layers), the same at every position. It learns stroke texture (how
-    ink continues locally) but cannot know what digit, or whether any digit, the strokes make. Its negative
-    log-likelihood, in the same Bernoulli nats as the VAE's, measures how complex an image is at that local level."""
+    """A deliberately short-sighted model of digit images: each pixel predicted from the 12 pixels
+    above and to its left (a masked 5x5 convolution, then two 1x1 layers), the same at every
+    position. It learns stroke texture (how ink continues locally) but cannot know what digit, or
+    whether any digit, the strokes make. Its negative log-likelihood, in the same Bernoulli nats as
+    the VAE's, measures how complex an image is at that local level."""
 
     def __init__(self, hidden: int = 32) -> None:
         super().__init__()
@@ -72,7 +79,9 @@ class LocalPixelModel(nn.Module):
         mask[..., 2, :2] = 1  # the two pixels to the left
         self.register_buffer("mask", mask)
         self.conv = nn.Conv2d(1, hidden, 5, padding=2)
-        self.head = nn.Sequential(nn.SiLU(), nn.Conv2d(hidden, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, 1, 1))
+        self.head = nn.Sequential(
+            nn.SiLU(), nn.Conv2d(hidden, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, 1, 1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(F.conv2d(x, self.conv.weight * self.mask, self.conv.bias, padding=2))
@@ -82,16 +91,20 @@ class LocalPixelModel(nn.Module):
         return F.binary_cross_entropy_with_logits(self(x), x, reduction="none").flatten(1).sum(1)
 
 
-def fit_local_model(images: torch.Tensor, steps: int = 600, seed: int = 0, progress: bool = False) -> LocalPixelModel:
-    """Fit the local pixel model to in-distribution float images by Adam, 64 images a step (600 steps take about
-    half a minute on a 2-core CPU). Seeded, without touching the caller's random state, and with gradients on even
-    when called under torch.no_grad()."""
+def fit_local_model(
+    images: torch.Tensor, steps: int = 600, seed: int = 0, progress: bool = False
+) -> LocalPixelModel:
+    """Fit the local pixel model to in-distribution float images by Adam, 64 images a step (600
+    steps take about half a minute on a 2-core CPU). Seeded, without touching the caller's random
+    state, and with gradients on even when called under torch.no_grad()."""
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(seed)
         local = LocalPixelModel().to(images.device)
         opt = torch.optim.Adam(local.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(seed)
-        for _ in tqdm(range(steps), "anomaly reference: fitting the local pixel model", disable=not progress):
+        for _ in tqdm(
+            range(steps), "anomaly reference: fitting the local pixel model", disable=not progress
+        ):
             x = images[torch.randint(len(images), (64,), generator=gen).to(images.device)].clone()
             loss = local.nll(x).mean()
             opt.zero_grad()
@@ -104,7 +117,8 @@ def fit_local_model(images: torch.Tensor, steps: int = 600, seed: int = 0, progr
 def score_parts(
     model: VAE, x: torch.Tensor, reference: dict | None, samples: int, gen: torch.Generator
 ) -> dict[str, torch.Tensor]:
-    """The raw scores of a batch: elbo (nats), and with a reference, complexity (nats) and knn (latent distance)."""
+    """The raw scores of a batch: elbo (nats), and with a reference, complexity (nats) and knn
+    (latent distance)."""
     parts = {"elbo": neg_elbo_per_image(model, x, samples=samples, gen=gen)}
     if reference is not None:
         local = LocalPixelModel().to(x.device)
@@ -118,15 +132,21 @@ def score_parts(
 
 
 def combine(parts: dict[str, torch.Tensor], calibration: dict[str, list[float]]) -> torch.Tensor:
-    """combined = max(z(z(complexity) + z(knn)), z(elbo)), z standardising by the validation images' mean and std.
-    The sum flags an unseen digit by either sign; the max with z(elbo) keeps far-off images (noise, say), whose
-    ELBO is enormous, from being excused by an equally unlikely local texture."""
-    z = {name: (parts[name] - mean) / std for name, (mean, std) in calibration.items() if name in parts}
+    """combined = max(z(z(complexity) + z(knn)), z(elbo)), z standardising by the validation images'
+    mean and std. The sum flags an unseen digit by either sign; the max with z(elbo) keeps far-off
+    images (noise, say), whose ELBO is enormous, from being excused by an equally unlikely local
+    texture."""
+    z = {
+        name: (parts[name] - mean) / std
+        for name, (mean, std) in calibration.items()
+        if name in parts
+    }
     mean, std = calibration["sum"]
     return torch.maximum((z["complexity"] + z["knn"] - mean) / std, z["elbo"])
 
 
-# ----------------------------------------------------------------------------- the reference a model is scored against
+# ----------------------------------------------------------------------------- the reference a
+# model is scored against
 
 
 def fit_reference(
@@ -138,15 +158,20 @@ def fit_reference(
     local_steps: int | None = None,
     progress: bool = False,
 ) -> dict:
-    """What the complexity, knn and combined scores compare an image against, from the model's own training images
-    (float, any number) and validation images: the local pixel model, the codes of up to 10,000 training images, and
-    the mean and std of each score over up to 1,000 validation images. Plain tensors and floats: it is stored in
-    best.pt at the end of training."""
-    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:REFERENCE_IMAGES]
+    """What the complexity, knn and combined scores compare an image against, from the model's own
+    training images (float, any number) and validation images: the local pixel model, the codes of
+    up to 10,000 training images, and the mean and std of each score over up to 1,000 validation
+    images. Plain tensors and floats: it is stored in best.pt at the end of training."""
+    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[
+        :REFERENCE_IMAGES
+    ]
     reference_x = train_x[pick.to(train_x.device)]
     with torch.inference_mode():
-        codes = torch.cat([model.encode(reference_x[i : i + 1000])[0] for i in range(0, len(reference_x), 1000)])
-    # about four passes over the reference images at batch 64, at most 600 steps (the count for a full-size run)
+        codes = torch.cat(
+            [model.encode(reference_x[i : i + 1000])[0] for i in range(0, len(reference_x), 1000)]
+        )
+    # about four passes over the reference images at batch 64, at most 600 steps (the count for a
+    # full-size run)
     local_steps = local_steps or min(600, math.ceil(4 * len(reference_x) / 64))
     local = fit_local_model(reference_x, local_steps, seed=seed, progress=progress)
     reference = {
@@ -177,8 +202,9 @@ def score(
     reference: dict | None = None,
     progress: str = "",
 ) -> torch.Tensor:
-    """Anomaly scores (B,) of float images (B, 1, 28, 28) in [0, 1] by `method` (the module's docstring), higher =
-    more anomalous, on the images' device. `progress`, when given, describes a progress bar over the batches."""
+    """Anomaly scores (B,) of float images (B, 1, 28, 28) in [0, 1] by `method` (the module's
+    docstring), higher = more anomalous, on the images' device. `progress`, when given, describes a
+    progress bar over the batches."""
     method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise ValueError(f"unknown anomaly method {method!r}; choose one of {', '.join(METHODS)}")
@@ -193,14 +219,18 @@ def score(
     used = reference if method != "elbo" else None
     out = []
     for i in tqdm(range(0, len(images), batch_size), progress, disable=not progress):
-        parts = score_parts(model, images[i : i + batch_size], reference=used, samples=samples, gen=gen)
-        out.append(combine(parts, reference["calibration"]) if method == "combined" else parts[method])
+        parts = score_parts(
+            model, images[i : i + batch_size], reference=used, samples=samples, gen=gen
+        )
+        out.append(
+            combine(parts, reference["calibration"]) if method == "combined" else parts[method]
+        )
     return torch.cat(out)
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """Area under the ROC curve of telling positives (higher score expected) from negatives: the Mann-Whitney U
-    statistic with average ranks for ties, so a tie counts one half."""
+    """Area under the ROC curve of telling positives (higher score expected) from negatives: the
+    Mann-Whitney U statistic with average ranks for ties, so a tie counts one half."""
     scores, positive = (
         torch.as_tensor(scores, dtype=torch.float64).flatten(),
         torch.as_tensor(positive, dtype=torch.bool).flatten(),
@@ -210,31 +240,44 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     if n_pos == 0 or n_neg == 0:
         raise ValueError("AUROC needs at least one positive and one negative")
     _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    first_rank = torch.cumsum(counts, 0) - counts + 1  # 1-based rank of each distinct value's first occurrence
+    # 1-based rank of each distinct value's first occurrence
+    first_rank = torch.cumsum(counts, 0) - counts + 1
     ranks = (first_rank + (counts - 1) / 2.0)[inverse]
     return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
 
 
 def percentile(test_scores: torch.Tensor, value: float) -> float:
-    """The percentage of test digits that score at most `value` (test_scores: the test digits' scores, any order)."""
+    """The percentage of test digits that score at most `value` (test_scores: the test digits'
+    scores, any order)."""
     return 100.0 * (test_scores <= value).double().mean().item()
 
 
-# ----------------------------------------------------------------------------- the test set's scores, with provenance
+# ----------------------------------------------------------------------------- the test set's
+# scores, with provenance
 
 
 def provenance(checkpoint_path: str | Path, method: str, samples: int, seed: int) -> dict[str, str]:
-    """What produced a set of scores, as columns of anomaly_scores.csv. The checkpoint is named by its content's
-    hash, so a retrained file at the same path does not match."""
+    """What produced a set of scores, as columns of anomaly_scores.csv. The checkpoint is named by
+    its content's hash, so a retrained file at the same path does not match."""
     digest = hashlib.sha256(Path(checkpoint_path).read_bytes()).hexdigest()[:16]
-    return {"method": method, "samples": str(samples), "seed": str(seed), "checkpoint_sha256": digest}
+    return {
+        "method": method,
+        "samples": str(samples),
+        "seed": str(seed),
+        "checkpoint_sha256": digest,
+    }
 
 
-def write_csv(path: Path, source: dict[str, str], labels: torch.Tensor, scores: torch.Tensor) -> None:
-    """One row per test digit: index, label, score, and what produced the score (the same on every row), so that
-    any CSV reader (csv.DictReader, pandas.read_csv) takes the first line as the header."""
+def write_csv(
+    path: Path, source: dict[str, str], labels: torch.Tensor, scores: torch.Tensor
+) -> None:
+    """One row per test digit: index, label, score, and what produced the score (the same on every
+    row), so that any CSV reader (csv.DictReader, pandas.read_csv) takes the first line as the
+    header."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=["index", "label", "score", *source], lineterminator="\n")
+    writer = csv.DictWriter(
+        out, fieldnames=["index", "label", "score", *source], lineterminator="\n"
+    )
     writer.writeheader()
     for i, (label, s) in enumerate(zip(labels.tolist(), scores.tolist())):
         writer.writerow({"index": i, "label": int(label), "score": f"{s:.4f}"} | source)
@@ -242,7 +285,8 @@ def write_csv(path: Path, source: dict[str, str], labels: torch.Tensor, scores: 
 
 
 def read_csv_scores(path: Path, source: dict[str, str], n: int) -> torch.Tensor | None:
-    """The scores in `path` if all n rows came from exactly this checkpoint, method, samples and seed, else None."""
+    """The scores in `path` if all n rows came from exactly this checkpoint, method, samples and
+    seed, else None."""
     if not path.is_file():
         return None
     try:
@@ -261,20 +305,27 @@ def read_csv_scores(path: Path, source: dict[str, str], n: int) -> torch.Tensor 
         return None
 
 
-# ----------------------------------------------------------------------------- the reference a checkpoint carries
+# ----------------------------------------------------------------------------- the reference a
+# checkpoint carries
 
 
-def reference_for_run(model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, test_x: torch.Tensor, progress=False):
-    """What training stores in best.pt: the reference fitted on the run's own training and validation images, and
-    the sorted scores of the test digits, so that a percentile needs no data set."""
+def reference_for_run(
+    model: VAE, train_x: torch.Tensor, val_x: torch.Tensor, test_x: torch.Tensor, progress=False
+):
+    """What training stores in best.pt: the reference fitted on the run's own training and
+    validation images, and the sorted scores of the test digits, so that a percentile needs no data
+    set."""
     reference = fit_reference(model, train_x, val_x, progress=progress)
     bar = f"anomaly reference: scoring the {len(test_x):,} test digits" if progress else ""
-    reference["test_scores"] = score(model, test_x, reference=reference, progress=bar).sort().values.cpu()
+    reference["test_scores"] = (
+        score(model, test_x, reference=reference, progress=bar).sort().values.cpu()
+    )
     return reference
 
 
 def reference_of(ckpt: dict) -> dict | None:
-    """The anomaly reference a checkpoint carries, checked where it enters (ValueError if it is malformed), or None."""
+    """The anomaly reference a checkpoint carries, checked where it enters (ValueError if it is
+    malformed), or None."""
     ref = ckpt.get("anomaly_reference")
     if ref is not None and not is_reference(ref, ckpt["config"]["latent_dim"]):
         raise ValueError("its anomaly reference is malformed")
@@ -286,16 +337,30 @@ def is_reference(ref, latent_dim: int) -> bool:
     with torch.device("meta"):
         local_shapes = {name: t.shape for name, t in LocalPixelModel().state_dict().items()}
     local = ref.get("local_model") if isinstance(ref, dict) else None
-    if not isinstance(local, dict) or {n: getattr(t, "shape", None) for n, t in local.items()} != local_shapes:
+    if (
+        not isinstance(local, dict)
+        or {n: getattr(t, "shape", None) for n, t in local.items()} != local_shapes
+    ):
         return False
     codes, calibration, scores = ref.get("codes"), ref.get("calibration"), ref.get("test_scores")
-    if not (isinstance(codes, torch.Tensor) and codes.dim() == 2 and codes.shape[1] == latent_dim and len(codes)):
+    if not (
+        isinstance(codes, torch.Tensor)
+        and codes.dim() == 2
+        and codes.shape[1] == latent_dim
+        and len(codes)
+    ):
         return False
-    if not (isinstance(calibration, dict) and {"elbo", "complexity", "knn", "sum"} <= set(calibration)):
+    if not (
+        isinstance(calibration, dict) and {"elbo", "complexity", "knn", "sum"} <= set(calibration)
+    ):
         return False
-    if not all(is_mean_and_std(v) for v in calibration.values()) or type(ref.get("local_weight")) not in (int, float):
+    if not all(is_mean_and_std(v) for v in calibration.values()) or type(
+        ref.get("local_weight")
+    ) not in (int, float):
         return False
-    return scores is None or (isinstance(scores, torch.Tensor) and scores.dim() == 1 and len(scores) > 0)
+    return scores is None or (
+        isinstance(scores, torch.Tensor) and scores.dim() == 1 and len(scores) > 0
+    )
 
 
 def is_mean_and_std(v) -> bool:

@@ -1,6 +1,8 @@
-"""The checkpoint file: what training writes, how a file is checked as it loads, and rebuilding a model from it.
+"""The checkpoint file: what training writes, how a file is checked as it loads, and rebuilding a
+model from it.
 
-A checkpoint is one dict of plain values and tensors, so it loads with torch.load(path, weights_only=True):
+A checkpoint is one dict of plain values and tensors, so it loads with torch.load(path,
+weights_only=True):
 
     format             "vae-mnist/3"
     checksum           sha256 of everything else (checksum below): a file damaged on disk is refused, not used
@@ -16,10 +18,11 @@ A checkpoint is one dict of plain values and tensors, so it loads with torch.loa
     anomaly_reference  (best.pt, once training has ended) what anomaly scores compare against (anomaly.py)
     latent_map         (likewise) the 2-D map of the latent space that the pictures and the demo draw (evaluate.py)
 
-Loading checks the file before anything is copied: its records (stored, not compressed: torch.load would inflate
-a few kB into gigabytes) and size, every tensor's bytes against the bytes stored, the checksum, the config (rebuilt
-as TrainConfig and VAEConfig), and the weights' names, shapes and dtypes against the architecture; for --resume also
-the optimizer and generator states. Any failure is one CheckpointError line (see `refused`).
+Loading checks the file before anything is copied: its records (stored, not compressed: torch.load
+would inflate a few kB into gigabytes) and size, every tensor's bytes against the bytes stored, the
+checksum, the config (rebuilt as TrainConfig and VAEConfig), and the weights' names, shapes and
+dtypes against the architecture; for --resume also the optimizer and generator states. Any failure
+is one CheckpointError line (see `refused`).
 """
 
 from __future__ import annotations
@@ -44,12 +47,25 @@ from model import VAE, VAEConfig, on_device
 
 FORMAT = "vae-mnist/3"
 DEFAULT = Path("models_mnist/best.pt")  # what training writes, and what the other commands use
-SHIPPED = Path(__file__).resolve().parent / "pretrained" / "vae-mnist.pt"  # a default run's best.pt, trimmed
+# a default run's best.pt, trimmed
+SHIPPED = Path(__file__).resolve().parent / "pretrained" / "vae-mnist.pt"
 RESUME_KEYS = ("optimizer", "epoch", "best_val_loss", "history", "rng")
-USE_KEYS = ("format", "config", "model", "history", "versions", "anomaly_reference", "latent_map")  # what trim keeps
-HISTORY_KEYS = ("epoch", "train_loss", "train_bce", "train_kl", "val_loss", "val_bce", "val_kl", "seconds")
-MAX_BYTES = 1_000_000_000  # a last.pt of the largest model (50 M weights, average, Adam's two moments) is 0.8 GB
-MAX_PICKLE_BYTES = 16 << 20  # the pickled structure around the tensors: configs and history take a few kB
+# what trim keeps
+USE_KEYS = ("format", "config", "model", "history", "versions", "anomaly_reference", "latent_map")
+HISTORY_KEYS = (
+    "epoch",
+    "train_loss",
+    "train_bce",
+    "train_kl",
+    "val_loss",
+    "val_bce",
+    "val_kl",
+    "seconds",
+)
+# a last.pt of the largest model (50 M weights, average, Adam's two moments) is 0.8 GB
+MAX_BYTES = 1_000_000_000
+# the pickled structure around the tensors: configs and history take a few kB
+MAX_PICKLE_BYTES = 16 << 20
 
 
 class CheckpointError(UserError):
@@ -60,8 +76,9 @@ class CheckpointError(UserError):
 
 
 def load(path: str | os.PathLike, flag: str = "--checkpoint", resume: bool = False) -> dict:
-    """Load and check a checkpoint, its tensors on the CPU; with `resume`, also the training state --resume needs.
-    No arbitrary object is ever unpickled (weights_only=True). `flag` names the option that gave the path."""
+    """Load and check a checkpoint, its tensors on the CPU; with `resume`, also the training state
+    --resume needs. No arbitrary object is ever unpickled (weights_only=True). `flag` names the
+    option that gave the path."""
     path = Path(path)
     stored = check_archive(path, flag)
     with refused(path):
@@ -86,8 +103,8 @@ def load(path: str | os.PathLike, flag: str = "--checkpoint", resume: bool = Fal
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", flag: str = "--checkpoint"
 ) -> tuple[VAE, dict]:
-    """The model a checkpoint describes, on `device`, in eval mode, and the checked checkpoint itself (its tensors
-    on the CPU: only the model moves)."""
+    """The model a checkpoint describes, on `device`, in eval mode, and the checked checkpoint
+    itself (its tensors on the CPU: only the model moves)."""
     ckpt = load(path, flag=flag)
     model = VAE(model_config(ckpt))
     with refused(path):
@@ -97,7 +114,8 @@ def load_model(
 
 @contextmanager
 def refused(path: Path):
-    """The one wrapper: whatever torch or a config raises while a file is read and checked becomes one line."""
+    """The one wrapper: whatever torch or a config raises while a file is read and checked becomes
+    one line."""
     try:
         yield
     except CheckpointError:
@@ -122,14 +140,20 @@ def refused(path: Path):
 
 
 def check_archive(path: Path, flag: str) -> int:
-    """The file is a zip archive as torch.save writes one: records stored uncompressed, no larger than the file and
-    MAX_BYTES. Returns how many bytes of tensor data it stores."""
+    """The file is a zip archive as torch.save writes one: records stored uncompressed, no larger
+    than the file and MAX_BYTES. Returns how many bytes of tensor data it stores."""
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; pass {flag} the checkpoint file in it (best.pt or last.pt)")
+        raise CheckpointError(
+            f"{path} is a folder; pass {flag} the checkpoint file in it (best.pt or last.pt)"
+        )
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint; train one with `python main.py` or pass {flag} PATH")
+        raise CheckpointError(
+            f"{path}: no such checkpoint; train one with `python main.py` or pass {flag} PATH"
+        )
     if not path.is_file():
-        raise CheckpointError(f"{path}: not a regular file; pass {flag} PATH of a vae-mnist checkpoint")
+        raise CheckpointError(
+            f"{path}: not a regular file; pass {flag} PATH of a vae-mnist checkpoint"
+        )
     try:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
@@ -140,7 +164,9 @@ def check_archive(path: Path, flag: str) -> int:
     total = sum(r.file_size for r in records)
     pickled = sum(r.file_size for r in records if r.filename.endswith(".pkl"))
     if any(r.compress_type != zipfile.ZIP_STORED for r in records) or total > path.stat().st_size:
-        raise CheckpointError(f"{path}: holds compressed records, which torch.save never writes; refused unread")
+        raise CheckpointError(
+            f"{path}: holds compressed records, which torch.save never writes; refused unread"
+        )
     if total > MAX_BYTES:
         raise CheckpointError(
             f"{path}: {total:,} bytes of data, more than a checkpoint of the largest model this "
@@ -178,8 +204,9 @@ def check_format(ckpt, path: Path) -> None:
 
 
 def check_tensor_bytes(ckpt: dict, stored: int) -> None:
-    """Dense tensors whose bytes add up to no more than the file stores: an expanded view or many views of one
-    storage (a few kB that claim gigabytes) is refused before anything is made contiguous."""
+    """Dense tensors whose bytes add up to no more than the file stores: an expanded view or many
+    views of one storage (a few kB that claim gigabytes) is refused before anything is made
+    contiguous."""
     claimed = 0
     for t in tensors(ckpt):
         if t.layout != torch.strided:
@@ -198,7 +225,8 @@ def model_config(ckpt: dict) -> VAEConfig:
 
 
 def stored_config(ckpt: dict, kind: type):
-    """The checkpoint's config rebuilt as `kind` (TrainConfig or VAEConfig), which checks every value's range."""
+    """The checkpoint's config rebuilt as `kind` (TrainConfig or VAEConfig), which checks every
+    value's range."""
     config = ckpt.get("config")
     missing = (
         [f.name for f in fields(kind)]
@@ -224,7 +252,8 @@ def meta_model(ckpt: dict) -> VAE:
 def check_weights(weights, expected: dict, key: str) -> None:
     if (
         not isinstance(weights, dict)
-        or {k: (getattr(v, "shape", None), getattr(v, "dtype", None)) for k, v in weights.items()} != expected
+        or {k: (getattr(v, "shape", None), getattr(v, "dtype", None)) for k, v in weights.items()}
+        != expected
     ):
         raise ValueError(f"its {key} weights do not match the stored architecture")
     if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
@@ -234,14 +263,16 @@ def check_weights(weights, expected: dict, key: str) -> None:
 def check_history(ckpt: dict) -> None:
     history = ckpt.get("history", [])
     if not isinstance(history, list) or not all(
-        isinstance(h, dict) and all(type(h.get(k)) in (int, float) and math.isfinite(h[k]) for k in HISTORY_KEYS)
+        isinstance(h, dict)
+        and all(type(h.get(k)) in (int, float) and math.isfinite(h[k]) for k in HISTORY_KEYS)
         for h in history
     ):
         raise ValueError("its history is not a list of per-epoch losses")
 
 
 def check_resumable(ckpt: dict, path: Path) -> None:
-    """What --resume restores: the training state, Adam's moments shaped as the weights, usable generator states."""
+    """What --resume restores: the training state, Adam's moments shaped as the weights, usable
+    generator states."""
     missing = [key for key in RESUME_KEYS if key not in ckpt]
     if ckpt["config"]["ema"] and "train_weights" not in ckpt:
         missing.append("train_weights")
@@ -251,42 +282,60 @@ def check_resumable(ckpt: dict, path: Path) -> None:
             "cannot be resumed; use it with evaluate, sample or score, or start a new run without --resume"
         )
     epoch = ckpt["epoch"]
-    if type(epoch) is not int or not 1 <= epoch <= ckpt["config"]["epochs"] or len(ckpt["history"]) != epoch:
+    if (
+        type(epoch) is not int
+        or not 1 <= epoch <= ckpt["config"]["epochs"]
+        or len(ckpt["history"]) != epoch
+    ):
         raise ValueError(f"epoch {epoch!r} is out of range or does not match its history")
     if type(ckpt["best_val_loss"]) not in (int, float) or not ckpt["best_val_loss"] > 0:
         raise ValueError(f"best_val_loss {ckpt['best_val_loss']!r} is not a positive number")
     if not is_adam_state(ckpt["optimizer"], [p.shape for p in meta_model(ckpt).parameters()]):
         raise ValueError("its optimizer state is not Adam's state for this model's weights")
-    rng, names = ckpt["rng"], ("shuffle", "noise") + (("binarize",) if ckpt["config"]["binarize"] else ())
+    rng, names = (
+        ckpt["rng"],
+        ("shuffle", "noise") + (("binarize",) if ckpt["config"]["binarize"] else ()),
+    )
     if not isinstance(rng, dict) or not all(isinstance(rng.get(n), torch.Tensor) for n in names):
         raise ValueError("its random-generator states are missing")
-    if rng.get("device") not in ("cpu", "cuda", "mps") or any(rng[n].dtype != torch.uint8 for n in names):
-        raise ValueError(f"its random-generator states are not a generator's (device {rng.get('device')!r})")
+    if rng.get("device") not in ("cpu", "cuda", "mps") or any(
+        rng[n].dtype != torch.uint8 for n in names
+    ):
+        raise ValueError(
+            f"its random-generator states are not a generator's (device {rng.get('device')!r})"
+        )
     for name in names:
-        if name == "shuffle" or rng.get("device") == "cpu":  # another device's states are re-seeded, not used
+        # another device's states are re-seeded, not used
+        if name == "shuffle" or rng.get("device") == "cpu":
             torch.Generator().set_state(rng[name])  # raises for a state that is not a generator's
 
 
 def is_adam_state(opt, shapes: list[torch.Size]) -> bool:
-    """Adam's state_dict for parameters of these shapes, in one group, with moment estimates of the same shapes."""
+    """Adam's state_dict for parameters of these shapes, in one group, with moment estimates of the
+    same shapes."""
     try:
         (group,) = opt["param_groups"]
         state = opt["state"]
         return (
             group["params"] == list(range(len(shapes)))
             and set(state) == set(range(len(shapes)))
-            and all(state[i][k].shape == shape for i, shape in enumerate(shapes) for k in ("exp_avg", "exp_avg_sq"))
+            and all(
+                state[i][k].shape == shape
+                for i, shape in enumerate(shapes)
+                for k in ("exp_avg", "exp_avg_sq")
+            )
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
 
 
-# ----------------------------------------------------------------------------- which checkpoint, and what it is
+# ----------------------------------------------------------------------------- which checkpoint,
+# and what it is
 
 
 def for_use(path: str | os.PathLike) -> Path:
-    """The checkpoint a command uses: `path`; or, when `path` is the default and no model has been trained there
-    yet, the shipped one. A trained checkpoint, when present, always wins."""
+    """The checkpoint a command uses: `path`; or, when `path` is the default and no model has been
+    trained there yet, the shipped one. A trained checkpoint, when present, always wins."""
     path = Path(path)
     if path == DEFAULT and not path.exists() and SHIPPED.is_file():
         return SHIPPED
@@ -294,19 +343,30 @@ def for_use(path: str | os.PathLike) -> Path:
 
 
 def is_shipped(path: str | os.PathLike) -> bool:
-    """Whether `path` is the shipped checkpoint, however it is spelled: nothing is ever written beside it."""
+    """Whether `path` is the shipped checkpoint, however it is spelled: nothing is ever written
+    beside it."""
     return Path(path).resolve() == SHIPPED.resolve()
 
 
 def describe(path: str | os.PathLike, ckpt: dict) -> str:
-    """One line naming the checkpoint and what it is, so that a smoke test never passes for the real model."""
+    """One line naming the checkpoint and what it is, so that a smoke test never passes for the real
+    model."""
     config, history = ckpt["config"], ckpt.get("history") or []
     shipped = is_shipped(path)
-    where = "pretrained/vae-mnist.pt" if shipped and Path(path).is_absolute() else str(path)  # as the README names it
+    # as the README names it
+    where = "pretrained/vae-mnist.pt" if shipped and Path(path).is_absolute() else str(path)
     if not history:
         return f"{where}: a model with no training history"
-    images = f"the first {config['subset']:,}" if config["subset"] else f"{60_000 - config['val_size']:,}"
-    without = f" (digit {config['exclude_digit']} left out)" if config["exclude_digit"] is not None else ""
+    images = (
+        f"the first {config['subset']:,}"
+        if config["subset"]
+        else f"{60_000 - config['val_size']:,}"
+    )
+    without = (
+        f" (digit {config['exclude_digit']} left out)"
+        if config["exclude_digit"] is not None
+        else ""
+    )
     what = "the shipped model" if shipped else "a model trained here"
     return (
         f"{where}: {what}, epoch {history[-1]['epoch']} of {config['epochs']} on {images} training images"
@@ -318,18 +378,24 @@ def describe(path: str | os.PathLike, ckpt: dict) -> str:
 
 
 def build(config: dict, weights: dict, optimizer: dict, progress: dict) -> dict:
-    """The dict that best.pt and last.pt hold, with its checksum: `weights` is the state_dict to use (the average,
-    with --ema); `progress` holds epoch, best_val_loss, history and rng (and train_weights, with --ema)."""
+    """The dict that best.pt and last.pt hold, with its checksum: `weights` is the state_dict to use
+    (the average, with --ema); `progress` holds epoch, best_val_loss, history and rng (and
+    train_weights, with --ema)."""
     import torchvision
 
-    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
+    versions = {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
     ckpt = {"format": FORMAT, "config": config, "model": weights, "optimizer": optimizer} | progress
     return with_keys(ckpt, versions={k: str(v) for k, v in versions.items()})
 
 
 def save(ckpt: dict, path: str | os.PathLike) -> None:
-    """Write atomically: on any failure (disk full, say) the previous file at `path` stays whole. Serialised in memory
-    first, so that a failing disk raises an OSError from the write itself (torch's own writer would hide it)."""
+    """Write atomically: on any failure (disk full, say) the previous file at `path` stays whole.
+    Serialised in memory first, so that a failing disk raises an OSError from the write itself
+    (torch's own writer would hide it)."""
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
     write_bytes_atomic(buffer.getbuffer(), path)
@@ -342,13 +408,14 @@ def with_keys(ckpt: dict, **extra) -> dict:
 
 
 def trim(ckpt: dict) -> dict:
-    """What using a model needs (config, the averaged weights, history, anomaly reference, map): the shipped file."""
+    """What using a model needs (config, the averaged weights, history, anomaly reference, map): the
+    shipped file."""
     return with_keys({k: v for k, v in ckpt.items() if k in USE_KEYS})
 
 
 def checksum(ckpt: dict) -> str:
-    """sha256 of every key but "checksum", walked in a fixed order: tensors by dtype, shape and bytes (in row-major
-    order, whatever their memory layout), other values by repr."""
+    """sha256 of every key but "checksum", walked in a fixed order: tensors by dtype, shape and
+    bytes (in row-major order, whatever their memory layout), other values by repr."""
     h = hashlib.sha256()
 
     def feed(value) -> None:
@@ -376,4 +443,7 @@ def checksum(ckpt: dict) -> str:
 
 def config_dict(train: TrainConfig, model: VAEConfig) -> dict:
     """Both configs as one dict of plain values (tuples become lists), as a checkpoint stores them."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in (asdict(train) | asdict(model)).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in (asdict(train) | asdict(model)).items()
+    }

@@ -1,5 +1,6 @@
-"""What each `python main.py` command does, from its flags to its files. Each handler checks what the user gave
-before any long work (folders, settings, the checkpoint, the data), then calls the library with plain values:
+"""What each `python main.py` command does, from its flags to its files. Each handler checks what
+the user gave before any long work (folders, settings, the checkpoint, the data), then calls the
+library with plain values:
 
     train        settings (fresh or --resume) -> train.start and train.train -> the anomaly reference -> evaluate
     evaluate     test-set metrics and pictures for a checkpoint
@@ -36,33 +37,40 @@ import utils
 from files import UserError
 from model import VAEConfig
 
-MIN_IMAGES = 100  # fewest training and validation images: fewer make the validation loss and the calibration noise
-RUN_FILES = ("best.pt", "last.pt", "metrics.json", "anomaly_scores.csv")  # what a run leaves in its folder
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+# fewest training and validation images: fewer make the validation loss and the calibration noise
+MIN_IMAGES = 100
+# what a run leaves in its folder
+RUN_FILES = ("best.pt", "last.pt", "metrics.json", "anomaly_scores.csv")
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
 
 
 class Interrupted(KeyboardInterrupt):
-    """A SIGTERM or SIGHUP (or a second Ctrl-C) that ends the command, as Ctrl-C does; main() says so and exits
-    with 128 + the signal's number."""
+    """A SIGTERM or SIGHUP (or a second Ctrl-C) that ends the command, as Ctrl-C does; main() says
+    so and exits with 128 + the signal's number."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
 
 
-# ----------------------------------------------------------------------------- shared by the commands
+# ----------------------------------------------------------------------------- shared by the
+# commands
 
 
 def pick_device(name: str) -> torch.device:
-    """auto: cuda, then mps, then cpu; a device that is asked for by name must exist. On CUDA, TF32 tensor cores
-    for convolutions and matrix products (fp32 range, 10-bit mantissa products)."""
+    """auto: cuda, then mps, then cpu; a device that is asked for by name must exist. On CUDA, TF32
+    tensor cores for convolutions and matrix products (fp32 range, 10-bit mantissa products)."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is available here; use --device auto or cpu")
     if name == "mps" and not mps:
-        raise UserError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
+        raise UserError(
+            "--device mps: Apple's MPS backend is not available here; use --device auto or cpu"
+        )
     if name == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
@@ -76,14 +84,16 @@ def load_data(data_dir: str) -> dict[str, torch.Tensor]:
 
 
 def download_mnist(data_dir: Path) -> None:
-    """Fetch the four files with torchvision's MNIST (its mirrors, with progress) into data_dir/MNIST/raw; when that
-    fails (offline, say), one line naming what is missing and how to supply it. A file that did not arrive whole is
-    deleted, and no empty folder is left behind, so the next run downloads again."""
+    """Fetch the four files with torchvision's MNIST (its mirrors, with progress) into
+    data_dir/MNIST/raw; when that fails (offline, say), one line naming what is missing and how to
+    supply it. A file that did not arrive whole is deleted, and no empty folder is left behind, so
+    the next run downloads again."""
     from torchvision.datasets import MNIST
     from torchvision.datasets.utils import check_integrity
 
     raw_dir = (data_dir / "MNIST" / "raw").absolute()
-    made = [p for p in (raw_dir, *raw_dir.parents) if not p.exists()]  # folders the download creates, innermost first
+    # folders the download creates, innermost first
+    made = [p for p in (raw_dir, *raw_dir.parents) if not p.exists()]
     print(f"{where_missing(data_dir)}; downloading MNIST with torchvision ...", flush=True)
     try:
         MNIST(str(data_dir), train=True, download=True)
@@ -94,21 +104,25 @@ def download_mnist(data_dir: Path) -> None:
         for p in made:
             if p.exists() and not any(p.iterdir()):
                 p.rmdir()
-        if not isinstance(err, (RuntimeError, OSError, ValueError)):  # torchvision wraps a failed mirror in these
+        # torchvision wraps a failed mirror in these
+        if not isinstance(err, (RuntimeError, OSError, ValueError)):
             raise
         raise data.DataError(download_failure(data_dir, err)) from None
 
 
 def download_failure(data_dir: Path, err: Exception) -> str:
     text = " ".join(str(err).split())
-    got = re.search(r"got: (.+?)(?= Tried |$)", text)  # torchvision: "... Tried <mirror>, got: <error> ..."
+    # torchvision: "... Tried <mirror>, got: <error> ..."
+    got = re.search(r"got: (.+?)(?= Tried |$)", text)
     missing = data.missing_files(data_dir)  # the download may have fetched some before it failed
     names = f"{data.join_names(missing)} (.gz or not)"
     fix = f"copy {names} into a folder and pass --data-dir FOLDER"
     if len(missing) < len(data.MNIST_FILES):
         fix = f"copy {names} into {data_dir}, or pass --data-dir FOLDER holding all four files"
     reason = got.group(1) if got else text[:160]
-    return f"{where_missing(data_dir)}, and the download failed ({reason}); if you are offline, {fix}"
+    return (
+        f"{where_missing(data_dir)}, and the download failed ({reason}); if you are offline, {fix}"
+    )
 
 
 def where_missing(data_dir: Path) -> str:
@@ -119,8 +133,9 @@ def where_missing(data_dir: Path) -> str:
 
 
 def open_model(args, device: torch.device) -> tuple[Path, torch.nn.Module, dict]:
-    """The checkpoint --checkpoint names (or the shipped one until a model is trained), loaded on `device`, with one
-    line saying which it is: a two-epoch smoke test never passes for the real model unnoticed."""
+    """The checkpoint --checkpoint names (or the shipped one until a model is trained), loaded on
+    `device`, with one line saying which it is: a two-epoch smoke test never passes for the real
+    model unnoticed."""
     path = checkpoint.for_use(args.checkpoint)
     model, ckpt = checkpoint.load_model(path, device)
     print(f"using {checkpoint.describe(path, ckpt)}", flush=True)
@@ -128,8 +143,8 @@ def open_model(args, device: torch.device) -> tuple[Path, torch.nn.Module, dict]
 
 
 def output_path(args, path: Path, name: str) -> Path | None:
-    """Where a command writes `name` (metrics.json, anomaly_scores.csv): --output-dir, else beside the checkpoint,
-    else (the shipped model) nowhere. Checked for writing before any long work."""
+    """Where a command writes `name` (metrics.json, anomaly_scores.csv): --output-dir, else beside
+    the checkpoint, else (the shipped model) nowhere. Checked for writing before any long work."""
     if args.output_dir is not None:
         files.check_output_dir(args.output_dir, "--output-dir")
         return Path(args.output_dir) / name
@@ -143,13 +158,15 @@ def output_path(args, path: Path, name: str) -> Path | None:
 
 
 def checked(path: Path, check, ckpt: dict):
-    """What a checkpoint carries for a feature (its anomaly reference, latent map), checked as it enters."""
+    """What a checkpoint carries for a feature (its anomaly reference, latent map), checked as it
+    enters."""
     with checkpoint.refused(path):
         return check(ckpt)
 
 
 def run_history(path: Path, ckpt: dict) -> list[dict]:
-    """The whole run's per-epoch history: best.pt stops at its own epoch, so prefer the same run's last.pt."""
+    """The whole run's per-epoch history: best.pt stops at its own epoch, so prefer the same run's
+    last.pt."""
     mine, last = ckpt.get("history", []), path.parent / "last.pt"
     if path.name == "last.pt" or not last.is_file():
         return mine
@@ -161,10 +178,14 @@ def run_history(path: Path, ckpt: dict) -> list[dict]:
     return other["history"] if same_run else mine
 
 
-def fallback_reference(ckpt: dict, model, mnist: dict | None, data_dir: str, device: torch.device) -> dict:
-    """For a checkpoint whose training stopped before storing its anomaly reference: one fitted now from its own
-    training and validation images (the split its config describes)."""
-    print("note: this checkpoint holds no anomaly reference (its training did not finish); fitting one now")
+def fallback_reference(
+    ckpt: dict, model, mnist: dict | None, data_dir: str, device: torch.device
+) -> dict:
+    """For a checkpoint whose training stopped before storing its anomaly reference: one fitted now
+    from its own training and validation images (the split its config describes)."""
+    print(
+        "note: this checkpoint holds no anomaly reference (its training did not finish); fitting one now"
+    )
     c = checkpoint.train_config(ckpt)
     mnist = mnist or load_data(data_dir)
     split = data.run_split(mnist["train_labels"], c.val_size, c.seed, c.exclude_digit, c.subset)
@@ -176,7 +197,8 @@ def fallback_reference(ckpt: dict, model, mnist: dict | None, data_dir: str, dev
 
 
 def run_train(args) -> int:
-    """python main.py [flags]: check everything, train (or continue) the run, then evaluate its best.pt."""
+    """python main.py [flags]: check everything, train (or continue) the run, then evaluate its
+    best.pt."""
     folder, resumed_from = run_files(args)
     files.check_output_dir(folder, "--checkpoint-dir")
     files.check_output_dir(args.image_dir, "--image-dir")
@@ -198,11 +220,14 @@ def run_train(args) -> int:
         images = tuple(mnist["train_images"][i] for i in split)
         run = train.start(train_config, model_config, images, folder, device, resume)
         if run.epoch >= train_config.epochs:
-            print(f"already trained {run.epoch} epochs (pass --epochs N, more than {run.epoch}, to train longer)")
+            print(
+                f"already trained {run.epoch} epochs (pass --epochs N, more than {run.epoch}, to train longer)"
+            )
         else:
             with StopOnSignal() as stop:
                 run = train.train(run, should_stop=stop.requested, show_progress=args.progress)
-            if stop.requested():  # also when the signal came as the last epoch was saved: no evaluation then
+            # also when the signal came as the last epoch was saved: no evaluation then
+            if stop.requested():
                 return stopped(args, run, stop.signum, folder, resumed_from)
         return final_evaluation(args, folder, resumed_from, mnist, split, device, run.history)
 
@@ -210,16 +235,22 @@ def run_train(args) -> int:
 def run_files(args) -> tuple[Path, Path | None]:
     """The run's checkpoint folder, and the checkpoint it resumes from (None for a fresh run)."""
     if args.resume and args.replace:
-        raise UserError("--replace deletes a run to start a new one, --resume continues one: pass only one of them")
+        raise UserError(
+            "--replace deletes a run to start a new one, --resume continues one: pass only one of them"
+        )
     if not args.resume:
         return Path(args.checkpoint_dir or "models_mnist"), None
-    resumed_from = Path(args.checkpoint_dir or "models_mnist") / "last.pt" if args.resume is True else Path(args.resume)
+    resumed_from = (
+        Path(args.checkpoint_dir or "models_mnist") / "last.pt"
+        if args.resume is True
+        else Path(args.resume)
+    )
     return (Path(args.checkpoint_dir) if args.checkpoint_dir else resumed_from.parent), resumed_from
 
 
 def check_run_folder(folder: Path, replacing: bool, resumed_from: Path | None) -> None:
-    """Before anything is read or written: no folder stands where a file will be saved, and a fresh run never
-    silently replaces the run a folder already holds."""
+    """Before anything is read or written: no folder stands where a file will be saved, and a fresh
+    run never silently replaces the run a folder already holds."""
     for name in RUN_FILES:
         if (folder / name).is_dir():
             raise UserError(files.folder_in_the_way(folder / name))
@@ -232,8 +263,11 @@ def check_run_folder(folder: Path, replacing: bool, resumed_from: Path | None) -
         )
 
 
-def resolve_settings(args, resumed_from: Path | None) -> tuple[config.TrainConfig, VAEConfig, dict | None]:
-    """The run's settings: the flags over the defaults, or for --resume the checkpoint's (only --epochs may change)."""
+def resolve_settings(
+    args, resumed_from: Path | None
+) -> tuple[config.TrainConfig, VAEConfig, dict | None]:
+    """The run's settings: the flags over the defaults, or for --resume the checkpoint's (only
+    --epochs may change)."""
     given = {f.name: getattr(args, f.name) for f in fields(config.TrainConfig) + fields(VAEConfig)}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
     if resumed_from is None:
@@ -242,8 +276,14 @@ def resolve_settings(args, resumed_from: Path | None) -> tuple[config.TrainConfi
         try:
             config.check(model_config)
         except ValueError as err:
-            raise UserError(f"{err}; choose smaller --channels, --hidden-dim, --fc-layers or --res-blocks") from None
-        return config.TrainConfig(**{k: v for k, v in given.items() if k in train_names}), model_config, None
+            raise UserError(
+                f"{err}; choose smaller --channels, --hidden-dim, --fc-layers or --res-blocks"
+            ) from None
+        return (
+            config.TrainConfig(**{k: v for k, v in given.items() if k in train_names}),
+            model_config,
+            None,
+        )
     ckpt = checkpoint.load(resumed_from, flag="--resume", resume=True)
     stored = checkpoint.train_config(ckpt), checkpoint.model_config(ckpt)
     for name, value in given.items():
@@ -256,13 +296,16 @@ def resolve_settings(args, resumed_from: Path | None) -> tuple[config.TrainConfi
             )
     epochs = given.get("epochs", stored[0].epochs)
     if epochs < ckpt["epoch"]:
-        raise UserError(f"--epochs {epochs} is fewer than the {ckpt['epoch']} epochs {resumed_from} already completed")
+        raise UserError(
+            f"--epochs {epochs} is fewer than the {ckpt['epoch']} epochs {resumed_from} already completed"
+        )
     return replace(stored[0], epochs=epochs), stored[1], ckpt
 
 
 def pick_precision(name: str, device: torch.device, resumed: bool = False) -> str:
-    """The training step's arithmetic: auto is bf16 autocast on CPUs with Intel AMX (native bf16 matrix units), else
-    fp32. Not bf16 on CUDA: at batch 64 this model's step is bound by kernel launches, and autocast adds launches."""
+    """The training step's arithmetic: auto is bf16 autocast on CPUs with Intel AMX (native bf16
+    matrix units), else fp32. Not bf16 on CUDA: at batch 64 this model's step is bound by kernel
+    launches, and autocast adds launches."""
     if name == "auto":
         return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
     # a resumed run keeps its stored precision, so the way out is another device
@@ -275,7 +318,8 @@ def pick_precision(name: str, device: torch.device, resumed: bool = False) -> st
 
 
 def cpu_has_amx() -> bool:
-    """Whether this CPU has Intel AMX tiles (native bf16 matrix units), as the kernel reports them in /proc/cpuinfo."""
+    """Whether this CPU has Intel AMX tiles (native bf16 matrix units), as the kernel reports them
+    in /proc/cpuinfo."""
     try:
         return "amx_tile" in Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: no way to ask without private torch APIs, so assume none
@@ -294,9 +338,10 @@ def checked_split(labels: torch.Tensor, c: config.TrainConfig) -> tuple[torch.Te
 
 
 class StopOnSignal:
-    """While training: Ctrl-C, SIGTERM (a cluster's preemption) or SIGHUP (a closed terminal) asks the loop to stop
-    after its step, keeping the epochs already saved; a second signal aborts at once (every save is atomic, so no
-    file is left half-written), and after training any further one is ignored while the program exits."""
+    """While training: Ctrl-C, SIGTERM (a cluster's preemption) or SIGHUP (a closed terminal) asks
+    the loop to stop after its step, keeping the epochs already saved; a second signal aborts at
+    once (every save is atomic, so no file is left half-written), and after training any further one
+    is ignored while the program exits."""
 
     def __init__(self) -> None:
         self.signum = None
@@ -325,13 +370,16 @@ class StopOnSignal:
 
 
 def stopped(args, run: train.Run, signum: int, folder: Path, resumed_from: Path | None) -> int:
-    """Say where a stopped run stands and the command that continues it (on stderr: stdout may have gone)."""
+    """Say where a stopped run stands and the command that continues it (on stderr: stdout may have
+    gone)."""
     last = folder / "last.pt" if (folder / "last.pt").is_file() else resumed_from
     if last is None:
         message = f"stopped in epoch 1 of {run.config.epochs}, before any epoch was saved; start it again with:"
         command = ["python", "main.py", *args.argv]
     else:
-        done = f"the run up to epoch {run.epoch}" + (", not yet evaluated" if run.epoch == run.config.epochs else "")
+        done = f"the run up to epoch {run.epoch}" + (
+            ", not yet evaluated" if run.epoch == run.config.epochs else ""
+        )
         message = f"stopped in epoch {min(run.epoch + 1, run.config.epochs)}; {last} holds {done}. Resume with:"
         command = resume_command(args, last, folder)
     print(f"{message}\n  {shlex.join(command)}", file=sys.stderr, flush=True)
@@ -339,7 +387,8 @@ def stopped(args, run: train.Run, signum: int, folder: Path, resumed_from: Path 
 
 
 def resume_command(args, last: Path, folder: Path) -> list[str]:
-    """The command line that continues this run from `last`, with the folders and device it was given."""
+    """The command line that continues this run from `last`, with the folders and device it was
+    given."""
     parts = ["python", "main.py", "--resume", str(last)]
     parts += ["--checkpoint-dir", str(folder)] if last.parent != folder else []
     for flag, default in (("data_dir", "data"), ("image_dir", "images"), ("device", "auto")):
@@ -349,16 +398,19 @@ def resume_command(args, last: Path, folder: Path) -> list[str]:
 
 
 def best_checkpoint(folder: Path, resumed_from: Path | None) -> Path:
-    """The best.pt that holds the run's best weights: in its folder once the run has written one there, else beside
-    the checkpoint it resumed from."""
+    """The best.pt that holds the run's best weights: in its folder once the run has written one
+    there, else beside the checkpoint it resumed from."""
     if (folder / "best.pt").is_file() or resumed_from is None:
         return folder / "best.pt"
     return resumed_from.parent / "best.pt"
 
 
-def final_evaluation(args, folder: Path, resumed_from: Path | None, mnist: dict, split, device, history) -> int:
-    """Evaluate the run's best checkpoint; first store in it what anomaly scores compare against and the latent map,
-    if this run wrote it. metrics.json goes into the run's folder, even when best.pt is the one resumed from."""
+def final_evaluation(
+    args, folder: Path, resumed_from: Path | None, mnist: dict, split, device, history
+) -> int:
+    """Evaluate the run's best checkpoint; first store in it what anomaly scores compare against and
+    the latent map, if this run wrote it. metrics.json goes into the run's folder, even when best.pt
+    is the one resumed from."""
     best = best_checkpoint(folder, resumed_from)
     model, ckpt = checkpoint.load_model(best, device)
     if "anomaly_reference" not in ckpt and best.parent == folder:
@@ -380,9 +432,13 @@ def final_evaluation(args, folder: Path, resumed_from: Path | None, mnist: dict,
 
 
 def store_reference(best: Path, ckpt: dict, model, mnist: dict, split, progress: bool) -> dict:
-    """What anomaly scores compare an image against (from this run's own training and validation images), the test
-    digits' scores, and the latent map, saved into best.pt so that using the model needs no data set."""
-    print("fitting the anomaly reference (the local pixel model, training codes and validation statistics)", flush=True)
+    """What anomaly scores compare an image against (from this run's own training and validation
+    images), the test digits' scores, and the latent map, saved into best.pt so that using the model
+    needs no data set."""
+    print(
+        "fitting the anomaly reference (the local pixel model, training codes and validation statistics)",
+        flush=True,
+    )
     device, binarized = next(model.parameters()).device, ckpt["config"]["binarize"]
     train_x, val_x = (data.eval_images(mnist["train_images"][i], binarized, device) for i in split)
     test_x = evaluate.test_images(mnist, binarized, device)
@@ -401,7 +457,8 @@ def run_evaluate(args) -> int:
     files.check_output_dir(args.image_dir, "--image-dir")
     path = checkpoint.for_use(args.checkpoint)
     metrics_path = output_path(args, path, "metrics.json")
-    path, model, ckpt = open_model(args, pick_device(args.device))  # a bad checkpoint is named before the data is read
+    # a bad checkpoint is named before the data is read
+    path, model, ckpt = open_model(args, pick_device(args.device))
     latent_map = checked(path, evaluate.latent_map_of, ckpt)
     mnist = load_data(args.data_dir)
     evaluate.evaluate(
@@ -430,7 +487,8 @@ def run_sample(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- score and reconstruct
+# ----------------------------------------------------------------------------- score and
+# reconstruct
 
 
 def run_score(args) -> int:
@@ -442,11 +500,16 @@ def run_score(args) -> int:
     path, model, ckpt = open_model(args, device)
     reference = checked(path, anomaly.reference_of, ckpt)
     mnist = load_data(args.data_dir)
-    x, labels = evaluate.test_images(mnist, ckpt["config"]["binarize"], device), mnist["test_labels"]
+    x, labels = (
+        evaluate.test_images(mnist, ckpt["config"]["binarize"], device),
+        mnist["test_labels"],
+    )
     if args.method != "elbo" and reference is None:
         reference = fallback_reference(ckpt, model, mnist, args.data_dir, device)
     bar = f"scoring the {len(x):,} test digits ({args.method})" if args.progress else ""
-    s = anomaly.score(model, x, args.method, args.samples, args.seed, reference=reference, progress=bar).cpu()
+    s = anomaly.score(
+        model, x, args.method, args.samples, args.seed, reference=reference, progress=bar
+    ).cpu()
     written = []
     if csv_path is not None:
         source = anomaly.provenance(path, method=args.method, samples=args.samples, seed=args.seed)
@@ -468,22 +531,31 @@ def run_score(args) -> int:
     return 0
 
 
-def print_summary(s: torch.Tensor, labels: torch.Tensor, args, path: Path, held_out: int | None) -> None:
+def print_summary(
+    s: torch.Tensor, labels: torch.Tensor, args, path: Path, held_out: int | None
+) -> None:
     levels = (1, 5, 25, 50, 75, 95, 99)
     q = torch.quantile(s.double(), torch.tensor(levels, dtype=torch.float64) / 100).tolist()
     units = f"{anomaly.UNITS[args.method]}; {args.samples} z samples per image"
-    print(f"anomaly scores (method {args.method}, {units}) of {len(s):,} test digits, checkpoint {path}")
+    print(
+        f"anomaly scores (method {args.method}, {units}) of {len(s):,} test digits, checkpoint {path}"
+    )
     print(f"  mean {s.mean():.2f}  std {s.std():.2f}  min {s.min():.2f}  max {s.max():.2f}")
     print("  percentiles  " + "  ".join(f"p{p}: {v:.2f}" for p, v in zip(levels, q)))
-    print("  mean score by digit  " + "  ".join(f"{d}: {s[labels == d].mean():.2f}" for d in range(10)))
+    print(
+        "  mean score by digit  "
+        + "  ".join(f"{d}: {s[labels == d].mean():.2f}" for d in range(10))
+    )
     if held_out is not None:
         auc = anomaly.auroc(s, labels == held_out)
-        print(f"  digit {held_out} was held out of training: AUROC of telling it from the others by score = {auc:.4f}")
+        print(
+            f"  digit {held_out} was held out of training: AUROC of telling it from the others by score = {auc:.4f}"
+        )
 
 
 def run_reconstruct(args) -> int:
-    """python main.py reconstruct FILE...: each file on its own; a bad one gets its error line, the others are all
-    written, and the exit status is 2 if any failed."""
+    """python main.py reconstruct FILE...: each file on its own; a bad one gets its error line, the
+    others are all written, and the exit status is 2 if any failed."""
     files.check_output_dir(args.image_dir, "--image-dir")
     device = pick_device(args.device)
     path, model, ckpt = open_model(args, device)
@@ -502,9 +574,14 @@ def run_reconstruct(args) -> int:
 
 
 def test_set_scores(args, path: Path, model, ckpt: dict, reference: dict | None) -> torch.Tensor:
-    """The test digits' scores under this checkpoint, method, samples and seed: those training stored (default
-    method and settings), else from anomaly_scores.csv when `score` wrote it with exactly these, else computed now."""
-    if (args.method, args.samples, args.seed) == (anomaly.DEFAULT_METHOD, 10, 0) and "test_scores" in (reference or {}):
+    """The test digits' scores under this checkpoint, method, samples and seed: those training
+    stored (default method and settings), else from anomaly_scores.csv when `score` wrote it with
+    exactly these, else computed now."""
+    if (args.method, args.samples, args.seed) == (
+        anomaly.DEFAULT_METHOD,
+        10,
+        0,
+    ) and "test_scores" in (reference or {}):
         return reference["test_scores"]
     source = anomaly.provenance(path, method=args.method, samples=args.samples, seed=args.seed)
     stored = anomaly.read_csv_scores(path.parent / "anomaly_scores.csv", source, 10000)
@@ -517,21 +594,29 @@ def test_set_scores(args, path: Path, model, ckpt: dict, reference: dict | None)
     mnist = load_data(args.data_dir)
     x = evaluate.test_images(mnist, ckpt["config"]["binarize"], next(model.parameters()).device)
     bar = "scoring the test digits" if args.progress else ""
-    return anomaly.score(model, x, args.method, args.samples, args.seed, reference=reference, progress=bar).cpu()
+    return anomaly.score(
+        model, x, args.method, args.samples, args.seed, reference=reference, progress=bar
+    ).cpu()
 
 
 def output_names(names: list[str], image_dir: Path) -> list[Path]:
-    """reconstructed_<name>.png for each input: letters, digits, '.', '-' and '_' only (a name of any bytes gives a
-    safe one), distinct even for inputs of the same name in different folders (a counter is added), short enough
-    for any file system (long names are cut, with a hash to keep them apart)."""
+    """reconstructed_<name>.png for each input: letters, digits, '.', '-' and '_' only (a name of
+    any bytes gives a safe one), distinct even for inputs of the same name in different folders (a
+    counter is added), short enough for any file system (long names are cut, with a hash to keep
+    them apart)."""
     outs, taken = [], {"image"}  # reconstructed_image.png is evaluate's picture of test digits
     for name in names:
         raw = os.fsencode(Path(name).stem)
         stem = re.sub(r"[^\w.-]", "_", raw.decode(errors="replace")).lstrip(".") or "picture"
         if len(stem.encode()) > 100:
-            stem = stem.encode()[:80].decode(errors="ignore") + "-" + hashlib.sha256(raw).hexdigest()[:8]
+            stem = (
+                stem.encode()[:80].decode(errors="ignore")
+                + "-"
+                + hashlib.sha256(raw).hexdigest()[:8]
+            )
         unique, n = stem, 1
-        while unique.lower() in taken:  # case-insensitive: names that differ in case are one file on macOS
+        # case-insensitive: names that differ in case are one file on macOS
+        while unique.lower() in taken:
             n += 1
             unique = f"{stem}_{n}"
         taken.add(unique.lower())
@@ -539,18 +624,26 @@ def output_names(names: list[str], image_dir: Path) -> list[Path]:
     return outs
 
 
-def reconstruct_one(file: str, out: Path, model, ckpt: dict, reference, test_scores: torch.Tensor, args) -> None:
+def reconstruct_one(
+    file: str, out: Path, model, ckpt: dict, reference, test_scores: torch.Tensor, args
+) -> None:
     """Read, prepare, score and reconstruct one picture, and draw it with its reconstruction."""
     original, x = prepare.load_digit_image(file)
     xb = x.to(next(model.parameters()).device)[None]
     if ckpt["config"]["binarize"]:
         xb = data.binarize(xb, torch.Generator(device=xb.device).manual_seed(args.seed))
-    value = anomaly.score(model, xb, args.method, args.samples, args.seed, reference=reference).item()
+    value = anomaly.score(
+        model, xb, args.method, args.samples, args.seed, reference=reference
+    ).item()
     rank = anomaly.percentile(test_scores, value)
-    name = os.fsencode(Path(file).name).decode(errors="replace")  # a name of any bytes, drawn as text
+    # a name of any bytes, drawn as text
+    name = os.fsencode(Path(file).name).decode(errors="replace")
     title = f"{name}: {args.method} score {value:.1f}, above {rank:.1f}% of test digits"
     utils.plot_user_reconstruction(original, xb[0], model.reconstruct(xb)[0], title, out)
-    print(f"{file}: {args.method} score {value:.2f}, percentile {rank:.1f} among test digits; wrote {out}", flush=True)
+    print(
+        f"{file}: {args.method} score {value:.2f}, percentile {rank:.1f} among test digits; wrote {out}",
+        flush=True,
+    )
 
 
 # ----------------------------------------------------------------------------- demo
@@ -558,10 +651,13 @@ def reconstruct_one(file: str, out: Path, model, ckpt: dict, reference, test_sco
 
 def run_demo(args) -> int:
     """python main.py demo"""
-    warning = demo.exposure_warning(args.host)  # an unresolvable --host is told before the model loads
+    # an unresolvable --host is told before the model loads
+    warning = demo.exposure_warning(args.host)
     path, model, ckpt = open_model(args, pick_device(args.device))
     reference = checked(path, anomaly.reference_of, ckpt)
-    page = demo.Demo(model, reference, checked(path, evaluate.latent_map_of, ckpt), ckpt["config"]["binarize"])
+    page = demo.Demo(
+        model, reference, checked(path, evaluate.latent_map_of, ckpt), ckpt["config"]["binarize"]
+    )
     if warning:
         print(warning)
     demo.serve(demo.make_server(page, args.host, args.port))

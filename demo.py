@@ -1,7 +1,8 @@
 """python main.py demo: a page on which you draw a digit and watch the VAE answer.
 
-The page (demo.html: HTML and JavaScript, nothing from the internet) sends the drawing's grey values here; the
-server (the standard library's http.server) prepares them as `reconstruct` does, encodes, decodes and scores them:
+The page (demo.html: HTML and JavaScript, nothing from the internet) sends the drawing's grey values
+here; the server (the standard library's http.server) prepares them as `reconstruct` does, encodes,
+decodes and scores them:
 
     GET  /                 the page
     GET  /api/map          the latent map (reference points, labels, what its axes are), the slider directions, and
@@ -12,11 +13,12 @@ server (the standard library's http.server) prepares them as `reconstruct` does,
                            -> the decoded 28x28, its code z and its map point
     GET  /api/samples?n=16 n digits decoded from z ~ N(0, I) (optional &seed=S)
 
-Images travel as 28x28 lists of intensities in [0, 1]. A bad request gets a 4xx answer {"error": "..."}; HEAD works
-wherever GET does. POSTs take Content-Type: application/json.
+Images travel as 28x28 lists of intensities in [0, 1]. A bad request gets a 4xx answer {"error":
+"..."}; HEAD works wherever GET does. POSTs take Content-Type: application/json.
 
-Host and Origin are checked because any web page can rename its own site to this machine's address (DNS rebinding)
-or post to it from elsewhere: the server answers only requests addressed to itself, sent from its own page or no page.
+Host and Origin are checked because any web page can rename its own site to this machine's address
+(DNS rebinding) or post to it from elsewhere: the server answers only requests addressed to itself,
+sent from its own page or no page.
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ from model import VAE
 PAGE = Path(__file__).resolve().parent / "demo.html"
 MAX_BODY = 1_000_000  # bytes; a 280x280 drawing with 2-3 decimals per value is about 200 kB
 MAX_SIDE = 1000  # pixels per side of a drawing
-SAMPLES, SEED = 10, 0  # z samples and seed of the score: `python main.py reconstruct`'s defaults, so percentiles agree
+# z samples and seed of the score: `python main.py reconstruct`'s defaults, so percentiles agree
+SAMPLES, SEED = 10, 0
 SLIDER_DIMS = 4  # latent dimensions offered as sliders, besides the two map axes
 NEAREST = 25  # reference codes averaged into the code at a clicked place of the map
-VERDICTS = (("typical", 0), ("unusual", 90), ("very unusual", 99))  # from this percentile of the test digits' scores on
+# from this percentile of the test digits' scores on
+VERDICTS = (("typical", 0), ("unusual", 90), ("very unusual", 99))
 ORDINALS = ("", "2nd ", "3rd ", "4th ")  # one per slider dimension
 
 
@@ -62,24 +66,34 @@ class BadRequest(Exception):
 
 
 class Demo:
-    """The model and what the page needs from it. Every model call holds the lock: torch modules are not promised
-    to be thread-safe, and the server answers each request on its own thread."""
+    """The model and what the page needs from it. Every model call holds the lock: torch modules are
+    not promised to be thread-safe, and the server answers each request on its own thread."""
 
     def __init__(
-        self, model: VAE, reference: dict | None, latent_map: dict | None = None, binarize: bool = False
+        self,
+        model: VAE,
+        reference: dict | None,
+        latent_map: dict | None = None,
+        binarize: bool = False,
     ) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.reference = reference
         self.binarize = binarize
-        self.method = anomaly.DEFAULT_METHOD if reference is not None else "elbo"  # the others need the reference
+        # the others need the reference
+        self.method = anomaly.DEFAULT_METHOD if reference is not None else "elbo"
         self.lock = threading.Lock()
         self.map = map_or_first_dims(latent_map, model.config.latent_dim)
         self.codes = reference["codes"].float().cpu() if reference is not None else None
-        self.code_points = None if self.codes is None else self.map_point(self.codes)  # the codes' places on the map
-        scores = (reference or {}).get("test_scores") if self.method == anomaly.DEFAULT_METHOD else None
+        # the codes' places on the map
+        self.code_points = None if self.codes is None else self.map_point(self.codes)
+        scores = (
+            (reference or {}).get("test_scores") if self.method == anomaly.DEFAULT_METHOD else None
+        )
         self.test_scores = None if scores is None else scores.float().cpu()
-        self.thresholds = verdict_thresholds(self.test_scores) if self.test_scores is not None else None
+        self.thresholds = (
+            verdict_thresholds(self.test_scores) if self.test_scores is not None else None
+        )
 
     def map_point(self, z: torch.Tensor) -> torch.Tensor:
         return (z.cpu() - self.map["mean"]) @ self.map["axes"]
@@ -90,13 +104,19 @@ class Demo:
             x = prepare.prepare_digit(gray)[None].to(self.device)
         except prepare.ImageError as err:  # a blank drawing, say
             raise BadRequest(422, str(err)) from None
-        if self.binarize:  # a model trained on binarized digits is scored on a binarized image, as reconstruct does
+        # a model trained on binarized digits is scored on a binarized image, as reconstruct does
+        if self.binarize:
             x = data.binarize(x, torch.Generator(device=self.device).manual_seed(SEED))
         with self.lock, torch.inference_mode():
             mu, _ = self.model.encode(x)
             reconstruction = torch.sigmoid(self.model.decode(mu))
             value = anomaly.score(
-                self.model, x, method=self.method, samples=SAMPLES, seed=SEED, reference=self.reference
+                self.model,
+                x,
+                method=self.method,
+                samples=SAMPLES,
+                seed=SEED,
+                reference=self.reference,
             ).item()
         return {
             "prepared": image_list(x),
@@ -110,11 +130,13 @@ class Demo:
         }
 
     def percentile(self, value: float) -> float | None:
-        """Percent of test digits scoring at most `value`; None when the checkpoint holds no test scores."""
+        """Percent of test digits scoring at most `value`; None when the checkpoint holds no test
+        scores."""
         return anomaly.percentile(self.test_scores, value) if self.test_scores is not None else None
 
     def verdict(self, value: float) -> str | None:
-        """typical, unusual or very unusual, by the thresholds of verdict_thresholds; None without test scores."""
+        """typical, unusual or very unusual, by the thresholds of verdict_thresholds; None without
+        test scores."""
         if self.thresholds is None:
             return None
         return VERDICTS[sum(value >= threshold for threshold in self.thresholds)][0]
@@ -125,11 +147,17 @@ class Demo:
         return {"image": image_list(image), "z": z.tolist(), "point": self.map_point(z).tolist()}
 
     def code_at(self, point: torch.Tensor) -> torch.Tensor:
-        """The code at a place of the map: the mean of the NEAREST reference codes there, which decodes as the digits
-        around it; with no reference codes, the place lifted back through the axes' pseudo-inverse."""
+        """The code at a place of the map: the mean of the NEAREST reference codes there, which
+        decodes as the digits around it; with no reference codes, the place lifted back through the
+        axes' pseudo-inverse."""
         if self.codes is None:
             return self.map["mean"] + point @ torch.linalg.pinv(self.map["axes"])
-        nearest = (self.code_points - point).norm(dim=1).topk(min(NEAREST, len(self.codes)), largest=False).indices
+        nearest = (
+            (self.code_points - point)
+            .norm(dim=1)
+            .topk(min(NEAREST, len(self.codes)), largest=False)
+            .indices
+        )
         return self.codes[nearest].mean(0)
 
     def samples(self, n: int, seed: int) -> dict:
@@ -138,7 +166,8 @@ class Demo:
         return {"images": [image_list(image) for image in images], "seed": seed}
 
     def map_and_sliders(self) -> dict:
-        """The map's background scatter and what its axes are, the slider directions, and the verdict thresholds."""
+        """The map's background scatter and what its axes are, the slider directions, and the
+        verdict thresholds."""
         first_dims = self.map["points"].numel() == 0
         axes = (
             "latent dimensions z0 and z1 (this checkpoint holds no map)"
@@ -151,7 +180,9 @@ class Demo:
             "map_axes": axes,
             "latent_dim": self.model.config.latent_dim,
             "method": self.method,
-            "directions": slider_directions(self.map, self.codes, self.code_points, self.model.config.latent_dim),
+            "directions": slider_directions(
+                self.map, self.codes, self.code_points, self.model.config.latent_dim
+            ),
             "verdicts": [name for name, _ in VERDICTS],
             "verdict_percentiles": [p for _, p in VERDICTS[1:]],
             "thresholds": self.thresholds,
@@ -162,15 +193,21 @@ class Demo:
 def slider_directions(
     space: dict, codes: torch.Tensor | None, points: torch.Tensor | None, latent_dim: int
 ) -> list[dict]:
-    """What each slider moves a code along: a unit vector and the step of one slider unit (a slider spans +-3).
+    """What each slider moves a code along: a unit vector and the step of one slider unit (a slider
+    spans +-3).
 
-    A map axis slider does not move the code along the axis itself, which on the shipped checkpoint barely changes the
-    decoded digit. It moves the code the way the reference codes change, on average, across the map (their least-squares
-    regression on their map places): the ring moves along that axis only, one spread of the map per unit, and the digit
-    changes as the digits on the map do. The other sliders move one of the most-used latent dimensions (largest spread
-    of the codes) alone."""
+    A map axis slider does not move the code along the axis itself, which on the shipped checkpoint
+    barely changes the decoded digit. It moves the code the way the reference codes change, on
+    average, across the map (their least-squares regression on their map places): the ring moves
+    along that axis only, one spread of the map per unit, and the digit changes as the digits on the
+    map do. The other sliders move one of the most-used latent dimensions (largest spread of the
+    codes) alone."""
     if codes is None:  # the least change of code that moves the ring by one along each axis
-        lift, spread, code_spread = torch.linalg.pinv(space["axes"]), torch.ones(2), torch.ones(latent_dim)
+        lift, spread, code_spread = (
+            torch.linalg.pinv(space["axes"]),
+            torch.ones(2),
+            torch.ones(latent_dim),
+        )
     else:
         lift = torch.linalg.lstsq(points - points.mean(0), codes - codes.mean(0)).solution
         spread, code_spread = points.std(0), codes.std(0)
@@ -195,14 +232,16 @@ def slider_directions(
 
 
 def verdict_thresholds(test_scores: torch.Tensor) -> list[float]:
-    """The scores from which a digit is unusual and very unusual: the k-th lowest of the n test digits' scores with
-    k = ceil(p n / 100), so that a score reaches it exactly when it is at least as high as p percent of them."""
+    """The scores from which a digit is unusual and very unusual: the k-th lowest of the n test
+    digits' scores with k = ceil(p n / 100), so that a score reaches it exactly when it is at least
+    as high as p percent of them."""
     ranked = test_scores.sort().values
     return [ranked[math.ceil(p * len(ranked) / 100) - 1].item() for _, p in VERDICTS[1:]]
 
 
 def map_or_first_dims(space: dict | None, latent_dim: int) -> dict:
-    """The checkpoint's 2-D map of the latent space, or the first two latent dimensions with no points."""
+    """The checkpoint's 2-D map of the latent space, or the first two latent dimensions with no
+    points."""
     if space is not None:
         return {
             key: space[key].cpu() if key == "labels" else space[key].float().cpu()
@@ -217,7 +256,8 @@ def map_or_first_dims(space: dict | None, latent_dim: int) -> dict:
 
 
 def image_list(x: torch.Tensor) -> list[list[float]]:
-    """A (.., 28, 28) image as rows of intensities, 4 decimals (enough for a picture, and a quarter of the bytes)."""
+    """A (.., 28, 28) image as rows of intensities, 4 decimals (enough for a picture, and a quarter
+    of the bytes)."""
     return [[round(v, 4) for v in row] for row in x.reshape(28, 28).tolist()]
 
 
@@ -225,14 +265,16 @@ def image_list(x: torch.Tensor) -> list[list[float]]:
 
 
 def reject_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")  # json accepts NaN and Infinity unless told not to
+    # json accepts NaN and Infinity unless told not to
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def numbers(values, length: int, what: str, limit: float = math.inf) -> torch.Tensor:
     """A flat list of `length` finite numbers within +-limit as a float tensor, else BadRequest."""
     if not isinstance(values, list) or len(values) != length:
         raise BadRequest(400, f"{what} must be a list of {length} numbers")
-    if not all(type(v) is float or type(v) is int for v in values):  # true and false are numbers to torch.tensor
+    # true and false are numbers to torch.tensor
+    if not all(type(v) is float or type(v) is int for v in values):
         raise BadRequest(400, f"{what} must hold only numbers (not true, false, text or lists)")
     try:
         t = torch.tensor(values, dtype=torch.float32)
@@ -264,21 +306,24 @@ def decode_request(demo: Demo, body: dict) -> dict:
 
 
 def split_host(header: str) -> tuple[str | None, int | None]:
-    """A Host header's name (lower case; an IPv6 address without its brackets) and port (80 when it gives none), or
-    (None, None) when it is not of that form."""
+    """A Host header's name (lower case; an IPv6 address without its brackets) and port (80 when it
+    gives none), or (None, None) when it is not of that form."""
     if header.startswith("["):  # an IPv6 address: [::1]:8000
         name, _, rest = header[1:].lower().partition("]")
         if rest and not rest.startswith(":"):
             return None, None
         port = rest[1:] if rest else None
     else:
-        name, colon, port = header.lower().partition(":")  # a second colon leaves the port not a number
+        # a second colon leaves the port not a number
+        name, colon, port = header.lower().partition(":")
         port = port if colon else None
     if not name:
         return None, None
     if port is None:
         return name, 80
-    return (name, int(port)) if port.isascii() and port.isdigit() and len(port) <= 5 else (None, None)
+    return (
+        (name, int(port)) if port.isascii() and port.isdigit() and len(port) <= 5 else (None, None)
+    )
 
 
 def is_loopback_name(name: str) -> bool:
@@ -289,9 +334,10 @@ def is_loopback_name(name: str) -> bool:
 
 
 def is_own_host(header: str, host: str, address: str, port: int) -> bool:
-    """Whether a request's Host header names this server, bound to `address` (the resolved --host) and `port`: on a
-    loopback address, any loopback name with the port; on one address, that address or the --host as given; on
-    every address (0.0.0.0, ::), any name, as no single one is the right one."""
+    """Whether a request's Host header names this server, bound to `address` (the resolved --host)
+    and `port`: on a loopback address, any loopback name with the port; on one address, that address
+    or the --host as given; on every address (0.0.0.0, ::), any name, as no single one is the right
+    one."""
     bound = ipaddress.ip_address(address.split("%")[0])
     if bound.is_unspecified:
         return True
@@ -307,12 +353,13 @@ def is_own_host(header: str, host: str, address: str, port: int) -> bool:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """One request: check who sent it and to whom, route it, answer JSON (or the page), and turn every bad request
-    into a 4xx."""
+    """One request: check who sent it and to whom, route it, answer JSON (or the page), and turn
+    every bad request into a 4xx."""
 
     server_version = "vae-mnist-demo"
     timeout = 30  # seconds each read or write may wait; a stalled client then frees its thread
-    deadline = 30.0  # seconds for the whole request, however it trickles in (a class attribute: tests shorten it)
+    # seconds for the whole request, however it trickles in (a class attribute: tests shorten it)
+    deadline = 30.0
     ROUTES: ClassVar[dict[str, tuple[str, ...]]] = {
         "/": ("GET", "HEAD"),
         "/api/map": ("GET", "HEAD"),
@@ -323,7 +370,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.timer = threading.Timer(self.deadline, self.cut_off)  # a per-read timeout never fires on a byte a second
+        # a per-read timeout never fires on a byte a second
+        self.timer = threading.Timer(self.deadline, self.cut_off)
         self.timer.daemon = True
         self.timer.start()
 
@@ -332,7 +380,8 @@ class Handler(BaseHTTPRequestHandler):
         super().finish()
 
     def cut_off(self) -> None:
-        """The deadline has passed: shut the connection, so that the thread's waiting read or write returns now."""
+        """The deadline has passed: shut the connection, so that the thread's waiting read or write
+        returns now."""
         try:
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:  # already closed
@@ -350,7 +399,9 @@ class Handler(BaseHTTPRequestHandler):
             if url.path not in self.ROUTES:
                 raise BadRequest(404, f"no such page: {url.path}")
             if method not in self.ROUTES[url.path]:
-                raise BadRequest(405, f"{url.path} takes {' or '.join(self.ROUTES[url.path])}, not {method}")
+                raise BadRequest(
+                    405, f"{url.path} takes {' or '.join(self.ROUTES[url.path])}, not {method}"
+                )
             if url.path == "/":
                 return self.send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
             self.send_json(200, self.api(url.path, parse_qs(url.query)))
@@ -358,17 +409,22 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(err.status, {"error": str(err)})
 
     def check_sender(self) -> None:
-        """421 for a request addressed to another site's name, 403 for one sent by another site's page."""
+        """421 for a request addressed to another site's name, 403 for one sent by another site's
+        page."""
         hosts = self.headers.get_all("Host") or [""]
         server: Server = self.server
-        if len(hosts) > 1 or not is_own_host(hosts[0], server.host, server.server_address[0], server.server_port):
+        if len(hosts) > 1 or not is_own_host(
+            hosts[0], server.host, server.server_address[0], server.server_port
+        ):
             raise BadRequest(
-                421, f"this server does not answer for the host {hosts[0][:80]!r}; open the page at its own address"
+                421,
+                f"this server does not answer for the host {hosts[0][:80]!r}; open the page at its own address",
             )
         origin = self.headers.get("Origin")
         if origin is not None and origin.lower() != f"http://{hosts[0]}".lower():
             raise BadRequest(
-                403, f"requests from the page at {origin[:80]!r} are refused: only this server's own page may send them"
+                403,
+                f"requests from the page at {origin[:80]!r} are refused: only this server's own page may send them",
             )
 
     def api(self, path: str, query: dict) -> dict:
@@ -376,7 +432,10 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/map":
             return demo.map_and_sliders()
         if path == "/api/samples":
-            n, seed = query.get("n", ["16"])[0], query.get("seed", [str(random.randrange(2**31))])[0]
+            n, seed = (
+                query.get("n", ["16"])[0],
+                query.get("seed", [str(random.randrange(2**31))])[0],
+            )
             if not (
                 n.isdecimal()
                 and len(n) < 3
@@ -385,24 +444,34 @@ class Handler(BaseHTTPRequestHandler):
                 and len(seed) < 20
                 and int(seed) < 2**63
             ):
-                raise BadRequest(400, "n must be a whole number from 1 to 64, and seed one from 0 to 2**63 - 1")
+                raise BadRequest(
+                    400, "n must be a whole number from 1 to 64, and seed one from 0 to 2**63 - 1"
+                )
             return demo.samples(int(n), int(seed))
         body = self.read_json()
         return demo.digit(drawing(body)) if path == "/api/digit" else decode_request(demo, body)
 
     def read_json(self) -> dict:
-        """The request's JSON object: its type and size checked from the headers before anything is read."""
+        """The request's JSON object: its type and size checked from the headers before anything is
+        read."""
         kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if kind != "application/json":  # a form or text/plain is what another site's page can post without asking
-            raise BadRequest(415, f"send the body as Content-Type: application/json, not {kind[:40] or 'untyped'}")
+        # a form or text/plain is what another site's page can post without asking
+        if kind != "application/json":
+            raise BadRequest(
+                415,
+                f"send the body as Content-Type: application/json, not {kind[:40] or 'untyped'}",
+            )
         length = self.headers.get("Content-Length")
         if length is None:
             raise BadRequest(411, "a Content-Length header is required")
         if not length.strip().isdecimal():  # isdigit() would let '²' through to int()
             raise BadRequest(400, f"invalid Content-Length: {length[:40]!r}")
-        size = int(length) if len(length.strip()) < 10 else MAX_BODY + 1  # int() refuses numbers of over 4,300 digits
+        # int() refuses numbers of over 4,300 digits
+        size = int(length) if len(length.strip()) < 10 else MAX_BODY + 1
         if size > MAX_BODY:
-            raise BadRequest(413, f"the body is {length.strip()[:20]} bytes; at most {MAX_BODY:,} are accepted")
+            raise BadRequest(
+                413, f"the body is {length.strip()[:20]} bytes; at most {MAX_BODY:,} are accepted"
+            )
         try:
             body = json.loads(self.rfile.read(size), parse_constant=reject_constant)
         except (ValueError, RecursionError) as err:  # JSONDecodeError and bad UTF-8 are ValueErrors
@@ -415,7 +484,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send(status, json.dumps(obj).encode(), "application/json")
 
     def send(self, status: int, payload: bytes, content_type: str) -> None:
-        self.close_connection = True  # one request per connection: an unread body is never taken for the next request
+        # one request per connection: an unread body is never taken for the next request
+        self.close_connection = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
@@ -441,15 +511,20 @@ class Server(ThreadingHTTPServer):
         super().__init__(address, Handler)
 
     def handle_error(self, request, client_address) -> None:
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a closed tab, a stalled client: no bug
+        # a closed tab, a stalled client: no bug
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             super().handle_error(request, client_address)
 
 
 def resolve(host: str, port: int) -> tuple[socket.AddressFamily, str]:
-    """The address family and numeric address --host names (a name: its first address), else a UserError."""
+    """The address family and numeric address --host names (a name: its first address), else a
+    UserError."""
     try:
-        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (OSError, UnicodeError, ValueError) as err:  # gaierror is an OSError; a bad name can be a UnicodeError
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    # gaierror is an OSError; a bad name can be a UnicodeError
+    except (OSError, UnicodeError, ValueError) as err:
         reason = getattr(err, "strerror", None) or str(err)
         raise UserError(
             f"--host {host} is unresolvable ({reason}); pass an address of this machine, such as 127.0.0.1 or ::1"
@@ -468,13 +543,16 @@ def make_server(demo: Demo, host: str = "127.0.0.1", port: int = 8000) -> Server
             advice = "pass --port with a free port (or 0 for any)"
         else:  # an address of another machine, or a family this one lacks
             advice = "pass --host with an address of this machine, such as 127.0.0.1"
-        raise UserError(f"cannot serve on {host_port(host, port)} ({err.strerror or err}); {advice}") from None
+        raise UserError(
+            f"cannot serve on {host_port(host, port)} ({err.strerror or err}); {advice}"
+        ) from None
     server.demo = demo
     return server
 
 
 def exposure_warning(host: str) -> str | None:
-    """The warning for a --host that other machines may reach (the demo has no login); None for a loopback one."""
+    """The warning for a --host that other machines may reach (the demo has no login); None for a
+    loopback one."""
     _, address = resolve(host, 0)
     if ipaddress.ip_address(address.split("%")[0]).is_loopback:
         return None
@@ -482,7 +560,8 @@ def exposure_warning(host: str) -> str | None:
 
 
 def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address in brackets, as URLs write it
+    # an IPv6 address in brackets, as URLs write it
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def page_url(server: Server) -> str:

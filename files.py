@@ -1,4 +1,5 @@
-"""Files, safely: atomic writes, the checkpoint folder's lock, stale temporaries, and the user-error type.
+"""Files, safely: atomic writes, the checkpoint folder's lock, stale temporaries, and the user-error
+type.
 
 The ground floor of the project: it imports nothing of it, and everything may import it.
 """
@@ -15,7 +16,8 @@ from pathlib import Path
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad data, checkpoint, image, folder or flag): one line on stderr, exit status 2."""
+    """A mistake the user can fix (bad data, checkpoint, image, folder or flag): one line on stderr,
+    exit status 2."""
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -23,11 +25,13 @@ class UserError(Exception):
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; once the body has written it, fsync it and os.replace it onto `path`.
+    """Yield a temporary path beside `path`; once the body has written it, fsync it and os.replace
+    it onto `path`.
 
-    A crash or kill at any instant leaves either the old complete file or the new complete one. A write that fails
-    (disk full, folder not writable) is a UserError that says the old file is untouched. The temporary file is named
-    .{name}.{pid}.{random}.tmp, so that remove_stale_temporaries can tell one whose writer was killed.
+    A crash or kill at any instant leaves either the old complete file or the new complete one. A
+    write that fails (disk full, folder not writable) is a UserError that says the old file is
+    untouched. The temporary file is named .{name}.{pid}.{random}.tmp, so that
+    remove_stale_temporaries can tell one whose writer was killed.
     """
     path = Path(path)
     if path.is_dir():  # os.replace would fail only after the whole body has run
@@ -35,12 +39,15 @@ def atomic_path(path: str | os.PathLike):
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+        )
         os.close(fd)
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a plain write would
+        # mkstemp makes 0600; give the file the permissions a plain write would
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -92,14 +99,16 @@ def write_failure(path: Path, err: OSError) -> str:
 
 
 def check_output_dir(path: str | os.PathLike, flag: str) -> None:
-    """Stop before any long work if files cannot be written into folder `path` (creating nothing): the nearest
-    existing part of the path must be a folder we can create a file in."""
+    """Stop before any long work if files cannot be written into folder `path` (creating nothing):
+    the nearest existing part of the path must be a folder we can create a file in."""
     path = Path(path)
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; pass a folder to write into")
+        raise UserError(
+            f"{flag} {path}: {existing} is a file, not a folder; pass a folder to write into"
+        )
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
@@ -109,14 +118,17 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> None:
         ) from None
 
 
-# ----------------------------------------------------------------------------- temporaries left by a killed writer
+# ----------------------------------------------------------------------------- temporaries left by
+# a killed writer
 
-TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[a-z0-9_]{8}\.tmp")  # .{name}.{pid}.{mkstemp's 8 random characters}.tmp
+# .{name}.{pid}.{mkstemp's 8 random characters}.tmp
+TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[a-z0-9_]{8}\.tmp")
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files atomic_path left in `folder` when its process was killed mid-write (the pid in
-    the name is no longer running); return them. Call it holding lock_folder, so no live writer shares the folder."""
+    """Delete the temporary files atomic_path left in `folder` when its process was killed mid-write
+    (the pid in the name is no longer running); return them. Call it holding lock_folder, so no live
+    writer shares the folder."""
     if os.name == "nt":  # os.kill(pid, 0) would terminate the process there, not probe it
         return []
     removed = []
@@ -133,28 +145,32 @@ def process_running(pid: int) -> bool:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError):  # another user's process; or not a pid, so not ours to judge
+    # another user's process; or not a pid, so not ours to judge
+    except (PermissionError, OverflowError):
         return True
     return True
 
 
-# ----------------------------------------------------------------------------- one training run per folder
+# ----------------------------------------------------------------------------- one training run per
+# folder
 
 
 @contextmanager
 def lock_folder(folder: str | os.PathLike, what: str = "training run"):
-    """Hold an exclusive lock on `folder` (flock on folder/.lock) while the body runs; a UserError naming the holder
-    if another process has it. The kernel releases the lock when its holder exits, even by SIGKILL, so a crash cannot
-    leave the folder locked; a run that ends removes the file too. The lock file is opened without following links
-    and must be a plain file of its own, so a prepared folder cannot make it write elsewhere. Folders made for it are
-    removed again if the body fails. Does nothing where there is no fcntl (Windows)."""
+    """Hold an exclusive lock on `folder` (flock on folder/.lock) while the body runs; a UserError
+    naming the holder if another process has it. The kernel releases the lock when its holder exits,
+    even by SIGKILL, so a crash cannot leave the folder locked; a run that ends removes the file
+    too. The lock file is opened without following links and must be a plain file of its own, so a
+    prepared folder cannot make it write elsewhere. Folders made for it are removed again if the
+    body fails. Does nothing where there is no fcntl (Windows)."""
     try:
         import fcntl
     except ImportError:
         yield
         return
     folder = Path(folder)
-    made = [p for p in (folder, *folder.parents) if not p.exists()]  # folders the lock creates, innermost first
+    # folders the lock creates, innermost first
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
     with open_lock_file(folder / ".lock") as f:  # closing the file releases the lock
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -165,7 +181,8 @@ def lock_folder(folder: str | os.PathLike, what: str = "training run"):
             raise UserError(
                 f"cannot lock {folder / '.lock'} ({err.strerror or err}); choose a folder on a local disk"
             ) from None
-        if not still_linked(f, folder / ".lock"):  # a run that ended meanwhile removed the file we opened
+        # a run that ended meanwhile removed the file we opened
+        if not still_linked(f, folder / ".lock"):
             raise UserError(busy_message(folder, what, ""))
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
@@ -175,20 +192,25 @@ def lock_folder(folder: str | os.PathLike, what: str = "training run"):
         except BaseException:
             remove_made_folders(made, folder / ".lock")
             raise
-        (folder / ".lock").unlink(missing_ok=True)  # still holding the lock, so no other run is inside
+        # still holding the lock, so no other run is inside
+        (folder / ".lock").unlink(missing_ok=True)
 
 
 def open_lock_file(path: Path):
-    """folder/.lock opened for reading and writing (created if absent, never truncated by opening), refusing a
-    symbolic link, a hard link to another name, or anything that is not a plain file."""
+    """folder/.lock opened for reading and writing (created if absent, never truncated by opening),
+    refusing a symbolic link, a hard link to another name, or anything that is not a plain file."""
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, flags, 0o644)
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise UserError(f"{path} is a symbolic link; remove it (nothing was written through it)") from None
-        raise UserError(f"cannot create {path} ({err.strerror or err}); choose another folder") from None
+            raise UserError(
+                f"{path} is a symbolic link; remove it (nothing was written through it)"
+            ) from None
+        raise UserError(
+            f"cannot create {path} ({err.strerror or err}); choose another folder"
+        ) from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
         os.close(fd)

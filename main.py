@@ -1,5 +1,5 @@
-"""Train, evaluate and use a convolutional VAE on MNIST: the command line. This file reads the flags; commands.py
-does what each command says.
+"""Train, evaluate and use a convolutional VAE on MNIST: the command line. This file reads the
+flags; commands.py does what each command says.
 
     python main.py                      train with the defaults (20 epochs), then evaluate and draw pictures
     python main.py evaluate             test-set metrics and pictures for a checkpoint
@@ -8,7 +8,8 @@ does what each command says.
     python main.py reconstruct FILE...  score and reconstruct your own digit pictures
     python main.py demo                 a page on http://127.0.0.1:8000 to draw a digit and watch the VAE answer
 
-A user's mistake (bad flag, data, checkpoint, folder or image) ends with one line on stderr and exit status 2.
+A user's mistake (bad flag, data, checkpoint, folder or image) ends with one line on stderr and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from model import VAEConfig
 
 COMMANDS = ("train", "evaluate", "sample", "score", "reconstruct", "demo")
 
-# What each setting does, for --help; its range and default come from its field (config.py, model.py).
+# What each setting does, for --help; its range and default come from its field (config.py,
+# model.py).
 SETTINGS_HELP = {
     "epochs": "passes over the training set; with --resume, the new total",
     "batch_size": "images per Adam step",
@@ -73,7 +75,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def number(kind: type, low, high, what: str = ""):
-    """An argparse type: `kind` (int or float) from low to high, else a one-line error naming the range."""
+    """An argparse type: `kind` (int or float) from low to high, else a one-line error naming the
+    range."""
     what = what or range_text(low, high)
 
     def parse(text: str):
@@ -89,8 +92,9 @@ def number(kind: type, low, high, what: str = ""):
 
 
 def add_settings(group, config_class: type) -> None:
-    """One flag per field of TrainConfig or VAEConfig, parsed with the field's own range. Every default is None, so
-    that --resume can tell the flags given from those left out; --help shows the field's range and default."""
+    """One flag per field of TrainConfig or VAEConfig, parsed with the field's own range. Every
+    default is None, so that --resume can tell the flags given from those left out; --help shows the
+    field's range and default."""
     for f in fields(config_class):
         flag, meta, text = "--" + f.name.replace("_", "-"), f.metadata, SETTINGS_HELP[f.name]
         default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
@@ -103,13 +107,18 @@ def add_settings(group, config_class: type) -> None:
             low, high = meta["range"]
             nargs = len(f.default) if isinstance(f.default, tuple) else None
             metavar = ("C1", "C2") if nargs else ("DECAY" if f.name == "ema" else None)
-            kind, help_text = number(type(low), low, high), f"{text} ({span_text(low, high)}; default: {default})"
+            kind, help_text = (
+                number(type(low), low, high),
+                f"{text} ({span_text(low, high)}; default: {default})",
+            )
             group.add_argument(flag, type=kind, nargs=nargs, metavar=metavar, help=help_text)
 
 
-def add_common(p: argparse.ArgumentParser, checkpoint_flag: bool = True, files: bool = True) -> None:
-    """--device and --no-progress; unless files is False, --data-dir and --image-dir; unless checkpoint_flag is
-    False, --checkpoint."""
+def add_common(
+    p: argparse.ArgumentParser, checkpoint_flag: bool = True, files: bool = True
+) -> None:
+    """--device and --no-progress; unless files is False, --data-dir and --image-dir; unless
+    checkpoint_flag is False, --checkpoint."""
     if files:
         p.add_argument(
             "--data-dir",
@@ -117,7 +126,9 @@ def add_common(p: argparse.ArgumentParser, checkpoint_flag: bool = True, files: 
             help="folder holding the four MNIST IDX files (.gz or not; also "
             "looks in MNIST/raw); downloaded there when absent (default: data)",
         )
-        p.add_argument("--image-dir", default="images", help="where pictures are written (default: images)")
+        p.add_argument(
+            "--image-dir", default="images", help="where pictures are written (default: images)"
+        )
     p.add_argument(
         "--device",
         default="auto",
@@ -246,10 +257,17 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     add_common(parsers["evaluate"])
     add_iwae_k(parsers["evaluate"])
     add_output_dir(parsers["evaluate"], "metrics.json")
-    add_seed(parsers["evaluate"], None, "seed of the evaluation's z samples (default: the checkpoint's training seed)")
+    add_seed(
+        parsers["evaluate"],
+        None,
+        "seed of the evaluation's z samples (default: the checkpoint's training seed)",
+    )
     add_common(parsers["sample"])
     parsers["sample"].add_argument(
-        "--n", type=number(int, 1, 1024), default=64, help="number of digits, 1 to 1,024 (default: 64)"
+        "--n",
+        type=number(int, 1, 1024),
+        default=64,
+        help="number of digits, 1 to 1,024 (default: 64)",
     )
     add_seed(parsers["sample"], 0, "seed of the z draws (default: 0)")
     parsers["reconstruct"].add_argument(
@@ -270,8 +288,8 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 class ClosedPipeSafe:
-    """stdout or stderr that, once its reader has gone (`| head`, a closed `less`), stops writing instead of raising:
-    the work goes on, and nothing prints a traceback for output nobody reads."""
+    """stdout or stderr that, once its reader has gone (`| head`, a closed `less`), stops writing
+    instead of raising: the work goes on, and nothing prints a traceback for output nobody reads."""
 
     def __init__(self, stream) -> None:
         self.stream = stream
@@ -290,7 +308,8 @@ class ClosedPipeSafe:
             self.gone()
 
     def gone(self) -> None:
-        # point the descriptor at /dev/null too, so the interpreter's last flush of the old stream finds a reader
+        # point the descriptor at /dev/null too, so the interpreter's last flush of the old stream
+        # finds a reader
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, self.stream.fileno())
         os.close(devnull)
@@ -307,8 +326,8 @@ def interrupted(signum: int, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Denormal floats (tiny values that build up in Adam's state as training goes on) are ~100x slower on x86 CPUs;
-    # flushing them to zero changes results only at rounding level.
+    # Denormal floats (tiny values that build up in Adam's state as training goes on) are ~100x
+    # slower on x86 CPUs; flushing them to zero changes results only at rounding level.
     torch.set_flush_denormal(True)
     given = list(argv)  # for the command that starts a stopped run again
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
@@ -318,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         misplaced = [word for word in unknown if word in COMMANDS]
-        hint = f"; the command comes first: python main.py {misplaced[0]} [flags]" if misplaced else ""
+        hint = (
+            f"; the command comes first: python main.py {misplaced[0]} [flags]" if misplaced else ""
+        )
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     args.argv = given
     try:
@@ -326,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as stop:  # Ctrl-C, or a SIGTERM or SIGHUP, where training is not there to stop
+    # Ctrl-C, or a SIGTERM or SIGHUP, where training is not there to stop
+    except KeyboardInterrupt as stop:
         for s in commands.STOP_SIGNALS:
             signal.signal(s, signal.SIG_IGN)  # stopping: a further signal would only break the exit
         print("\ninterrupted", file=sys.stderr)
@@ -335,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.stdout, sys.stderr = ClosedPipeSafe(sys.stdout), ClosedPipeSafe(sys.stderr)
-    sys.stdout.reconfigure(errors="backslashreplace")  # a file name that is not valid UTF-8 prints, escaped
+    # a file name that is not valid UTF-8 prints, escaped
+    sys.stdout.reconfigure(errors="backslashreplace")
     for s in commands.STOP_SIGNALS[1:]:
         signal.signal(s, interrupted)
     sys.exit(main())

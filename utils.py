@@ -1,7 +1,8 @@
-"""The pictures: image grids, reconstructions, loss curves, the latent space, anomalies, a user's own digit.
+"""The pictures: image grids, reconstructions, loss curves, the latent space, anomalies, a user's
+own digit.
 
-Every picture is drawn with matplotlib (titles, row labels, legends) around torchvision's make_grid, and written
-atomically, so an interrupted run never leaves a half-written PNG.
+Every picture is drawn with matplotlib (titles, row labels, legends) around torchvision's make_grid,
+and written atomically, so an interrupted run never leaves a half-written PNG.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def grid_image(images: torch.Tensor, nrow: int, padding: int = 2):
     """(N, 1, 28, 28) intensities -> an (H, W) numpy array laid out by torchvision's make_grid."""
     from torchvision.utils import make_grid
 
-    return make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=padding, pad_value=1.0)[0].numpy()
+    return make_grid(
+        images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=padding, pad_value=1.0
+    )[0].numpy()
 
 
 def plot_rows(
@@ -53,7 +56,11 @@ def plot_rows(
     plt = _plt()
     n = rows[0].shape[0]
     fig, axes = plt.subplots(
-        len(rows), 1, figsize=(max(4.0, n * scale), len(rows) * scale * 1.05 + 0.6), squeeze=False, dpi=100
+        len(rows),
+        1,
+        figsize=(max(4.0, n * scale), len(rows) * scale * 1.05 + 0.6),
+        squeeze=False,
+        dpi=100,
     )
     for ax, row, label in zip(axes[:, 0], rows, labels):
         ax.imshow(grid_image(row, nrow=n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -74,7 +81,9 @@ def plot_reconstructions(
     path: str | os.PathLike,
     title: str = "Test digits and their VAE reconstructions",
 ) -> Path:
-    return plot_rows([originals, reconstructions], ["test digit", "reconstruction"], title=title, path=path)
+    return plot_rows(
+        [originals, reconstructions], ["test digit", "reconstruction"], title=title, path=path
+    )
 
 
 def plot_grid(images: torch.Tensor, title: str, path: str | os.PathLike, nrow: int = 8) -> Path:
@@ -88,7 +97,8 @@ def plot_grid(images: torch.Tensor, title: str, path: str | os.PathLike, nrow: i
 
 
 def plot_loss_curves(history: list[dict], path: str | os.PathLike) -> Path:
-    """Train and validation loss, bce and kl per epoch, with the best epoch (lowest validation loss) marked."""
+    """Train and validation loss, bce and kl per epoch, with the best epoch (lowest validation loss)
+    marked."""
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
@@ -96,7 +106,9 @@ def plot_loss_curves(history: list[dict], path: str | os.PathLike) -> Path:
     best = min(history, key=lambda h: h["val_loss"])["epoch"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
     for ax, key, name in zip(
-        axes, ("loss", "bce", "kl"), ("negative ELBO (bce + kl)", "reconstruction (bce)", "KL divergence")
+        axes,
+        ("loss", "bce", "kl"),
+        ("negative ELBO (bce + kl)", "reconstruction (bce)", "KL divergence"),
     ):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train", markersize=3)
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "s-", label="validation", markersize=3)
@@ -121,7 +133,15 @@ def plot_latent_space(points: torch.Tensor, labels: torch.Tensor, path: str | os
     for d in range(10):
         sel = labels == d
         if sel.any():
-            ax.scatter(points[sel, 0], points[sel, 1], s=3, alpha=0.6, color=cmap(d), label=str(d), rasterized=True)
+            ax.scatter(
+                points[sel, 0],
+                points[sel, 1],
+                s=3,
+                alpha=0.6,
+                color=cmap(d),
+                label=str(d),
+                rasterized=True,
+            )
     ax.set_xlabel("discriminant direction 1")
     ax.set_ylabel("discriminant direction 2")
     ax.set_title(
@@ -134,9 +154,12 @@ def plot_latent_space(points: torch.Tensor, labels: torch.Tensor, path: str | os
 
 
 def plot_anomalies(
-    sections: list[tuple[str, torch.Tensor, torch.Tensor, list[str]]], path: str | os.PathLike, title: str = ""
+    sections: list[tuple[str, torch.Tensor, torch.Tensor, list[str]]],
+    path: str | os.PathLike,
+    title: str = "",
 ) -> Path:
-    """For each (title, digits, reconstructions, captions): a titled panel of digits above their reconstructions."""
+    """For each (title, digits, reconstructions, captions): a titled panel of digits above their
+    reconstructions."""
     plt = _plt()
     n = sections[0][1].shape[0]
     fig = plt.figure(figsize=(n * 0.8, 2.3 * len(sections)), dpi=100, layout="constrained")
@@ -144,7 +167,9 @@ def plot_anomalies(
         axes = sub.subplots(2, n, squeeze=False)
         for i in range(n):
             for row, images in enumerate((digits, recons)):
-                axes[row, i].imshow(images[i, 0].detach().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+                axes[row, i].imshow(
+                    images[i, 0].detach().cpu().numpy(), cmap="gray", vmin=0, vmax=1
+                )
                 axes[row, i].set_xticks([])
                 axes[row, i].set_yticks([])
             axes[0, i].set_title(captions[i], fontsize=7)
@@ -157,12 +182,20 @@ def plot_anomalies(
 
 
 def plot_user_reconstruction(
-    original: torch.Tensor, model_input: torch.Tensor, reconstruction: torch.Tensor, title: str, path: str | os.PathLike
+    original: torch.Tensor,
+    model_input: torch.Tensor,
+    reconstruction: torch.Tensor,
+    title: str,
+    path: str | os.PathLike,
 ) -> Path:
     """The user's picture, the 28x28 input the model sees, and its reconstruction."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(7, 2.8), dpi=100)
-    panels = ((original, "your image"), (model_input, "as the model sees it"), (reconstruction, "reconstruction"))
+    panels = (
+        (original, "your image"),
+        (model_input, "as the model sees it"),
+        (reconstruction, "reconstruction"),
+    )
     for ax, (img, name) in zip(axes, panels):
         # the last two dimensions: squeeze() would make a picture 1 pixel high one-dimensional
         ax.imshow(img.detach().cpu().reshape(img.shape[-2:]).numpy(), cmap="gray", vmin=0, vmax=1)

@@ -1,16 +1,18 @@
-"""How well each anomaly score tells an unseen digit, or a foreign image, from the digits a model was trained on.
+"""How well each anomaly score tells an unseen digit, or a foreign image, from the digits a model
+was trained on.
 
     python benchmarks/anomaly_auroc.py --data-dir ../shared/mnist RUN_DIR [RUN_DIR ...]
 
-Each RUN_DIR holds best.pt of a run trained with `--exclude-digit D`. For every method of anomaly.score it prints the
-AUROC of telling digit D apart from the other digits on two sets:
+Each RUN_DIR holds best.pt of a run trained with `--exclude-digit D`. For every method of
+anomaly.score it prints the AUROC of telling digit D apart from the other digits on two sets:
   selection  the run's validation images (negatives) against its training-split images of digit D (positives, never
              trained on): the set methods and their settings are chosen on;
   test       the 10,000 test images: digit D against the rest, reported once a method is chosen.
-and, against the test digits other than D, for out-of-distribution sets built here: uniform noise, salt noise
-(sparse white pixels), inverted test digits, blank and white images, and capital letters drawn with PIL's font and
-prepared the way MNIST was made. Lines are `name: value`, one per figure. --max-images N scores only the first N
-images of each set (a quick check of the script, not a measurement).
+and, against the test digits other than D, for out-of-distribution sets built here: uniform noise,
+salt noise (sparse white pixels), inverted test digits, blank and white images, and capital letters
+drawn with PIL's font and prepared the way MNIST was made. Lines are `name: value`, one per figure.
+--max-images N scores only the first N images of each set (a quick check of the script, not a
+measurement).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from model import VAE  # noqa: E402
 
 
 def letters() -> torch.Tensor:
-    """A to Z in PIL's built-in font, each prepared as MNIST was made (cropped, scaled to 20 px, centred)."""
+    """A to Z in PIL's built-in font, each prepared as MNIST was made (cropped, scaled to 20 px,
+    centred)."""
     font = ImageFont.load_default(size=40)
     out = []
     for ch in string.ascii_uppercase:
@@ -60,35 +63,44 @@ def foreign_sets(test_x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def all_methods(model: VAE, x: torch.Tensor, reference: dict) -> dict[str, torch.Tensor]:
-    """Every method's scores of x, from one pass over its parts (anomaly.score computes the same, one method at a
-    time)."""
+    """Every method's scores of x, from one pass over its parts (anomaly.score computes the same,
+    one method at a time)."""
     gen = torch.Generator().manual_seed(0)
     parts = [
-        anomaly.score_parts(model, x[i : i + 1000], reference, samples=10, gen=gen) for i in range(0, len(x), 1000)
+        anomaly.score_parts(model, x[i : i + 1000], reference, samples=10, gen=gen)
+        for i in range(0, len(x), 1000)
     ]
     parts = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return parts | {"combined": anomaly.combine(parts, reference["calibration"])}
 
 
 def run_reference(path: Path, ckpt: dict, model: VAE, mnist: dict) -> dict:
-    """The anomaly reference best.pt stores; for a run stopped before storing it, one fitted now from the run's own
-    training and validation images, as `python main.py score` does."""
+    """The anomaly reference best.pt stores; for a run stopped before storing it, one fitted now
+    from the run's own training and validation images, as `python main.py score` does."""
     try:
         reference = anomaly.reference_of(ckpt)
     except ValueError as err:
         raise UserError(f"{path}: {err}") from None
     if reference is None:
-        print(f"note: {path} holds no anomaly reference; fitting one from its training split", flush=True)
+        print(
+            f"note: {path} holds no anomaly reference; fitting one from its training split",
+            flush=True,
+        )
         c = checkpoint.train_config(ckpt)
         split = data.run_split(mnist["train_labels"], c.val_size, c.seed, c.exclude_digit, c.subset)
-        train_x, val_x = (data.eval_images(mnist["train_images"][i], c.binarize, torch.device("cpu")) for i in split)
+        train_x, val_x = (
+            data.eval_images(mnist["train_images"][i], c.binarize, torch.device("cpu"))
+            for i in split
+        )
         reference = anomaly.fit_reference(model, train_x, val_x)
     return reference
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders holding best.pt of --exclude-digit runs")
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="folders holding best.pt of --exclude-digit runs"
+    )
     add_data_dir(p)
     p.add_argument(
         "--max-images",
@@ -106,32 +118,49 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         path = Path(folder) / "best.pt"
         if not path.is_file():
-            raise UserError(f"{folder}: holds no best.pt; pass folders of runs trained with --exclude-digit D")
+            raise UserError(
+                f"{folder}: holds no best.pt; pass folders of runs trained with --exclude-digit D"
+            )
         model, ckpt = checkpoint.load_model(path)
         config = checkpoint.train_config(ckpt)
         digit = config.exclude_digit
         if digit is None:
-            raise UserError(f"{path}: trained on every digit; pass runs trained with --exclude-digit D")
+            raise UserError(
+                f"{path}: trained on every digit; pass runs trained with --exclude-digit D"
+            )
         reference = run_reference(path, ckpt, model, mnist)
         train_idx, _ = data.split_indices(len(train_labels), config.val_size, config.seed)
-        unseen = train_idx[train_labels[train_idx] == digit]  # training-split images of D: never trained on
-        _, val_idx = data.run_split(train_labels, config.val_size, config.seed, config.exclude_digit, config.subset)
+        # training-split images of D: never trained on
+        unseen = train_idx[train_labels[train_idx] == digit]
+        _, val_idx = data.run_split(
+            train_labels, config.val_size, config.seed, config.exclude_digit, config.subset
+        )
         negatives, positives = (
-            all_methods(model, data.eval_images(mnist["train_images"][i], False, torch.device("cpu")), reference)
+            all_methods(
+                model,
+                data.eval_images(mnist["train_images"][i], False, torch.device("cpu")),
+                reference,
+            )
             for i in (val_idx[:n], unseen[:n])
         )
         on_test = all_methods(model, test_x, reference)
         for method in anomaly.METHODS:
             scores = torch.cat([negatives[method], positives[method]])
-            is_unseen = torch.cat([torch.zeros(len(negatives[method])), torch.ones(len(positives[method]))]).bool()
+            is_unseen = torch.cat(
+                [torch.zeros(len(negatives[method])), torch.ones(len(positives[method]))]
+            ).bool()
             print(f"digit_{digit}_{method}_selection_auroc: {anomaly.auroc(scores, is_unseen):.4f}")
-            print(f"digit_{digit}_{method}_test_auroc: {anomaly.auroc(on_test[method], test_labels == digit):.4f}")
+            print(
+                f"digit_{digit}_{method}_test_auroc: {anomaly.auroc(on_test[method], test_labels == digit):.4f}"
+            )
         seen = test_labels != digit  # the foreign images against the test digits the model knows
         for name, images in foreign.items():
             scored = all_methods(model, images, reference)
             for method in anomaly.METHODS:
                 both = torch.cat([on_test[method][seen], scored[method]])
-                is_foreign = torch.cat([torch.zeros(int(seen.sum())), torch.ones(len(images))]).bool()
+                is_foreign = torch.cat(
+                    [torch.zeros(int(seen.sum())), torch.ones(len(images))]
+                ).bool()
                 print(f"digit_{digit}_{method}_{name}_auroc: {anomaly.auroc(both, is_foreign):.4f}")
         print(f"digit_{digit}_seconds: {time.perf_counter() - t0:.0f}", flush=True)
     return 0

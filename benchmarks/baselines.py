@@ -1,11 +1,13 @@
-"""The reference point: pytorch/examples' VAE (vae/main.py), trained at this repository's budget, scored the same way.
+"""The reference point: pytorch/examples' VAE (vae/main.py), trained at this repository's budget,
+scored the same way.
 
     python benchmarks/baselines.py --data-dir ../shared/mnist [--epochs 20] [--batch-size 64]
 
-pytorch/examples' model, loss and optimizer as that script has them: an MLP 784-400-20 encoder and 20-400-784 decoder
-with ReLU, a sigmoid output, summed BCE + KL, Adam at 1e-3. Trained on the same 55,000 images main.py trains on
-(seed 1 split), for 20 epochs at batch 64 (its own defaults are 10 epochs at batch 128); like its script, the last
-epoch's weights are scored. Prints the test set's negative ELBO per image in nats, z sampled (as evaluate.py does).
+pytorch/examples' model, loss and optimizer as that script has them: an MLP 784-400-20 encoder and
+20-400-784 decoder with ReLU, a sigmoid output, summed BCE + KL, Adam at 1e-3. Trained on the same
+55,000 images main.py trains on (seed 1 split), for 20 epochs at batch 64 (its own defaults are 10
+epochs at batch 128); like its script, the last epoch's weights are scored. Prints the test set's
+negative ELBO per image in nats, z sampled (as evaluate.py does).
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         help="training epochs (default: 20, this repository's budget)",
     )
     p.add_argument(
-        "--batch-size", type=positive_int(60_000), default=64, help="batch size (default: 64, this repository's budget)"
+        "--batch-size",
+        type=positive_int(60_000),
+        default=64,
+        help="batch size (default: 64, this repository's budget)",
     )
     args = p.parse_args(argv)
 
@@ -80,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         recon, mu, logvar = model(test_x, torch.Generator().manual_seed(1))
         test_loss = loss_function(recon, test_x, mu, logvar).item() / len(test_x)
-    print(f"model: pytorch/examples vae (MLP 784-400-20), {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(
+        f"model: pytorch/examples vae (MLP 784-400-20), {sum(p.numel() for p in model.parameters()):,} parameters"
+    )
     print(f"epochs: {args.epochs}")
     print(f"batch_size: {args.batch_size}")
     print(f"test_loss: {test_loss:.3f}")

@@ -1,7 +1,9 @@
-"""What the benchmark scripts share: a parser whose errors are one line, the --data-dir flag, the device sync that
-timing needs, and the exit that turns a user's mistake into one line on stderr and status 2, as main.py does.
+"""What the benchmark scripts share: a parser whose errors are one line, the --data-dir flag, the
+device sync that timing needs, and the exit that turns a user's mistake into one line on stderr and
+status 2, as main.py does.
 
-Each script puts the repository root on sys.path before it imports this module (as `benchmarks.common`).
+Each script puts the repository root on sys.path before it imports this module (as
+`benchmarks.common`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from files import UserError
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    """main.py's parser class (a bad flag is one line, exit 2), showing the script's docstring for --help."""
+    """main.py's parser class (a bad flag is one line, exit 2), showing the script's docstring for
+    --help."""
     return main.Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
@@ -43,8 +46,8 @@ def sync(device: torch.device) -> None:
 
 
 def run(entry: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
-    """Exit with the status of entry(argv), a script's main; a UserError (bad data, checkpoint, folder or setting)
-    becomes one `error:` line on stderr and status 2."""
+    """Exit with the status of entry(argv), a script's main; a UserError (bad data, checkpoint,
+    folder or setting) becomes one `error:` line on stderr and status 2."""
     try:
         code = entry(argv)
     except UserError as err:

@@ -1,12 +1,13 @@
-"""How long one live update of the demo (`python main.py demo`) takes, in this process and without the network.
+"""How long one live update of the demo (`python main.py demo`) takes, in this process and without
+the network.
 
     python benchmarks/demo_speed.py [--checkpoint models_mnist/best.pt] [--updates 100] [--device cpu]
 
-An update is what the server does for each POST /api/digit: parse the JSON body of a 280x280 drawing (as the page
-sends it), then demo.Demo.digit: prepare it as MNIST was made, encode, decode, and score it with the default method
-(10 z samples, seed 0, as `python main.py reconstruct`). The drawings are random pen strokes, 18 px wide like the
-page's. Prints `median_ms: X` and `p95_ms: Y` for whole updates, and the same for the score alone; the page feels
-live under 100 ms.
+An update is what the server does for each POST /api/digit: parse the JSON body of a 280x280 drawing
+(as the page sends it), then demo.Demo.digit: prepare it as MNIST was made, encode, decode, and
+score it with the default method (10 z samples, seed 0, as `python main.py reconstruct`). The
+drawings are random pen strokes, 18 px wide like the page's. Prints `median_ms: X` and `p95_ms: Y`
+for whole updates, and the same for the score alone; the page feels live under 100 ms.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ from files import UserError  # noqa: E402
 
 
 def pen_drawing(gen: torch.Generator, size: int = 280, width: float = 18.0) -> torch.Tensor:
-    """A stroke through 3 to 6 random points, dark ink on white, anti-aliased: what the page's canvas holds."""
-    points = (torch.rand(int(torch.randint(3, 7, (1,), generator=gen)), 2, generator=gen) * 0.6 + 0.2) * size
+    """A stroke through 3 to 6 random points, dark ink on white, anti-aliased: what the page's
+    canvas holds."""
+    points = (
+        torch.rand(int(torch.randint(3, 7, (1,), generator=gen)), 2, generator=gen) * 0.6 + 0.2
+    ) * size
     ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     p = torch.stack([xs, ys], -1).reshape(-1, 1, 2)
     a, ab = points[:-1], points[1:] - points[:-1]
@@ -52,7 +56,8 @@ def reject_constant(name: str):
 
 
 def parse_drawing(payload: bytes) -> torch.Tensor:
-    """What the server does with the body before the model sees it: JSON to a (height, width) float tensor."""
+    """What the server does with the body before the model sees it: JSON to a (height, width) float
+    tensor."""
     body = json.loads(payload, parse_constant=reject_constant)
     return torch.tensor(body["pixels"], dtype=torch.float32).reshape(body["height"], body["width"])
 
@@ -81,10 +86,16 @@ def main(argv: list[str] | None = None) -> int:
         help=f"checkpoint to time (default: {checkpoint.DEFAULT}; until training has written it, the shipped one)",
     )
     p.add_argument(
-        "--updates", type=positive_int(), default=100, help="timed updates, each of another drawing (default: 100)"
+        "--updates",
+        type=positive_int(),
+        default=100,
+        help="timed updates, each of another drawing (default: 100)",
     )
     p.add_argument(
-        "--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to compute (default: cpu)"
+        "--device",
+        default="cpu",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where to compute (default: cpu)",
     )
     args = p.parse_args(argv)
     device = pick_device(args.device)
@@ -103,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         with torch.inference_mode():
             anomaly.score(
-                app.model, x, method=app.method, samples=demo.SAMPLES, seed=demo.SEED, reference=app.reference
+                app.model,
+                x,
+                method=app.method,
+                samples=demo.SAMPLES,
+                seed=demo.SEED,
+                reference=app.reference,
             )
         score_s.append(time.perf_counter() - t0)
     median, p95 = percentiles_ms(update_s)

@@ -1,12 +1,14 @@
-"""Model quality at the seed's budget: train one configuration with a fixed seed, then measure it on the test set.
+"""Model quality at the seed's budget: train one configuration with a fixed seed, then measure it on
+the test set.
 
     python benchmarks/quality.py --data-dir ../shared/mnist [main.py training flags ...]
     python benchmarks/quality.py --data-dir ../shared/mnist --reuse models_mnist   # measure a finished run instead
 
-Any flag main.py's training takes (--latent-dim, --hidden-dim, --binarize, ...) is passed through; the budget is
-main.py's defaults (BCE + KL, Adam 1e-3, batch 64, 20 epochs) unless you override it. The training run is a real
-`python main.py` run (its final evaluation included) and is timed on the wall clock. Prints `name: value` lines:
-test loss, bce, kl, IWAE bound (k=1000 by default), active units, seconds per epoch and full-run minutes.
+Any flag main.py's training takes (--latent-dim, --hidden-dim, --binarize, ...) is passed through;
+the budget is main.py's defaults (BCE + KL, Adam 1e-3, batch 64, 20 epochs) unless you override it.
+The training run is a real `python main.py` run (its final evaluation included) and is timed on the
+wall clock. Prints `name: value` lines: test loss, bce, kl, IWAE bound (k=1000 by default), active
+units, seconds per epoch and full-run minutes.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from files import UserError  # noqa: E402
 
 
 def changed_settings(ckpt: dict) -> str:
-    """The run's settings that differ from the defaults, as name=value; precision has its own line (it is stored
-    as what "auto" resolved to)."""
+    """The run's settings that differ from the defaults, as name=value; precision has its own line
+    (it is stored as what "auto" resolved to)."""
     stored = (checkpoint.train_config(ckpt), checkpoint.model_config(ckpt))
     changed = [
         f"{f.name}={getattr(c, f.name)}"
@@ -45,9 +47,18 @@ def changed_settings(ckpt: dict) -> str:
 
 
 def train_run(args, train_flags: list[str], ckpt_dir: Path, tmp: str) -> float:
-    """`python main.py` with the passed-through flags, its epoch lines echoed; its wall-clock seconds. When it fails,
-    exit with its status (a user's mistake, status 2, it has already said in one line)."""
-    cmd = [sys.executable, str(ROOT / "main.py"), *train_flags, "--data-dir", args.data_dir, "--device", args.device]
+    """`python main.py` with the passed-through flags, its epoch lines echoed; its wall-clock
+    seconds. When it fails, exit with its status (a user's mistake, status 2, it has already said in
+    one line)."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "main.py"),
+        *train_flags,
+        "--data-dir",
+        args.data_dir,
+        "--device",
+        args.device,
+    ]
     cmd += ["--checkpoint-dir", str(ckpt_dir), "--image-dir", f"{tmp}/img", "--no-progress"]
     print("command: " + " ".join(cmd[1:]), flush=True)
     t = time.perf_counter()
@@ -68,25 +79,37 @@ def main(argv: list[str] | None = None) -> int:
     add_data_dir(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument(
-        "--iwae-k", type=positive_int(10_000), default=1000, help="importance samples per test image (default: 1000)"
+        "--iwae-k",
+        type=positive_int(10_000),
+        default=1000,
+        help="importance samples per test image (default: 1000)",
     )
     p.add_argument(
         "--reuse",
         metavar="CKPT_DIR",
         help="measure the finished run in CKPT_DIR (best.pt, last.pt) instead of training",
     )
-    p.add_argument("--keep", metavar="CKPT_DIR", help="train into CKPT_DIR and keep it (default: a temporary folder)")
+    p.add_argument(
+        "--keep",
+        metavar="CKPT_DIR",
+        help="train into CKPT_DIR and keep it (default: a temporary folder)",
+    )
     args, train_flags = p.parse_known_args(argv)
     if args.reuse and train_flags:
-        p.error(f"unrecognized arguments: {' '.join(train_flags)} (training flags do nothing with --reuse)")
-    cli.build_parsers()["train"].parse_args(train_flags)  # main.py's own check of its flags, before anything runs
+        p.error(
+            f"unrecognized arguments: {' '.join(train_flags)} (training flags do nothing with --reuse)"
+        )
+    # main.py's own check of its flags, before anything runs
+    cli.build_parsers()["train"].parse_args(train_flags)
 
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         if args.reuse:
             ckpt_dir, wall = Path(args.reuse), None
             if not (ckpt_dir / "last.pt").is_file() or not (ckpt_dir / "best.pt").is_file():
-                raise UserError(f"--reuse {ckpt_dir}: not a finished run's folder (it holds best.pt and last.pt)")
+                raise UserError(
+                    f"--reuse {ckpt_dir}: not a finished run's folder (it holds best.pt and last.pt)"
+                )
         else:
             ckpt_dir = Path(args.keep or f"{tmp}/ckpt")
             wall = train_run(args, train_flags, ckpt_dir, tmp)
@@ -112,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"test_iwae_nll: {metrics['test_iwae_nll']:.3f}")
     print(f"iwae_k: {args.iwae_k}")
     print(f"active_units: {metrics['active_units']} of {metrics['latent_dim']}")
-    print(f"seconds_per_epoch: {statistics.mean(seconds):.1f} (training steps only, mean over epochs)")
+    print(
+        f"seconds_per_epoch: {statistics.mean(seconds):.1f} (training steps only, mean over epochs)"
+    )
     if wall is not None:
         what = f"python main.py wall clock: data, {last['epoch']} epochs, validation, final evaluation, pictures"
         print(f"full_run_minutes: {wall / 60:.2f} ({what})")

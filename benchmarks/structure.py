@@ -1,8 +1,10 @@
-"""The project's structure in figures, from its source alone (nothing is imported or run): for docs and reviews.
+"""The project's structure in figures, from its source alone (nothing is imported or run): for docs
+and reviews.
 
     python benchmarks/structure.py [--root FOLDER] [--verbose]
 
-Reads every top-level .py module of the repository (not tests/ or benchmarks/) and prints `name: value` lines:
+Reads every top-level .py module of the repository (not tests/ or benchmarks/) and prints `name:
+value` lines:
   - the import graph, `module -> imports`, from EVERY import statement, those inside functions included;
   - circles in it (`circles: none`, or each one);
   - upward arrows against the layers (`upward arrows: none`, or each one): ground {files}; core {model, data,
@@ -28,7 +30,8 @@ from pathlib import Path
 
 LAYERS = {
     "ground": ["files"],
-    "core": ["model", "data", "config", "checkpoint", "train"],  # in their own order: each imports only earlier ones
+    # in their own order: each imports only earlier ones
+    "core": ["model", "data", "config", "checkpoint", "train"],
     "features": ["evaluate", "anomaly", "prepare", "utils"],
     "edge": ["main", "commands", "demo"],
 }
@@ -73,8 +76,9 @@ def import_graph(modules: dict[str, ast.Module]) -> dict[str, set[str]]:
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Every elementary circle of a directed graph, each once: it starts at its smallest module, and the walk from
-    there visits only larger ones (a small graph's search; fine for a project of modules)."""
+    """Every elementary circle of a directed graph, each once: it starts at its smallest module, and
+    the walk from there visits only larger ones (a small graph's search; fine for a project of
+    modules)."""
     cycles = []
 
     def walk(start: str, node: str, path: list[str]) -> None:
@@ -90,7 +94,8 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def layer_of(module: str) -> tuple[int, int] | None:
-    """(layer, place within the core) of a module in LAYERS, or None for a module the table does not place."""
+    """(layer, place within the core) of a module in LAYERS, or None for a module the table does not
+    place."""
     for rank, members in enumerate(LAYERS.values()):
         if module in members:
             return rank, members.index(module) if rank == 1 else 0
@@ -108,22 +113,28 @@ def upward_arrows(graph: dict[str, set[str]]) -> list[str]:
             if lb[0] > la[0]:
                 arrows.append(f"{a} -> {b} ({list(LAYERS)[la[0]]} -> {list(LAYERS)[lb[0]]})")
             elif lb[0] == la[0] == 1 and lb[1] >= la[1]:
-                arrows.append(f"{a} -> {b} (core: {b} comes after {a})" if a != b else f"{a} -> {a} (itself)")
+                arrows.append(
+                    f"{a} -> {b} (core: {b} comes after {a})" if a != b else f"{a} -> {a} (itself)"
+                )
     return arrows
 
 
-# ----------------------------------------------------------------------------- the static call graph
+# ----------------------------------------------------------------------------- the static call
+# graph
 
 
 class Defs:
-    """Every function and method of the project, by qualified name (module.f, module.Class.m, module.f.inner), with
-    what resolving a call needs: each module's defs, classes and imported names."""
+    """Every function and method of the project, by qualified name (module.f, module.Class.m,
+    module.f.inner), with what resolving a call needs: each module's defs, classes and imported
+    names."""
 
     def __init__(self, modules: dict[str, ast.Module]) -> None:
         self.modules = modules
         self.nodes: dict[str, ast.AST] = {}
-        self.scope: dict[str, str] = {}  # qualified name -> the class it is a method of ("" if none)
-        self.aliases: dict[str, dict[str, str]] = {}  # module -> local name -> "module" or "module.name"
+        # qualified name -> the class it is a method of ("" if none)
+        self.scope: dict[str, str] = {}
+        # module -> local name -> "module" or "module.name"
+        self.aliases: dict[str, dict[str, str]] = {}
         for name, tree in modules.items():
             self.collect(name, tree.body, name, "")
             self.aliases[name] = self.import_aliases(tree, set(modules))
@@ -159,16 +170,20 @@ class Defs:
         return [q for q, node in self.nodes.items() if not isinstance(node, ast.ClassDef)]
 
     def target(self, qual: str) -> list[str]:
-        """The functions a call of `qual` runs: the function, or a class's __init__ and __post_init__."""
+        """The functions a call of `qual` runs: the function, or a class's __init__ and
+        __post_init__."""
         node = self.nodes.get(qual)
         if isinstance(node, ast.ClassDef):
-            return [f"{qual}.{m}" for m in ("__init__", "__post_init__") if f"{qual}.{m}" in self.nodes]
+            return [
+                f"{qual}.{m}" for m in ("__init__", "__post_init__") if f"{qual}.{m}" in self.nodes
+            ]
         return [qual] if node is not None else []
 
     def resolve(self, caller: str, call: ast.Call) -> list[str]:
         module, f = caller.split(".", 1)[0], call.func
         if isinstance(f, ast.Name):
-            scopes = [caller.rsplit(".", i)[0] for i in range(caller.count("."))]  # enclosing functions, innermost
+            # enclosing functions, innermost
+            scopes = [caller.rsplit(".", i)[0] for i in range(caller.count("."))]
             for scope in scopes + [module]:
                 if f"{scope}.{f.id}" in self.nodes and not self.scope.get(f"{scope}.{f.id}"):
                     return self.target(f"{scope}.{f.id}")
@@ -177,9 +192,14 @@ class Defs:
             return []
         if isinstance(f.value, ast.Name):
             base = self.aliases[module].get(f.value.id, "")
-            if base in self.modules or isinstance(self.nodes.get(base), ast.ClassDef):  # module.f, or Class.m
+            # module.f, or Class.m
+            if base in self.modules or isinstance(self.nodes.get(base), ast.ClassDef):
                 return self.target(f"{base}.{f.attr}")
-            if f.value.id == "self" and self.scope.get(caller) and f"{self.scope[caller]}.{f.attr}" in self.nodes:
+            if (
+                f.value.id == "self"
+                and self.scope.get(caller)
+                and f"{self.scope[caller]}.{f.attr}" in self.nodes
+            ):
                 return self.target(f"{self.scope[caller]}.{f.attr}")
         methods = [q for q in self.nodes if q.endswith(f".{f.attr}") and self.scope.get(q)]
         return methods if len(methods) == 1 and self.count_by_name.get(f.attr) == 1 else []
@@ -209,7 +229,8 @@ class Defs:
 
 
 def function_lengths(modules: dict[str, ast.Module]) -> list[tuple[str, int]]:
-    """(qualified name, lines from def to its last line) of every function and method, longest first."""
+    """(qualified name, lines from def to its last line) of every function and method, longest
+    first."""
     defs = Defs(modules)
     lengths = [(q, defs.nodes[q].end_lineno - defs.nodes[q].lineno + 1) for q in defs.functions()]
     return sorted(lengths, key=lambda item: (-item[1], item[0]))
@@ -221,8 +242,14 @@ def line_count(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=str(Path(__file__).resolve().parent.parent), help="the repository (default: this)")
-    p.add_argument("--verbose", action="store_true", help="also list the functions reachable from train.train")
+    p.add_argument(
+        "--root",
+        default=str(Path(__file__).resolve().parent.parent),
+        help="the repository (default: this)",
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="also list the functions reachable from train.train"
+    )
     args = p.parse_args(argv)
     root = Path(args.root)
     if not root.is_dir():
@@ -244,11 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"upward arrows: {len(arrows) or 'none'}")
     for arrow in arrows:
         print(f"upward arrow: {arrow}")
-    off_table = [f"{a} -> {b}" for a in CORE_TABLE if a in graph for b in sorted(graph[a] - CORE_TABLE[a])]
+    off_table = [
+        f"{a} -> {b}" for a in CORE_TABLE if a in graph for b in sorted(graph[a] - CORE_TABLE[a])
+    ]
     print(f"core_arrows_off_table: {', '.join(off_table) or 'none'}")
     unplaced = sorted(m for m in modules if layer_of(m) is None)
     print(f"modules_outside_the_layers: {', '.join(unplaced) or 'none'}")
-    readers = sorted(m for m, tree in modules.items() if "argparse" in imported_names(tree) and m not in FLAG_READERS)
+    readers = sorted(
+        m
+        for m, tree in modules.items()
+        if "argparse" in imported_names(tree) and m not in FLAG_READERS
+    )
     print(f"argparse_outside_main_commands: {', '.join(readers) or 'none'}")
 
     defs = Defs(modules)

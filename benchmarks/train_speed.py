@@ -2,9 +2,10 @@
 
     python benchmarks/train_speed.py --data-dir ../shared/mnist [--full-run] [main.py model flags, --ema]
 
-Prints one `name: value` line per figure, so runs can be compared. Everything runs in one process on the
-current device with the default model at batch 64 (or the one main.py's model flags and --ema describe, e.g.
-`--hidden-dim 512 --out-conv 0 --ema 0` for the model docs/model-selection.md started from):
+Prints one `name: value` line per figure, so runs can be compared. Everything runs in one process on
+the current device with the default model at batch 64 (or the one main.py's model flags and --ema
+describe, e.g. `--hidden-dim 512 --out-conv 0 --ema 0` for the model docs/model-selection.md started
+from):
   - the project's training step (in-memory uint8 data, channels-last, fused Adam, no per-step host sync, and bf16
     autocast where main.py's --precision auto picks it),
   - a naive baseline as pytorch/examples writes it: torchvision datasets.MNIST + ToTensor + DataLoader(shuffle=True),
@@ -12,7 +13,8 @@ current device with the default model at batch 64 (or the one main.py's model fl
   - model FLOPs per image (forward + backward) from torch.utils.flop_counter, achieved GFLOP/s, and MFU against
     the fp32 matmul peak measured here on the spot (as nanoGPT reports MFU); with bf16, also against the bf16 peak,
   - evaluation throughput, and the time of a full default run (measured with --full-run, else extrapolated).
-The project's loop is set up by train.start and stepped by train.train_step, as `python main.py` trains.
+The project's loop is set up by train.start and stepped by train.train_step, as `python main.py`
+trains.
 """
 
 from __future__ import annotations
@@ -50,12 +52,18 @@ def matmul_peak_gflops(
     device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 10
 ) -> float:
     """Best throughput of a large square matmul in `dtype`: the machine's practical peak for MFU."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (
+        torch.randn(n, n, device=device, dtype=dtype),
+        torch.randn(n, n, device=device, dtype=dtype),
+    )
     best = 0.0
     for _ in range(3):
         a @ b
     for size in (n, 2 * n) if device.type == "cpu" else (2 * n, 4 * n):
-        a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+        a, b = (
+            torch.randn(size, size, device=device, dtype=dtype),
+            torch.randn(size, size, device=device, dtype=dtype),
+        )
         a @ b
         sync(device)
         t = time.perf_counter()
@@ -66,7 +74,9 @@ def matmul_peak_gflops(
     return best
 
 
-def timed_windows(step, batches, device: torch.device, warmup: int, windows: int, steps: int, batch_size: int) -> float:
+def timed_windows(
+    step, batches, device: torch.device, warmup: int, windows: int, steps: int, batch_size: int
+) -> float:
     """Median images/s over `windows` timed windows of `steps` steps, after `warmup` steps."""
     it = iter(batches())
 
@@ -92,7 +102,8 @@ def timed_windows(step, batches, device: torch.device, warmup: int, windows: int
 
 
 def torchvision_root(data_dir: str, tmp: Path) -> str:
-    """A folder in torchvision's MNIST layout (MNIST/raw with uncompressed files) built from data_dir's files."""
+    """A folder in torchvision's MNIST layout (MNIST/raw with uncompressed files) built from
+    data_dir's files."""
     raw = tmp / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name, path in data.find_mnist_files(data_dir).items():
@@ -104,8 +115,8 @@ def torchvision_root(data_dir: str, tmp: Path) -> str:
 
 
 def model_settings(args, model_flags: list[str], init: dict | None) -> tuple[VAEConfig, float]:
-    """The architecture and --ema to time: the checkpoint's with --init, else main.py's flags over its defaults
-    (parsed and checked by main.py's own parser: a bad flag is one line)."""
+    """The architecture and --ema to time: the checkpoint's with --init, else main.py's flags over
+    its defaults (parsed and checked by main.py's own parser: a bad flag is one line)."""
     if init is not None:
         return checkpoint.model_config(init), init["config"]["ema"]
     chosen = vars(cli.build_parsers()["train"].parse_args(model_flags))
@@ -118,9 +129,11 @@ def model_settings(args, model_flags: list[str], init: dict | None) -> tuple[VAE
     return config, TrainConfig.ema if chosen["ema"] is None else chosen["ema"]
 
 
-def naive_loop(args, config: VAEConfig, init: dict | None, device: torch.device, batches_from) -> float:
-    """pytorch/examples' way: torchvision's MNIST through a shuffling DataLoader, default Adam, loss.item() every
-    step, no flushing of denormals. Its images/s."""
+def naive_loop(
+    args, config: VAEConfig, init: dict | None, device: torch.device, batches_from
+) -> float:
+    """pytorch/examples' way: torchvision's MNIST through a shuffling DataLoader, default Adam,
+    loss.item() every step, no flushing of denormals. Its images/s."""
     from torchvision import datasets, transforms
 
     tmp = Path(tempfile.mkdtemp())
@@ -134,7 +147,8 @@ def naive_loop(args, config: VAEConfig, init: dict | None, device: torch.device,
         if init is not None:
             naive.load_state_dict(init.get("train_weights", init["model"]))
             naive_opt.load_state_dict(init["optimizer"])
-            for group in naive_opt.param_groups:  # the saved groups say fused=True; the naive loop keeps the default
+            # the saved groups say fused=True; the naive loop keeps the default
+            for group in naive_opt.param_groups:
                 group["fused"], group["foreach"] = None, None
         total = [0.0]
 
@@ -156,17 +170,29 @@ def naive_loop(args, config: VAEConfig, init: dict | None, device: torch.device,
 
 
 def full_run(args, model_flags: list[str]) -> tuple[float, str]:
-    """A real default `python main.py` run in a temporary folder: wall-clock seconds and the test loss it printed."""
+    """A real default `python main.py` run in a temporary folder: wall-clock seconds and the test
+    loss it printed."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(ROOT / "main.py"), "--data-dir", args.data_dir, "--device", args.device]
+        cmd = [
+            sys.executable,
+            str(ROOT / "main.py"),
+            "--data-dir",
+            args.data_dir,
+            "--device",
+            args.device,
+        ]
         cmd += ["--precision", args.precision, *model_flags, "--checkpoint-dir", f"{tmp}/ckpt"]
         cmd += ["--image-dir", f"{tmp}/img", "--no-progress"]
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t
     if proc.returncode != 0:
-        raise UserError(f"the full run failed (status {proc.returncode}): {proc.stderr.strip()[-300:]}")
-    loss_line = next(line for line in proc.stdout.splitlines() if "negative ELBO (test loss)" in line)
+        raise UserError(
+            f"the full run failed (status {proc.returncode}): {proc.stderr.strip()[-300:]}"
+        )
+    loss_line = next(
+        line for line in proc.stdout.splitlines() if "negative ELBO (test loss)" in line
+    )
     return wall, loss_line.split()[-1]
 
 
@@ -176,10 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--batch-size", type=positive_int(4096), default=64)
     p.add_argument(
-        "--windows", type=positive_int(), default=5, help="timed windows per loop; the median is reported (default: 5)"
+        "--windows",
+        type=positive_int(),
+        default=5,
+        help="timed windows per loop; the median is reported (default: 5)",
     )
-    p.add_argument("--steps", type=positive_int(), default=60, help="steps per timed window (default: 60)")
-    p.add_argument("--warmup", type=positive_int(), default=30, help="untimed steps first (default: 30)")
+    p.add_argument(
+        "--steps", type=positive_int(), default=60, help="steps per timed window (default: 60)"
+    )
+    p.add_argument(
+        "--warmup", type=positive_int(), default=30, help="untimed steps first (default: 30)"
+    )
     p.add_argument(
         "--precision",
         default="auto",
@@ -198,7 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1000,
         help="test images whose IWAE evaluation (k=100) is timed and extrapolated to 10,000 (default: 1000)",
     )
-    p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the naive torchvision loop")
+    p.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the naive torchvision loop",
+    )
     p.add_argument(
         "--full-run",
         action="store_true",
@@ -218,12 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     args, model_flags = p.parse_known_args(argv)
     init = checkpoint.load(args.init, flag="--init") if args.init else None
     if init is not None and "optimizer" not in init:
-        raise UserError(f"--init {args.init}: holds no Adam state (a trimmed file); pass a run's best.pt or last.pt")
+        raise UserError(
+            f"--init {args.init}: holds no Adam state (a trimmed file); pass a run's best.pt or last.pt"
+        )
     config, ema = model_settings(args, model_flags, init)
 
     device = pick_device(args.device)
     torch.set_flush_denormal(True)  # as main.py does; switched off again for the naive loop below
-    print(f"device: {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}")
+    print(
+        f"device: {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}"
+    )
     print(f"torch: {torch.__version__}")
     print(f"threads: {torch.get_num_threads()}")
     print(f"batch_size: {args.batch_size}")
@@ -232,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     mnist = data.load_mnist(args.data_dir)
     print(f"model: {config}")
 
-    # --- the project's loop, set up as main.py sets up a run (it writes nothing: only train.save would) ---
+    # --- the project's loop, set up as main.py sets up a run (it writes nothing: only train.save
+    # would) ---
     run_config = TrainConfig(batch_size=args.batch_size, ema=ema, precision=precision, seed=0)
     split = data.run_split(mnist["train_labels"], run_config.val_size, seed=1)
     images = tuple(mnist["train_images"][i] for i in split)
@@ -256,25 +299,37 @@ def main(argv: list[str] | None = None) -> int:
 
     peak = matmul_peak_gflops(device, n=args.matmul_size)
     print(f"fp32_matmul_peak_gflops: {peak:.1f}")
-    peak_bf16 = matmul_peak_gflops(device, torch.bfloat16, n=args.matmul_size) if precision == "bf16" else None
+    peak_bf16 = (
+        matmul_peak_gflops(device, torch.bfloat16, n=args.matmul_size)
+        if precision == "bf16"
+        else None
+    )
     if peak_bf16:
         print(f"bf16_matmul_peak_gflops: {peak_bf16:.1f}")
 
     def batches_from(step, batches) -> float:
-        return timed_windows(step, batches, device, args.warmup, args.windows, args.steps, args.batch_size)
+        return timed_windows(
+            step, batches, device, args.warmup, args.windows, args.steps, args.batch_size
+        )
 
     noise, shuffle = project.generators["noise"], project.generators["shuffle"]
 
     def step(xb):
-        train.train_step(project.model, project.optimizer, project.average, xb, noise, 1.0, precision)
+        train.train_step(
+            project.model, project.optimizer, project.average, xb, noise, 1.0, precision
+        )
 
-    project_ips = batches_from(step, lambda: data.batches(project.train_x, args.batch_size, shuffle))
+    project_ips = batches_from(
+        step, lambda: data.batches(project.train_x, args.batch_size, shuffle)
+    )
     print(f"project_images_per_second: {project_ips:.0f}")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         it = data.batches(project.train_x, args.batch_size, shuffle)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if device.type == "cuda" else []
+        )
         with profile(activities=activities) as prof:
             for _ in range(50):
                 step(next(it))
@@ -282,9 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=25))
     print(f"project_achieved_gflops: {flops_per_image * project_ips / 1e9:.1f}")
-    print(f"project_mfu_percent: {100 * flops_per_image * project_ips / 1e9 / peak:.1f}")  # of the fp32 peak
+    # of the fp32 peak
+    print(f"project_mfu_percent: {100 * flops_per_image * project_ips / 1e9 / peak:.1f}")
     if peak_bf16:
-        print(f"project_mfu_percent_of_bf16_peak: {100 * flops_per_image * project_ips / 1e9 / peak_bf16:.1f}")
+        print(
+            f"project_mfu_percent_of_bf16_peak: {100 * flops_per_image * project_ips / 1e9 / peak_bf16:.1f}"
+        )
 
     # --- the naive loop ---
     if args.baseline:

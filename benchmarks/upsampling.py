@@ -1,12 +1,14 @@
-"""Transposed convolution against nearest-neighbour upsampling + 3x3 convolution, in the decoder's upsampling places.
+"""Transposed convolution against nearest-neighbour upsampling + 3x3 convolution, in the decoder's
+upsampling places.
 
     python benchmarks/upsampling.py [--device cpu] [--windows 7] [--steps 30]
 
-The decoder doubles its resolution twice with 4x4 stride-2 transposed convolutions (7 -> 14 -> 28). The usual
-alternative, nearest upsampling followed by a 3x3 convolution, gives the same output shape with 2.25x the
-multiply-adds. This times both, forward + backward at batch 64 (channels-last on the CPU, as main.py trains), in
-each place the default model has them, and prints `name: value` lines (milliseconds, median of the timed windows,
-the two alternated window by window so that a drifting machine affects both alike).
+The decoder doubles its resolution twice with 4x4 stride-2 transposed convolutions (7 -> 14 -> 28).
+The usual alternative, nearest upsampling followed by a 3x3 convolution, gives the same output shape
+with 2.25x the multiply-adds. This times both, forward + backward at batch 64 (channels-last on the
+CPU, as main.py trains), in each place the default model has them, and prints `name: value` lines
+(milliseconds, median of the timed windows, the two alternated window by window so that a drifting
+machine affects both alike).
 """
 
 from __future__ import annotations
@@ -27,10 +29,14 @@ from model import VAEConfig  # noqa: E402
 
 
 def places(config: VAEConfig) -> list[tuple[int, int, int]]:
-    """(in channels, out channels, input size) of every transposed conv in the decoder, plus the 1-channel one that
-    makes the logits when there is no output conv (--out-conv 0)."""
+    """(in channels, out channels, input size) of every transposed conv in the decoder, plus the
+    1-channel one that makes the logits when there is no output conv (--out-conv 0)."""
     c1, c2 = config.channels
-    return [(c2, c1, 7), (c1, config.out_conv, 14), (c1, 1, 14)] if config.out_conv else [(c2, c1, 7), (c1, 1, 14)]
+    return (
+        [(c2, c1, 7), (c1, config.out_conv, 14), (c1, 1, 14)]
+        if config.out_conv
+        else [(c2, c1, 7), (c1, 1, 14)]
+    )
 
 
 def timed(layer: nn.Module, x: torch.Tensor, steps: int, device: torch.device) -> float:
@@ -49,10 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--batch-size", type=positive_int(4096), default=64)
     p.add_argument(
-        "--windows", type=positive_int(), default=7, help="timed windows per layer; the median is reported (default: 7)"
+        "--windows",
+        type=positive_int(),
+        default=7,
+        help="timed windows per layer; the median is reported (default: 7)",
     )
     p.add_argument(
-        "--steps", type=positive_int(), default=30, help="forward + backward passes per window (default: 30)"
+        "--steps",
+        type=positive_int(),
+        default=30,
+        help="forward + backward passes per window (default: 30)",
     )
     args = p.parse_args(argv)
 
@@ -63,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batch_size: {args.batch_size}")
     for c_in, c_out, size in places(VAEConfig()):
         torch.manual_seed(0)
-        x = torch.randn(args.batch_size, c_in, size, size, device=device).to(memory_format=fmt).requires_grad_()
+        x = (
+            torch.randn(args.batch_size, c_in, size, size, device=device)
+            .to(memory_format=fmt)
+            .requires_grad_()
+        )
         layers = {
             "transposed_conv": nn.ConvTranspose2d(c_in, c_out, 4, 2, 1),
             "upsample_conv": nn.Sequential(
@@ -83,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         median = {name: statistics.median(v) for name, v in ms.items()}
         for name in layers:
             print(f"{name}_{place}_ms: {median[name]:.3f}")
-        print(f"upsample_conv_over_transposed_{place}: {median['upsample_conv'] / median['transposed_conv']:.2f}")
+        print(
+            f"upsample_conv_over_transposed_{place}: {median['upsample_conv'] / median['transposed_conv']:.2f}"
+        )
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Make the project root and tests/ importable, keep in-process torch on one thread (tiny tensors run fastest so),
-and share one small trained run among the tests that need one."""
+"""Make the project root and tests/ importable, keep in-process torch on one thread (tiny tensors
+run fastest so), and share one small trained run among the tests that need one."""
 
 import pathlib
 import sys
@@ -17,8 +17,9 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """2 epochs of a small VAE on 2,000 real training images: checkpoint folder, image folder and printed output.
-    Read-only for the tests: one that writes beside the checkpoint works on helpers.copy_run's copy."""
+    """2 epochs of a small VAE on 2,000 real training images: checkpoint folder, image folder and
+    printed output. Read-only for the tests: one that writes beside the checkpoint works on
+    helpers.copy_run's copy."""
     if not MNIST_DIR:
         pytest.skip("set MNIST_DIR to run real-data tests")
     folder = tmp_path_factory.mktemp("trained")
@@ -26,4 +27,6 @@ def trained(tmp_path_factory):
     assert code == 0, err
     before = snapshot(folder / "ckpt")
     yield SimpleNamespace(ckpt_dir=folder / "ckpt", image_dir=folder / "img", output=out)
-    assert snapshot(folder / "ckpt") == before, "a test wrote into the shared trained run; use helpers.copy_run"
+    assert snapshot(folder / "ckpt") == before, (
+        "a test wrote into the shared trained run; use helpers.copy_run"
+    )

@@ -1,5 +1,5 @@
-"""Shared test helpers: the real-data switch, a tiny model and tiny data, pictures and folders, and runs of main.py
-in this process or, as a user runs it, in a subprocess."""
+"""Shared test helpers: the real-data switch, a tiny model and tiny data, pictures and folders, and
+runs of main.py in this process or, as a user runs it, in a subprocess."""
 
 from __future__ import annotations
 
@@ -22,21 +22,38 @@ import main
 from model import VAE, VAEConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-MNIST_DIR = str(Path(os.environ["MNIST_DIR"]).resolve()) if os.environ.get("MNIST_DIR") else ""  # absolute
-needs_mnist = pytest.mark.skipif(not MNIST_DIR, reason="set MNIST_DIR to a folder with the four MNIST files")
-# A small architecture for end-to-end runs: the commands' behaviour is the same, and a run is several times faster.
-SMALL_FLAGS = ["--latent-dim", "8", "--channels", "8", "16", "--hidden-dim", "32", "--res-blocks", "0"]
+# absolute
+MNIST_DIR = str(Path(os.environ["MNIST_DIR"]).resolve()) if os.environ.get("MNIST_DIR") else ""
+needs_mnist = pytest.mark.skipif(
+    not MNIST_DIR, reason="set MNIST_DIR to a folder with the four MNIST files"
+)
+# A small architecture for end-to-end runs: the commands' behaviour is the same, and a run is
+# several times faster.
+SMALL_FLAGS = [
+    "--latent-dim",
+    "8",
+    "--channels",
+    "8",
+    "16",
+    "--hidden-dim",
+    "32",
+    "--res-blocks",
+    "0",
+]
 
 
 def tiny_model(seed: int = 0, **overrides) -> VAE:
     """A small VAE for unit tests (seeded weights; overrides change its VAEConfig)."""
     torch.manual_seed(seed)
-    settings = dict(latent_dim=8, channels=(8, 16), hidden_dim=32, res_blocks=0, out_conv=0) | overrides
+    settings = (
+        dict(latent_dim=8, channels=(8, 16), hidden_dim=32, res_blocks=0, out_conv=0) | overrides
+    )
     return VAE(VAEConfig(**settings)).eval()
 
 
 def tiny_images(n: int, seed: int = 0) -> torch.Tensor:
-    """n float images (n, 1, 28, 28) in [0, 1] a little like digits: a bright ring or bar, placed at random."""
+    """n float images (n, 1, 28, 28) in [0, 1] a little like digits: a bright ring or bar, placed at
+    random."""
     gen = torch.Generator().manual_seed(seed)
     ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
     centre = 10 + 8 * torch.rand(n, 2, 1, 1, generator=gen)
@@ -62,13 +79,17 @@ def digit(path: Path, size=(90, 120), frames: int = 1) -> Path:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under folder, by relative path: equal snapshots mean nothing was written, changed or removed."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under folder, by relative path: equal snapshots mean nothing was written, changed
+    or removed."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def unreadable_data(folder: Path) -> Path:
-    """A --data-dir holding the four MNIST names as empty files: reading them is an error, and nothing is
-    downloaded. A check that passes only before the data is read shows its own message instead."""
+    """A --data-dir holding the four MNIST names as empty files: reading them is an error, and
+    nothing is downloaded. A check that passes only before the data is read shows its own message
+    instead."""
     folder.mkdir(parents=True)
     for name in data.MNIST_FILES:
         (folder / name).write_bytes(b"")
@@ -76,8 +97,9 @@ def unreadable_data(folder: Path) -> Path:
 
 
 def run_main(argv: list, cwd: Path | None = None) -> tuple[int, str, str]:
-    """main.main(argv) in this process, in folder cwd if given: (exit status, stdout, stderr); argparse errors count
-    as their exit status. An exception propagates: run_cli shows what a user would see."""
+    """main.main(argv) in this process, in folder cwd if given: (exit status, stdout, stderr);
+    argparse errors count as their exit status. An exception propagates: run_cli shows what a user
+    would see."""
     out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -99,7 +121,8 @@ def start_cli(argv: list, cwd: Path | None = None, **kw) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of a started process; one still running after `timeout` (a hang) fails."""
+    """(exit status, stdout, stderr) of a started process; one still running after `timeout` (a
+    hang) fails."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -109,13 +132,16 @@ def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]
     return proc.returncode, out, err
 
 
-def run_cli(argv: list, cwd: Path | None = None, timeout: float = 180, **kw) -> tuple[int, str, str]:
+def run_cli(
+    argv: list, cwd: Path | None = None, timeout: float = 180, **kw
+) -> tuple[int, str, str]:
     """(exit status, stdout, stderr) of `python main.py argv` in a subprocess; a hang fails."""
     return finish(start_cli(argv, cwd, **kw), timeout)
 
 
 def read_until(proc: subprocess.Popen, text: str, stream=None) -> str:
-    """Read a started process's stdout (or `stream`) until a line holds text; if none does, kill it and fail."""
+    """Read a started process's stdout (or `stream`) until a line holds text; if none does, kill it
+    and fail."""
     seen = []
     for line in stream or proc.stdout:
         seen.append(line)
@@ -126,7 +152,8 @@ def read_until(proc: subprocess.Popen, text: str, stream=None) -> str:
 
 
 def assert_one_line_error(code: int, err: str, *words: str) -> None:
-    """What a user's mistake must look like: exit status 2, one line on stderr naming what is wrong, no traceback."""
+    """What a user's mistake must look like: exit status 2, one line on stderr naming what is wrong,
+    no traceback."""
     assert code == 2, err
     assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err, err
     for word in words:
@@ -134,24 +161,50 @@ def assert_one_line_error(code: int, err: str, *words: str) -> None:
 
 
 def train_args(folder: Path, epochs: int = 2, subset: int = 2000) -> list[str]:
-    """A small, fast training run of the small architecture, writing into folder/ckpt and folder/img."""
-    out = ["--checkpoint-dir", folder / "ckpt", "--image-dir", folder / "img", "--iwae-k", "2", "--no-progress"]
-    return [str(a) for a in ["--epochs", epochs, "--subset", subset, "--data-dir", MNIST_DIR, *out, *SMALL_FLAGS]]
+    """A small, fast training run of the small architecture, writing into folder/ckpt and
+    folder/img."""
+    out = [
+        "--checkpoint-dir",
+        folder / "ckpt",
+        "--image-dir",
+        folder / "img",
+        "--iwae-k",
+        "2",
+        "--no-progress",
+    ]
+    return [
+        str(a)
+        for a in [
+            "--epochs",
+            epochs,
+            "--subset",
+            subset,
+            "--data-dir",
+            MNIST_DIR,
+            *out,
+            *SMALL_FLAGS,
+        ]
+    ]
 
 
 def resave(ckpt: dict, path: Path) -> None:
-    """Write a checkpoint a test has edited, its checksum renewed (so that the edit, not the checksum, is tested)."""
+    """Write a checkpoint a test has edited, its checksum renewed (so that the edit, not the
+    checksum, is tested)."""
     torch.save(checkpoint.with_keys(ckpt), path)
 
 
 def copy_run(trained, folder: Path) -> Path:
-    """A private copy of the shared trained run's checkpoint folder, for a test that writes beside the checkpoint."""
+    """A private copy of the shared trained run's checkpoint folder, for a test that writes beside
+    the checkpoint."""
     shutil.copytree(trained.ckpt_dir, folder / "ckpt")
     return folder / "ckpt"
 
 
 def first_test_images(monkeypatch, n: int = 500) -> None:
-    """Commands run in this process read only the first n images of each MNIST set: for a test of where a command
-    writes or what it says, not of the figures over the whole test set (those are checked on all 10,000)."""
+    """Commands run in this process read only the first n images of each MNIST set: for a test of
+    where a command writes or what it says, not of the figures over the whole test set (those are
+    checked on all 10,000)."""
     full = commands.load_data
-    monkeypatch.setattr(commands, "load_data", lambda data_dir: {k: v[:n] for k, v in full(data_dir).items()})
+    monkeypatch.setattr(
+        commands, "load_data", lambda data_dir: {k: v[:n] for k, v in full(data_dir).items()}
+    )

@@ -1,7 +1,8 @@
-"""checkpoint.load as the one door for files: what a run writes comes back as it was, and anything else (a foreign
-file, pickled code, an old format, damaged or edited values, a few kB that claim gigabytes) is refused in one
-CheckpointError line naming the file, before it can run code or take memory. The hostile sizes run through main.main
-in a fresh process whose peak memory is measured (the same refusals run as a user runs them in tests/test_cli.py)."""
+"""checkpoint.load as the one door for files: what a run writes comes back as it was, and anything
+else (a foreign file, pickled code, an old format, damaged or edited values, a few kB that claim
+gigabytes) is refused in one CheckpointError line naming the file, before it can run code or take
+memory. The hostile sizes run through main.main in a fresh process whose peak memory is measured
+(the same refusals run as a user runs them in tests/test_cli.py)."""
 
 from __future__ import annotations
 
@@ -38,26 +39,39 @@ def refused(path: Path, **kw) -> str:
     return message
 
 
-# ----------------------------------------------------------------------------- a valid file, in and out
+# ----------------------------------------------------------------------------- a valid file, in and
+# out
 
 
 @needs_mnist
 def test_a_runs_checkpoints_describe_themselves_and_load_as_the_model_they_saved(trained):
-    last, best = (torch.load(trained.ckpt_dir / n, weights_only=True) for n in ("last.pt", "best.pt"))
+    last, best = (
+        torch.load(trained.ckpt_dir / n, weights_only=True) for n in ("last.pt", "best.pt")
+    )
     assert last["format"] == checkpoint.FORMAT == "vae-mnist/3" and len(last["checksum"]) == 64
     given = dict(epochs=2, subset=2000, latent_dim=8, channels=[8, 16], hidden_dim=32, res_blocks=0)
-    defaults = dict(lr=1e-3, seed=1, batch_size=64, val_size=5000, ema=0.999, binarize=False, exclude_digit=None)
+    defaults = dict(
+        lr=1e-3, seed=1, batch_size=64, val_size=5000, ema=0.999, binarize=False, exclude_digit=None
+    )
     assert {k: last["config"][k] for k in given | defaults} == given | defaults
     assert [h["epoch"] for h in last["history"]] == [1, 2] and last["epoch"] == 2
     assert all(h["val_loss"] == pytest.approx(h["val_bce"] + h["val_kl"]) for h in last["history"])
-    assert last["best_val_loss"] == min(h["val_loss"] for h in last["history"]) == best["best_val_loss"]
+    assert (
+        last["best_val_loss"]
+        == min(h["val_loss"] for h in last["history"])
+        == best["best_val_loss"]
+    )
     assert best["history"] == last["history"][: best["epoch"]]
     assert best["history"][-1]["val_loss"] == best["best_val_loss"]
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__}
     assert last["versions"] == versions | {"python": platform.python_version()}
-    assert "anomaly_reference" in best and "latent_map" in best and "train_weights" in last  # --ema 0.999
-    held_out = best | {"config": best["config"] | {"subset": None, "exclude_digit": 3}}  # (others: as commands say)
-    assert "epoch 2 of 2 on 55,000 training images (digit 3 left out)" in checkpoint.describe("x.pt", held_out)
+    # --ema 0.999
+    assert "anomaly_reference" in best and "latent_map" in best and "train_weights" in last
+    # (others: as commands say)
+    held_out = best | {"config": best["config"] | {"subset": None, "exclude_digit": 3}}
+    assert "epoch 2 of 2 on 55,000 training images (digit 3 left out)" in checkpoint.describe(
+        "x.pt", held_out
+    )
     path = trained.ckpt_dir / "last.pt"
     ckpt = checkpoint.load(path, resume=True)  # passes every check --resume makes
     model, stored = checkpoint.load_model(path)
@@ -71,7 +85,8 @@ def test_a_runs_checkpoints_describe_themselves_and_load_as_the_model_they_saved
     with torch.no_grad():
         torch.testing.assert_close(model.decode(z), plain.decode(z))
         torch.testing.assert_close(model.encode(x), plain.encode(x))
-        assert not torch.allclose(VAE(plain.config).eval().decode(z), plain.decode(z))  # the weights matter
+        # the weights matter
+        assert not torch.allclose(VAE(plain.config).eval().decode(z), plain.decode(z))
 
 
 @needs_mnist
@@ -99,7 +114,11 @@ def built() -> dict:
     sum(neg_elbo_terms(logits, x=x, mu=mu, logvar=logvar)).mean().backward()
     optimizer.step()
     entry = {k: 100.0 for k in checkpoint.HISTORY_KEYS} | {"epoch": 1}
-    rng = {"shuffle": torch.Generator().get_state(), "noise": torch.Generator().get_state(), "device": "cpu"}
+    rng = {
+        "shuffle": torch.Generator().get_state(),
+        "noise": torch.Generator().get_state(),
+        "device": "cpu",
+    }
     config = checkpoint.config_dict(TrainConfig(epochs=2, precision="fp32", ema=0.0), model.config)
     progress = {"epoch": 1, "best_val_loss": 100.0, "history": [entry], "rng": rng}
     return checkpoint.build(config, model.state_dict(), optimizer.state_dict(), progress)
@@ -115,11 +134,13 @@ def test_files_that_are_not_checkpoints(tmp_path):
     assert "not a checkpoint" in refused(tmp_path / "notes.pt")
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
         archive.writestr("hello.txt", "a zip, but not one torch.save wrote")
-    assert "not a usable vae-mnist checkpoint" in refused(tmp_path / "other.zip")  # a folder, no file: test_cli.py
+    # a folder, no file: test_cli.py
+    assert "not a usable vae-mnist checkpoint" in refused(tmp_path / "other.zip")
 
 
 def test_pickled_code_is_refused_unread(tmp_path, ckpt):
-    """The payload, unpickled, creates a file: it stands for any code a hostile checkpoint could run."""
+    """The payload, unpickled, creates a file: it stands for any code a hostile checkpoint could
+    run."""
     marker = tmp_path / "ran"
     payload = type("Payload", (), {"__reduce__": lambda self: (open, (str(marker), "w"))})()
     torch.save(ckpt | {"extra": payload}, tmp_path / "evil.pt")
@@ -127,14 +148,19 @@ def test_pickled_code_is_refused_unread(tmp_path, ckpt):
     with pytest.raises(CheckpointError):
         checkpoint.load_model(tmp_path / "evil.pt")
     assert not marker.exists()
-    torch.load(tmp_path / "evil.pt", weights_only=False)["extra"].close()  # control: unpickled, the payload runs
+    # control: unpickled, the payload runs
+    torch.load(tmp_path / "evil.pt", weights_only=False)["extra"].close()
     assert marker.exists()
 
 
 def test_a_changed_tensor_byte_fails_the_checksum(tmp_path, ckpt):
-    """One byte of tensor data changed inside a valid zip (its CRC recomputed): only the checksum can tell."""
+    """One byte of tensor data changed inside a valid zip (its CRC recomputed): only the checksum
+    can tell."""
     checkpoint.save(ckpt, tmp_path / "good.pt")
-    with zipfile.ZipFile(tmp_path / "good.pt") as src, zipfile.ZipFile(tmp_path / "bad.pt", "w") as dst:
+    with (
+        zipfile.ZipFile(tmp_path / "good.pt") as src,
+        zipfile.ZipFile(tmp_path / "bad.pt", "w") as dst,
+    ):
         for info in src.infolist():
             blob = bytearray(src.read(info))
             if info.filename.endswith("/data/0"):
@@ -147,17 +173,42 @@ def set_weight(name: str, value):
     return lambda c: c["model"].__setitem__(name, value(c["model"][name]))
 
 
-EDITS = {  # an edit of a valid checkpoint, saved with its checksum renewed, and what the refusal must say
+# an edit of a valid checkpoint, saved with its checksum renewed, and what the refusal must say
+EDITS = {
     "lr out of range": (lambda c: c["config"].update(lr=-1.0), "config lr must be a number"),
-    "latent_dim a float": (lambda c: c["config"].update(latent_dim=8.0), "latent_dim must be a whole number"),
-    "unknown activation": (lambda c: c["config"].update(activation="tanh"), "activation must be one of"),
+    "latent_dim a float": (
+        lambda c: c["config"].update(latent_dim=8.0),
+        "latent_dim must be a whole number",
+    ),
+    "unknown activation": (
+        lambda c: c["config"].update(activation="tanh"),
+        "activation must be one of",
+    ),
     "one channel width": (lambda c: c["config"].update(channels=[8]), "channels must be 2 numbers"),
-    "weight of the wrong shape": (set_weight("to_stats.bias", lambda t: t[:-1]), "do not match the stored"),
-    "weight of the wrong dtype": (set_weight("to_stats.bias", lambda t: t.double()), "do not match the stored"),
-    "weight renamed": (lambda c: c["model"].__setitem__("extra", c["model"].pop("to_stats.bias")), "do not match"),
-    "NaN weight": (set_weight("to_stats.bias", lambda t: t.clone().fill_(float("nan"))), "NaN or infinite"),
-    "malformed history": (lambda c: c["history"][0].update(val_loss="low"), "history is not a list"),
-    "older format": (lambda c: c.update(format="vae-mnist/2"), "'vae-mnist/2', but this code reads 'vae-mnist/3'"),
+    "weight of the wrong shape": (
+        set_weight("to_stats.bias", lambda t: t[:-1]),
+        "do not match the stored",
+    ),
+    "weight of the wrong dtype": (
+        set_weight("to_stats.bias", lambda t: t.double()),
+        "do not match the stored",
+    ),
+    "weight renamed": (
+        lambda c: c["model"].__setitem__("extra", c["model"].pop("to_stats.bias")),
+        "do not match",
+    ),
+    "NaN weight": (
+        set_weight("to_stats.bias", lambda t: t.clone().fill_(float("nan"))),
+        "NaN or infinite",
+    ),
+    "malformed history": (
+        lambda c: c["history"][0].update(val_loss="low"),
+        "history is not a list",
+    ),
+    "older format": (
+        lambda c: c.update(format="vae-mnist/2"),
+        "'vae-mnist/2', but this code reads 'vae-mnist/3'",
+    ),
 }
 
 
@@ -171,8 +222,9 @@ def test_a_bad_value_with_a_renewed_checksum_is_refused(tmp_path, ckpt, case):
 
 
 def test_a_training_state_is_checked_only_for_resume(tmp_path, ckpt):
-    """The built checkpoint loads for use and for --resume (the control for the refusals in this file); Adam's moments
-    of the wrong shape, or no training state at all, do not matter to using the weights."""
+    """The built checkpoint loads for use and for --resume (the control for the refusals in this
+    file); Adam's moments of the wrong shape, or no training state at all, do not matter to using
+    the weights."""
     checkpoint.save(ckpt, tmp_path / "good.pt")
     assert checkpoint.load(tmp_path / "good.pt", resume=True)["checksum"] == ckpt["checksum"]
     resave(ckpt | {"epoch": -3}, tmp_path / "epoch.pt")
@@ -181,42 +233,62 @@ def test_a_training_state_is_checked_only_for_resume(tmp_path, ckpt):
     resave(ckpt, tmp_path / "optimizer.pt")
     checkpoint.load_model(tmp_path / "optimizer.pt")
     assert "optimizer state is not Adam's state" in refused(tmp_path / "optimizer.pt", resume=True)
-    resave(checkpoint.trim(ckpt | {"config": ckpt["config"] | {"ema": 0.999}}), tmp_path / "weights.pt")  # as shipped
+    # as shipped
+    resave(
+        checkpoint.trim(ckpt | {"config": ckpt["config"] | {"ema": 0.999}}), tmp_path / "weights.pt"
+    )
     checkpoint.load_model(tmp_path / "weights.pt")
     message = refused(tmp_path / "weights.pt", resume=True)
-    assert "no training state" in message and "optimizer" in message and "cannot be resumed" in message
+    assert (
+        "no training state" in message and "optimizer" in message and "cannot be resumed" in message
+    )
     assert "start a new run without --resume" in message, message  # the advice whole, not cut off
 
 
-# ----------------------------------------------------------------------------- hostile sizes, and the memory they take
+# ----------------------------------------------------------------------------- hostile sizes, and
+# the memory they take
 
 
 class Storage(int):
-    """Storage "0" of this many floats, pickled by reference as torch pickles a storage (see Pickler)."""
+    """Storage "0" of this many floats, pickled by reference as torch pickles a storage (see
+    Pickler)."""
 
 
 class Pickler(pickle.Pickler):
     def persistent_id(self, obj):
-        return ("storage", torch.FloatStorage, "0", "cpu", int(obj)) if isinstance(obj, Storage) else None
+        return (
+            ("storage", torch.FloatStorage, "0", "cpu", int(obj))
+            if isinstance(obj, Storage)
+            else None
+        )
 
 
 def view(numel: int, size: int, stride: int):
-    """What unpickles as torch rebuilds a tensor: a view (size, stride) of storage "0" of numel floats."""
+    """What unpickles as torch rebuilds a tensor: a view (size, stride) of storage "0" of numel
+    floats."""
     args = (Storage(numel), 0, (size,), (stride,), False, collections.OrderedDict())
     return type("View", (), {"__reduce__": lambda self: (torch._utils._rebuild_tensor_v2, args)})()
 
 
-def write_archive(path: Path, model: dict | None, data: bytes = b"", deflated: int = 0, pickled: bytes = b"") -> None:
-    """A zip as torch.save lays one out, written by hand: a checkpoint-shaped pickle whose "model" holds `model`
-    (or `pickled` as it is), and storage "0" holding `data`, or, DEFLATE-compressed, `deflated` zero bytes."""
+def write_archive(
+    path: Path, model: dict | None, data: bytes = b"", deflated: int = 0, pickled: bytes = b""
+) -> None:
+    """A zip as torch.save lays one out, written by hand: a checkpoint-shaped pickle whose "model"
+    holds `model` (or `pickled` as it is), and storage "0" holding `data`, or, DEFLATE-compressed,
+    `deflated` zero bytes."""
     if model is not None:
         buffer = io.BytesIO()
         config = checkpoint.config_dict(TrainConfig(), tiny_model().config)
-        Pickler(buffer, protocol=2).dump(dict(format=checkpoint.FORMAT, checksum="0" * 64, config=config, model=model))
+        Pickler(buffer, protocol=2).dump(
+            dict(format=checkpoint.FORMAT, checksum="0" * 64, config=config, model=model)
+        )
         pickled = buffer.getvalue()
-    small = {"data.pkl": pickled, "byteorder": b"little", "version": b"3\n"} | ({"data/0": data} if data else {})
+    small = {"data.pkl": pickled, "byteorder": b"little", "version": b"3\n"} | (
+        {"data/0": data} if data else {}
+    )
     records = [(name, blob, zlib.crc32(blob), len(blob), 0) for name, blob in small.items()]
-    if deflated:  # 16 MB of zeros compressed once; full flushes make the copies independent, so they concatenate
+    # 16 MB of zeros compressed once; full flushes make the copies independent, so they concatenate
+    if deflated:
         chunk, crc = bytes(16 << 20), 0
         compress = zlib.compressobj(9, zlib.DEFLATED, -15)
         piece = compress.compress(chunk) + compress.flush(zlib.Z_FULL_FLUSH)
@@ -228,28 +300,37 @@ def write_archive(path: Path, model: dict | None, data: bytes = b"", deflated: i
     for name, payload, crc, size, method in records:
         name = f"archive/{name}".encode()
         fields = (20, 0, method, 0, 0, crc, len(payload), size, len(name))
-        central += struct.pack("<IH5HIIIH4HII", 0x02014B50, 20, *fields, 0, 0, 0, 0, 0, len(out)) + name
+        central += (
+            struct.pack("<IH5HIIIH4HII", 0x02014B50, 20, *fields, 0, 0, 0, 0, 0, len(out)) + name
+        )
         out += struct.pack("<I5HIIIHH", 0x04034B50, *fields, 0) + name + payload
-    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(records), len(records), len(central), len(out), 0)
+    end = struct.pack(
+        "<IHHHHIIH", 0x06054B50, 0, 0, len(records), len(records), len(central), len(out), 0
+    )
     path.write_bytes(bytes(out + central + end))
 
 
 def hostile(kind: str, path: Path) -> Path:
-    """Each would take gigabytes if read naively (made contiguous for the checksum, inflated, unpickled)."""
+    """Each would take gigabytes if read naively (made contiguous for the checksum, inflated,
+    unpickled)."""
     if kind == "expanded view":  # about 1 kB: one float, viewed as 750 M of them (3 GB)
         write_archive(path, {"w": view(1, 750_000_000, 0)}, data=bytes(4))
     elif kind == "many views":  # 1 MB stored, 4,000 views of all of it (4 GB)
-        write_archive(path, {f"w{i}": view(250_000, 250_000, 1) for i in range(4000)}, data=bytes(1_000_000))
-    elif kind == "deflated":  # 650 kB inflating to 640 MB, under MAX_BYTES: only the compression tells
+        write_archive(
+            path, {f"w{i}": view(250_000, 250_000, 1) for i in range(4000)}, data=bytes(1_000_000)
+        )
+    # 650 kB inflating to 640 MB, under MAX_BYTES: only the compression tells
+    elif kind == "deflated":
         write_archive(path, {"w": view(160 << 20, 160 << 20, 1)}, deflated=640 << 20)
     else:  # a 30 MB pickle of 30 M empty lists: about 2 GB of Python objects
         write_archive(path, None, pickled=b"\x80\x02](" + b"]" * 30_000_000 + b"e.")
     return path
 
 
-# The cases run in one fresh process, one after another, through main.main as main.py runs it; it reports each one's
-# exit status and stderr, and its peak resident memory so far. A small parent starts it (started from pytest, it would
-# inherit pytest's own high-water mark); it is killed after the timeout.
+# The cases run in one fresh process, one after another, through main.main as main.py runs it; it
+# reports each one's exit status and stderr, and its peak resident memory so far. A small parent
+# starts it (started from pytest, it would inherit pytest's own high-water mark); it is killed after
+# the timeout.
 PARENT = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[2:], timeout=float(sys.argv[1])).returncode)"
 CHILD = """import contextlib, io, json, resource, sys
 sys.path.insert(0, sys.argv[1])
@@ -258,11 +339,13 @@ for argv in json.loads(sys.argv[2]):
     with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
         code = main.main(argv)
     print(json.dumps([code, err.getvalue(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))"""
-HOSTILE = {  # each file in two of the commands, each command with two of the files; what the refusal must say
+# each file in two of the commands, each command with two of the files; what the refusal must say
+HOSTILE = {
     "expanded view": (["evaluate", "--resume"], "its tensors claim 3,000,000,000 bytes"),
     "many views": (["sample", "demo"], "its tensors claim 4,000,000,000 bytes"),
     "deflated": (["demo", "evaluate"], "compressed records"),
-    "huge pickle": (["--resume", "sample"], "pickle"),  # the pickled structure is too large (30 MB of data is not)
+    # the pickled structure is too large (30 MB of data is not)
+    "huge pickle": (["--resume", "sample"], "pickle"),
 }
 
 
@@ -270,15 +353,31 @@ def test_a_hostile_size_is_refused_in_one_line_with_little_memory(tmp_path, caps
     files = {kind: hostile(kind, tmp_path / f"{kind}.pt") for kind in HOSTILE}
     cases = [(kind, command, files[kind]) for kind in HOSTILE for command in HOSTILE[kind][0]]
     common = ["--data-dir", tmp_path / "data", "--image-dir", tmp_path / "img"]
-    flags = {"--resume": ["--resume"], "demo": ["demo", "--port", "0", "--checkpoint"]}  # demo reads no data
-    argvs = [[*flags.get(c, [c, "--checkpoint"]), p, *(common if c != "demo" else [])] for _, c, p in cases]
-    child = [sys.executable, "-c", CHILD, str(ROOT), json.dumps([[str(a) for a in argv] for argv in argvs])]
-    proc = subprocess.run([sys.executable, "-c", PARENT, "120", *child], cwd=tmp_path, capture_output=True, text=True)
+    # demo reads no data
+    flags = {"--resume": ["--resume"], "demo": ["demo", "--port", "0", "--checkpoint"]}
+    argvs = [
+        [*flags.get(c, [c, "--checkpoint"]), p, *(common if c != "demo" else [])]
+        for _, c, p in cases
+    ]
+    child = [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(ROOT),
+        json.dumps([[str(a) for a in argv] for argv in argvs]),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", PARENT, "120", *child], cwd=tmp_path, capture_output=True, text=True
+    )
     results = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert proc.returncode == 0 and proc.stderr == "" and len(results) == len(cases), proc.stdout + proc.stderr
+    assert proc.returncode == 0 and proc.stderr == "" and len(results) == len(cases), (
+        proc.stdout + proc.stderr
+    )
     for (kind, command, path), (code, err, peak) in zip(cases, results):
         with capsys.disabled():
-            print(f"\n  {kind} ({path.stat().st_size:,} bytes) in {command}: peak {peak / 2**20:,.0f} MiB so far")
+            print(
+                f"\n  {kind} ({path.stat().st_size:,} bytes) in {command}: peak {peak / 2**20:,.0f} MiB so far"
+            )
         assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {path}: "), err
         assert HOSTILE[kind][1] in err and peak < 1.5 * 2**30, (err, peak)
     assert sorted(tmp_path.iterdir()) == sorted(files.values())  # nothing written

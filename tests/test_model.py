@@ -1,5 +1,6 @@
-"""The core with oracles: KL, BCE, reparameterization, the IWAE bound and the mean ELBO against hand-derived values and
-independent computations; the model's door; the settings' checks; the weight average with batch norm."""
+"""The core with oracles: KL, BCE, reparameterization, the IWAE bound and the mean ELBO against
+hand-derived values and independent computations; the model's door; the settings' checks; the weight
+average with batch norm."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from config import TrainConfig
 from model import VAE, VAEConfig
 
 
-def manual_bce(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # -sum(x log p + (1-x) log(1-p)) per image
+# -sum(x log p + (1-x) log(1-p)) per image
+def manual_bce(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     p, x = torch.sigmoid(logits.double()), x.double()
     return -(x * p.log() + (1 - x) * (1 - p).log()).flatten(1).sum(1)
 
@@ -35,25 +37,37 @@ def test_kl_per_dim_equals_hand_derived_values_and_neg_elbo_terms_the_bernoulli_
     # neg_elbo_terms: the manual Bernoulli NLL, and the KL summed over dimensions
     gen = torch.Generator().manual_seed(1)
     logits = 3 * torch.randn(4, 1, 28, 28, generator=gen, dtype=torch.float64)
-    x = (1.6 * torch.rand(4, 1, 28, 28, generator=gen, dtype=torch.float64) - 0.3).clamp(0, 1)  # 0, 1 and between
-    mu, logvar = torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    # 0, 1 and between
+    x = (1.6 * torch.rand(4, 1, 28, 28, generator=gen, dtype=torch.float64) - 0.3).clamp(0, 1)
+    mu, logvar = (
+        torch.randn(4, 3, generator=gen, dtype=torch.float64),
+        torch.randn(4, 3, dtype=torch.float64),
+    )
     bce, kl = model.neg_elbo_terms(logits, x, mu, logvar)
     torch.testing.assert_close(bce, manual_bce(logits, x), rtol=1e-10, atol=0)
-    torch.testing.assert_close(kl, (0.5 * (mu**2 + logvar.exp() - 1 - logvar)).sum(1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        kl, (0.5 * (mu**2 + logvar.exp() - 1 - logvar)).sum(1), rtol=1e-12, atol=0
+    )
 
 
 def test_reparameterize_is_mu_plus_sigma_eps_passes_gradients_and_forward_uses_it():
-    mu, logvar, eps = torch.randn(3, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mu, logvar, eps = torch.randn(
+        3, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     mu, logvar = mu.requires_grad_(), logvar.requires_grad_()
     z = model.reparameterize(mu, logvar, eps=eps)
     torch.testing.assert_close(z, mu + torch.exp(logvar / 2) * eps, rtol=0, atol=1e-12)
     z.sum().backward()
     assert torch.equal(mu.grad, torch.ones_like(mu))  # dz/dmu = 1
-    torch.testing.assert_close(logvar.grad, 0.5 * eps * torch.exp(logvar.detach() / 2))  # dz/dlogvar = eps sigma / 2
-    m, x, eps = tiny_model(), tiny_images(3), eps[:, :2].repeat(1, 4).float()  # forward decodes the noise it is given
+    # dz/dlogvar = eps sigma / 2
+    torch.testing.assert_close(logvar.grad, 0.5 * eps * torch.exp(logvar.detach() / 2))
+    # forward decodes the noise it is given
+    m, x, eps = tiny_model(), tiny_images(3), eps[:, :2].repeat(1, 4).float()
     with torch.no_grad():
         (mu, logvar), (logits, _, _) = m.encode(x), m(x, eps=eps)
-        torch.testing.assert_close(logits, m.decode(mu + eps * torch.exp(logvar / 2)), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            logits, m.decode(mu + eps * torch.exp(logvar / 2)), rtol=0, atol=1e-6
+        )
         assert not torch.allclose(logits, m(x, eps=-eps)[0])
 
 
@@ -66,8 +80,11 @@ def shifted_model(seed: int = 0) -> VAE:  # an untrained model whose posterior i
 
 def test_iwae_at_k1_equals_the_single_sample_neg_elbo_with_the_same_noise():
     m, x = shifted_model(), tiny_images(5, seed=3)
-    nll = model.iwae_nll(model.iwae_log_weights(m, x, 1, generator=torch.Generator().manual_seed(7)))
-    eps = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(7))[0]  # the draw the bound makes
+    nll = model.iwae_nll(
+        model.iwae_log_weights(m, x, 1, generator=torch.Generator().manual_seed(7))
+    )
+    # the draw the bound makes
+    eps = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(7))[0]
     with torch.no_grad():
         mu, logvar = m.encode(x)
         z = mu + eps * torch.exp(logvar / 2)
@@ -90,7 +107,9 @@ def test_iwae_bound_does_not_depend_on_chunk_and_tightens_with_k():
     assert not torch.allclose(bound(9, seed=12), reference)
     with torch.no_grad():  # the negative ELBO (exact KL), averaged over 20 draws
         draws = [m(x, generator=torch.Generator().manual_seed(s)) for s in range(20)]
-        neg_elbo = torch.stack([sum(model.neg_elbo_terms(lg, x, mu, lv)) for lg, mu, lv in draws]).mean()
+        neg_elbo = torch.stack(
+            [sum(model.neg_elbo_terms(lg, x, mu, lv)) for lg, mu, lv in draws]
+        ).mean()
     k1, k50 = bound(1, seed=1).mean(), bound(50, seed=2).mean()
     assert k50 < neg_elbo and k50 < k1, (float(k50), float(neg_elbo), float(k1))
 
@@ -100,19 +119,30 @@ def test_mean_neg_elbo_equals_the_per_batch_sum_by_hand_and_repeats_for_a_seed()
     got = model.mean_neg_elbo(m, x, seed=4, batch_size=3)
     gen, bce_sum, kl_sum = torch.Generator().manual_seed(4), 0.0, 0.0
     with torch.no_grad():
-        for xb in (x[0:3], x[3:6], x[6:7]):  # batches of 3, 3 and 1, each drawing its own noise in turn
+        # batches of 3, 3 and 1, each drawing its own noise in turn
+        for xb in (x[0:3], x[3:6], x[6:7]):
             mu, logvar = m.encode(xb)
             z = mu + torch.randn(len(xb), 8, generator=gen) * torch.exp(logvar / 2)
             bce_sum += manual_bce(m.decode(z), xb).sum().item()
             kl_sum += (0.5 * (mu**2 + logvar.exp() - 1 - logvar)).sum().item()
-    assert got["bce"] == pytest.approx(bce_sum / 7, rel=1e-5) and got["kl"] == pytest.approx(kl_sum / 7, rel=1e-5)
+    assert got["bce"] == pytest.approx(bce_sum / 7, rel=1e-5) and got["kl"] == pytest.approx(
+        kl_sum / 7, rel=1e-5
+    )
     assert got["loss"] == pytest.approx(got["bce"] + got["kl"], rel=1e-12)
-    assert model.mean_neg_elbo(m, x, 4, 3) == got and model.mean_neg_elbo(m, x, 5, 3)["bce"] != got["bce"]
+    assert (
+        model.mean_neg_elbo(m, x, 4, 3) == got
+        and model.mean_neg_elbo(m, x, 5, 3)["bce"] != got["bce"]
+    )
 
 
 @pytest.mark.parametrize(
     "x",
-    [torch.zeros(2, 28, 28), torch.zeros(2, 3, 28, 28), torch.zeros(2, 1, 32, 32), torch.zeros(1, 1, 28, 28).long()]
+    [
+        torch.zeros(2, 28, 28),
+        torch.zeros(2, 3, 28, 28),
+        torch.zeros(2, 1, 32, 32),
+        torch.zeros(1, 1, 28, 28).long(),
+    ]
     + [torch.zeros(2, 1, 28, 28, dtype=torch.uint8), [[0.0] * 28] * 28],
     ids=["no-channel", "rgb", "32x32", "int64", "uint8", "list"],
 )
@@ -123,11 +153,15 @@ def test_the_model_refuses_wrong_shapes_and_dtypes(x, method):
 
 
 def test_vae_config_round_trips_through_the_checkpoint_config():
-    original = VAEConfig(latent_dim=5, channels=(4, 12), hidden_dim=0, fc_layers=3, activation="gelu", norm="batch")
+    original = VAEConfig(
+        latent_dim=5, channels=(4, 12), hidden_dim=0, fc_layers=3, activation="gelu", norm="batch"
+    )
     stored = checkpoint.config_dict(TrainConfig(seed=9, subset=300), original)
     assert stored["channels"] == [4, 12] and stored["seed"] == 9 and stored["subset"] == 300
     assert VAEConfig(**{k: stored[k] for k in VAEConfig.__dataclass_fields__}) == original
-    assert TrainConfig(**{k: stored[k] for k in TrainConfig.__dataclass_fields__}) == TrainConfig(seed=9, subset=300)
+    assert TrainConfig(**{k: stored[k] for k in TrainConfig.__dataclass_fields__}) == TrainConfig(
+        seed=9, subset=300
+    )
 
 
 BAD_SETTINGS = {  # setting -> values its check must refuse
@@ -142,7 +176,9 @@ BAD_SETTINGS = {  # setting -> values its check must refuse
 }
 
 
-@pytest.mark.parametrize("name,value", [(name, v) for name, values in BAD_SETTINGS.items() for v in values])
+@pytest.mark.parametrize(
+    "name,value", [(name, v) for name, values in BAD_SETTINGS.items() for v in values]
+)
 def test_check_refuses_bad_settings_naming_them(name, value):
     kind = VAEConfig if name in VAEConfig.__dataclass_fields__ else TrainConfig
     with pytest.raises(ValueError) as err:
@@ -151,7 +187,8 @@ def test_check_refuses_bad_settings_naming_them(name, value):
 
 
 def test_check_accepts_the_defaults_and_refuses_an_architecture_over_the_limit(monkeypatch):
-    """(Billions of weights, counted without allocating them: the command line's check, tests/test_cli.py.)"""
+    """(Billions of weights, counted without allocating them: the command line's check,
+    tests/test_cli.py.)"""
     config.check(VAEConfig())
     config.check(TrainConfig())
     count = VAEConfig().parameter_count()
@@ -163,10 +200,20 @@ def test_check_accepts_the_defaults_and_refuses_an_architecture_over_the_limit(m
 
 
 def test_parameter_count_on_the_meta_device_equals_the_real_count():
-    # by hand: two 4x4 convs 1->1 (17 each), Linear(49, 4) (200), Linear(2, 49) (147), two 4x4 transposed convs (17)
-    assert VAEConfig(latent_dim=2, channels=(1, 1), hidden_dim=0, res_blocks=0, out_conv=0).parameter_count() == 415
+    # by hand: two 4x4 convs 1->1 (17 each), Linear(49, 4) (200), Linear(2, 49) (147), two 4x4
+    # transposed convs (17)
+    assert (
+        VAEConfig(
+            latent_dim=2, channels=(1, 1), hidden_dim=0, res_blocks=0, out_conv=0
+        ).parameter_count()
+        == 415
+    )
     base = dict(latent_dim=4, channels=(4, 8), hidden_dim=16, out_conv=4)
-    for settings in ({}, dict(fc_layers=2, res_blocks=2, norm="batch"), dict(hidden_dim=0, out_conv=0)):
+    for settings in (
+        {},
+        dict(fc_layers=2, res_blocks=2, norm="batch"),
+        dict(hidden_dim=0, out_conv=0),
+    ):
         c = VAEConfig(**base | settings)
         built = VAE(c)
         assert c.parameter_count() == sum(p.numel() for p in built.parameters())
@@ -175,8 +222,14 @@ def test_parameter_count_on_the_meta_device_equals_the_real_count():
 
 def test_weight_average_with_batch_norm_ramps_its_decay_and_copies_counters():
     torch.manual_seed(0)
-    m = VAE(VAEConfig(latent_dim=4, channels=(4, 8), hidden_dim=0, res_blocks=0, out_conv=0, norm="batch"))
-    average = AveragedModel(m, multi_avg_fn=functools.partial(train.ema_with_warmup, decay=0.9), use_buffers=True)
+    m = VAE(
+        VAEConfig(
+            latent_dim=4, channels=(4, 8), hidden_dim=0, res_blocks=0, out_conv=0, norm="batch"
+        )
+    )
+    average = AveragedModel(
+        m, multi_avg_fn=functools.partial(train.ema_with_warmup, decay=0.9), use_buffers=True
+    )
     norms = lambda net: [x for x in net.modules() if isinstance(x, torch.nn.BatchNorm2d)]  # noqa: E731
     floats = lambda net: [*net.parameters(), *(x.running_mean for x in norms(net))]  # noqa: E731
     expected = []
@@ -188,10 +241,12 @@ def test_weight_average_with_batch_norm_ramps_its_decay_and_copies_counters():
             x.num_batches_tracked += 1
         average.update_parameters(m)
         live = [t.detach().clone() for t in floats(m)]
-        decay = 0.0 if step == 0 else min(0.9, (1 + step) / (10 + step))  # copy, then 2/11, 3/12, ... up to 0.9
+        # copy, then 2/11, 3/12, ... up to 0.9
+        decay = 0.0 if step == 0 else min(0.9, (1 + step) / (10 + step))
         expected = [decay * e + (1 - decay) * t for e, t in zip(expected if step else live, live)]
     for e, a, t in zip(expected, floats(average.module), live):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-4)
         assert (t - a).min() > 1
     counters = [x.num_batches_tracked for x in norms(average.module)]
-    assert len(counters) == 3 and all(int(c) == 30 for c in counters)  # integers copied, not averaged
+    # integers copied, not averaged
+    assert len(counters) == 3 and all(int(c) == 30 for c in counters)

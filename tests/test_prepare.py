@@ -1,6 +1,6 @@
-"""prepare.py: photos of digits on paper under uneven light, clean drawings, and hostile pictures (huge, tiny,
-rotated by EXIF, damaged, odd formats). The photos are made here from a drawn digit: no MNIST files needed, except
-where marked."""
+"""prepare.py: photos of digits on paper under uneven light, clean drawings, and hostile pictures
+(huge, tiny, rotated by EXIF, damaged, odd formats). The photos are made here from a drawn digit: no
+MNIST files needed, except where marked."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def one_line_image_error(path, *words: str) -> str:
 
 
 def png_claiming_size(path, width: int, height: int) -> None:
-    """A small PNG whose header claims width x height pixels (its pixel data is that of a 16 x 16 picture)."""
+    """A small PNG whose header claims width x height pixels (its pixel data is that of a 16 x 16
+    picture)."""
     seven((16, 16)).save(path)
     raw = bytearray(path.read_bytes())
     raw[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")  # IHDR data starts at byte 16
@@ -49,8 +50,9 @@ def png_claiming_size(path, width: int, height: int) -> None:
 
 
 def test_a_huge_picture_is_refused_before_decoding_and_the_size_limits_are_inclusive(tmp_path):
-    """12000 x 12000 is under PIL's own bomb limit; decoding it would fail here only because the data is short, so
-    the size message proves the size was checked before the pixels were read. 400 million pixels: PIL refuses at open.
+    """12000 x 12000 is under PIL's own bomb limit; decoding it would fail here only because the
+    data is short, so the size message proves the size was checked before the pixels were read. 400
+    million pixels: PIL refuses at open.
     """
     for side, words in ((12000, "12000 x 12000 pixels is more than"), (20000, "scale it down")):
         png_claiming_size(tmp_path / "huge.png", side, side)
@@ -73,11 +75,15 @@ def test_degenerate_picture_is_one_line_error(tmp_path, size):
 
 @pytest.mark.parametrize("orientation", [6, 8])
 def test_exif_orientation_is_applied(tmp_path, orientation):
-    """A phone stores the picture sideways with a tag saying how to turn it; the digit must be read upright."""
+    """A phone stores the picture sideways with a tag saying how to turn it; the digit must be read
+    upright."""
     upright = seven()
     upright.save(tmp_path / "upright.jpg", quality=95)
-    # tag 6: turn 90 degrees clockwise to view, so the stored pixels are the upright picture turned anticlockwise
-    stored = upright.transpose(Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.ROTATE_270)
+    # tag 6: turn 90 degrees clockwise to view, so the stored pixels are the upright picture turned
+    # anticlockwise
+    stored = upright.transpose(
+        Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.ROTATE_270
+    )
     exif = Image.Exif()
     exif[0x0112] = orientation
     stored.save(tmp_path / "tagged.jpg", quality=95, exif=exif)
@@ -96,7 +102,9 @@ def save_as(img: Image.Image, path, kind: str) -> None:
     elif kind == "cmyk_jpeg":
         img.convert("CMYK").save(path, quality=95)
     elif kind == "animated_gif":
-        img.convert("P").save(path, save_all=True, append_images=[Image.new("P", img.size, 0)], duration=100, loop=0)
+        img.convert("P").save(
+            path, save_all=True, append_images=[Image.new("P", img.size, 0)], duration=100, loop=0
+        )
     elif kind == "palette_transparent_png":
         p = img.convert("P")
         p.save(path, transparency=p.getpixel((0, 0)))  # the white background see-through
@@ -117,14 +125,16 @@ def test_unusual_formats_give_the_same_digit(tmp_path, kind, suffix):
 
 
 def test_files_that_are_not_pictures_are_one_line_each(tmp_path, monkeypatch):
-    """A float TIFF holding NaN or infinity; a PNG whose header is whole (open succeeds) but whose pixel data is cut;
-    an empty file, a folder, and a file that cannot be read."""
+    """A float TIFF holding NaN or infinity; a PNG whose header is whole (open succeeds) but whose
+    pixel data is cut; an empty file, a folder, and a file that cannot be read."""
     for bad in ("nan", "inf"):
         a = np.asarray(seven(), dtype=np.float32) / 255
         a[3, 3] = float(bad)
         Image.fromarray(a, "F").save(tmp_path / f"{bad}.tiff")
         one_line_image_error(tmp_path / f"{bad}.tiff", "NaN or infinite")
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(tmp_path / "cut.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(
+        tmp_path / "cut.png"
+    )
     (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:-200])
     one_line_image_error(tmp_path / "cut.png", "unreadable image")
     (tmp_path / "empty.png").write_bytes(b"")
@@ -146,44 +156,59 @@ def clean_seven() -> torch.Tensor:
 
 
 def photo(digit: torch.Tensor, light_ink: bool = False, speck: bool = False) -> torch.Tensor:
-    """The digit written in dark ink, 6x larger, on the right of a 320 x 240 sheet lit by a lamp on the left (the
-    light falls by 60% across it), blurred, noisy, read back from a JPEG; light_ink: the negative of that."""
+    """The digit written in dark ink, 6x larger, on the right of a 320 x 240 sheet lit by a lamp on
+    the left (the light falls by 60% across it), blurred, noisy, read back from a JPEG; light_ink:
+    the negative of that."""
     ink = np.zeros((240, 320), np.float32)
-    ink[30:198, 140:308] = np.asarray(Image.fromarray(np.uint8(digit.numpy() * 255)).resize((168, 168))) / 255
+    ink[30:198, 140:308] = (
+        np.asarray(Image.fromarray(np.uint8(digit.numpy() * 255)).resize((168, 168))) / 255
+    )
     if speck:
         ink[200:206, 10:16] = 1  # a fleck of dirt in the far corner
     scene = (0.9 - 0.75 * ink) * (1 - 0.6 * np.linspace(0, 1, 320, dtype=np.float32))
     scene = 1 - scene if light_ink else scene
     noisy = np.clip(scene * 255 + np.random.default_rng(0).normal(0, 4, scene.shape), 0, 255)
     buf = io.BytesIO()
-    Image.fromarray(np.uint8(noisy)).filter(ImageFilter.GaussianBlur(1.2)).save(buf, "JPEG", quality=75)
+    Image.fromarray(np.uint8(noisy)).filter(ImageFilter.GaussianBlur(1.2)).save(
+        buf, "JPEG", quality=75
+    )
     return prepare.read_picture(buf)
 
 
 def border_median_way(gray: torch.Tensor) -> torch.Tensor:
-    """A plain preparation to compare with: the border's median is the background, the rest is stretched."""
+    """A plain preparation to compare with: the border's median is the background, the rest is
+    stretched."""
     border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     gray, border = (1 - gray, 1 - border) if border.median() > 0.5 else (gray, border)
-    return prepare.mnist_like(((gray - border.median()) / (gray.max() - border.median())).clamp(0, 1))
+    return prepare.mnist_like(
+        ((gray - border.median()) / (gray.max() - border.median())).clamp(0, 1)
+    )
 
 
-@pytest.mark.parametrize("light_ink", [False, True], ids=["dark ink on light paper", "light ink on dark paper"])
+@pytest.mark.parametrize(
+    "light_ink", [False, True], ids=["dark ink on light paper", "light ink on dark paper"]
+)
 def test_a_photo_under_uneven_light_prepares_close_to_its_digit(light_ink):
     digit = clean_seven()
     gray = photo(digit, light_ink=light_ink)
-    assert (prepare.prepare_digit(gray)[0] - digit).abs().mean() < 0.06  # a 1-pixel shift costs about 0.04
-    assert (border_median_way(gray) - digit).abs().mean() > 0.1  # the dim side of the paper was taken for ink
+    # a 1-pixel shift costs about 0.04
+    assert (prepare.prepare_digit(gray)[0] - digit).abs().mean() < 0.06
+    # the dim side of the paper was taken for ink
+    assert (border_median_way(gray) - digit).abs().mean() > 0.1
 
 
 def test_a_speck_far_from_the_digit_does_not_shrink_it(monkeypatch):
     digit = clean_seven()
     assert (prepare.prepare_digit(photo(digit, speck=True))[0] - digit).abs().mean() < 0.06
-    monkeypatch.setattr(prepare, "near_the_digit", lambda found: torch.ones_like(found))  # keep every piece
-    assert (prepare.prepare_digit(photo(digit, speck=True))[0] - digit).abs().mean() > 0.08  # the test can fail
+    # keep every piece
+    monkeypatch.setattr(prepare, "near_the_digit", lambda found: torch.ones_like(found))
+    # the test can fail
+    assert (prepare.prepare_digit(photo(digit, speck=True))[0] - digit).abs().mean() > 0.08
 
 
 def test_an_upsampled_digit_prepares_to_itself():
-    """A clean scan or the demo's canvas: the digit 10x larger, dark on white, gives back the same 28x28."""
+    """A clean scan or the demo's canvas: the digit 10x larger, dark on white, gives back the same
+    28x28."""
     digit = clean_seven()
     big = torch.nn.functional.interpolate(digit[None, None], size=(280, 280), mode="bilinear")[0, 0]
     assert (prepare.prepare_digit(1 - big)[0] - digit).abs().mean() < 0.02
@@ -208,7 +233,8 @@ def test_prepare_digit_is_what_load_digit_image_does(tmp_path):
     picture, x = prepare.load_digit_image(tmp_path / "canvas.png")
     assert torch.equal(picture, gray)
     assert torch.equal(prepare.prepare_digit(gray), x)
-    assert x.shape == (1, 28, 28) and x[0, :3].max() < 0.05 and x.max() > 0.9  # light ink on a dark background
+    # light ink on a dark background
+    assert x.shape == (1, 28, 28) and x[0, :3].max() < 0.05 and x.max() > 0.9
 
 
 def test_prepare_digit_one_pixel_stroke():
@@ -236,7 +262,19 @@ def test_prepare_digit_one_pixel_stroke():
         (canvas_with_seven().numpy(), "shape (H, W)"),
         (torch.ones(4, 280), "too small: 280 x 4 pixels"),
     ],
-    ids=["blank", "grey", "lit page", "nan", "inf", "0-255", "negative", "3-d", "1-d", "numpy", "thin"],
+    ids=[
+        "blank",
+        "grey",
+        "lit page",
+        "nan",
+        "inf",
+        "0-255",
+        "negative",
+        "3-d",
+        "1-d",
+        "numpy",
+        "thin",
+    ],
 )
 def test_prepare_digit_refuses_what_is_not_a_picture(gray, words):
     with pytest.raises(prepare.ImageError) as excinfo:
