@@ -20,12 +20,13 @@ class DataError(UserError):
     """MNIST is missing, unreadable, or not the canonical data."""
 
 
+TEST_IMAGES = 10_000  # the size of MNIST's test set
 # name -> (IDX magic number, shape, md5 of the uncompressed content)
 MNIST_FILES = {
     "train-images-idx3-ubyte": (2051, (60000, 28, 28), "6bbc9ace898e44ae57da46a324031adb"),
     "train-labels-idx1-ubyte": (2049, (60000,), "a25bea736e30d166cdddb491f175f624"),
-    "t10k-images-idx3-ubyte": (2051, (10000, 28, 28), "2646ac647ad5339dbf082846283269ea"),
-    "t10k-labels-idx1-ubyte": (2049, (10000,), "27ae3e4e09519cfbb04c329615203637"),
+    "t10k-images-idx3-ubyte": (2051, (TEST_IMAGES, 28, 28), "2646ac647ad5339dbf082846283269ea"),
+    "t10k-labels-idx1-ubyte": (2049, (TEST_IMAGES,), "27ae3e4e09519cfbb04c329615203637"),
 }
 # --binarize: the one fixed draw of the evaluation images, the same for every --seed and device
 BINARIZE_SEED = 0
