@@ -483,7 +483,8 @@ def run_sample(args) -> int:
     _, model, _ = open_model(args, device)
     images = model.sample(args.n, torch.Generator(device=device).manual_seed(args.seed))
     title = f"Samples: {args.n} digits decoded from z ~ N(0, I) (seed {args.seed})"
-    print(f"wrote {utils.plot_grid(images, title, Path(args.image_dir) / 'samples.png')}")
+    picture = Path(args.image_dir) / "samples.png"
+    print(f"wrote {utils.save_figure(utils.plot_grid(images, title), picture)}")
     return 0
 
 
@@ -526,7 +527,8 @@ def run_score(args) -> int:
         captions = [f"{int(labels[i])}: {s[i]:.1f}" for i in idx]
         sections.append((title, xb.cpu(), model.reconstruct(xb).cpu(), captions))
     picture = Path(args.image_dir) / "anomalies.png"
-    written.append(utils.plot_anomalies(sections, picture, f"anomaly score: {args.method}"))
+    figure = utils.plot_anomalies(sections, title=f"anomaly score: {args.method}")
+    written.append(utils.save_figure(figure, picture))
     print("wrote " + " and ".join(map(str, written)))
     return 0
 
@@ -639,7 +641,8 @@ def reconstruct_one(
     # a name of any bytes, drawn as text
     name = os.fsencode(Path(file).name).decode(errors="replace")
     title = f"{name}: {args.method} score {value:.1f}, above {rank:.1f}% of test digits"
-    utils.plot_user_reconstruction(original, xb[0], model.reconstruct(xb)[0], title, out)
+    figure = utils.plot_user_reconstruction(original, xb[0], model.reconstruct(xb)[0], title)
+    utils.save_figure(figure, out)
     print(
         f"{file}: {args.method} score {value:.2f}, percentile {rank:.1f} among test digits; wrote {out}",
         flush=True,

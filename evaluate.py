@@ -203,34 +203,30 @@ def draw_pictures(
     seed: int,
 ) -> list[Path]:
     """Every picture `evaluate` promises, from the model and the test set (float images x, posterior
-    means mu), with the latent map `space` placing the test digits."""
-    image_dir = Path(image_dir)
+    means mu), with the latent map `space` placing the test digits; written into image_dir."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     samples = "Samples: 64 digits decoded from z ~ N(0, I)"
-    written = [
-        utils.plot_reconstructions(
-            x[:12], model.reconstruct(x[:12]), image_dir / "reconstructed_image.png"
-        ),
-        utils.plot_grid(model.sample(64, gen), samples, image_dir / "samples.png"),
-    ]
+    figures = {
+        "reconstructed_image.png": utils.plot_reconstructions(x[:12], model.reconstruct(x[:12])),
+        "samples.png": utils.plot_grid(model.sample(64, gen), samples),
+    }
     if history:
-        written.append(utils.plot_loss_curves(history, image_dir / "loss_curves.png"))
+        figures["loss_curves.png"] = utils.plot_loss_curves(history)
     rows, names = interpolation_rows(model, mu, labels.to(mu.device))
     title = "Latent interpolation between test digits (decoded linear path between posterior means)"
     steps = [f"{v:.2f}" for v in torch.linspace(0, 1, 10).tolist()]
-    written.append(
-        utils.plot_rows(rows, names, title, image_dir / "interpolation.png", column_labels=steps)
-    )
+    figures["interpolation.png"] = utils.plot_rows(rows, names, title, column_labels=steps)
     points = (mu.cpu() - space["mean"]) @ space["axes"]
-    written.append(utils.plot_latent_space(points, labels, image_dir / "latent_space.png"))
+    figures["latent_space.png"] = utils.plot_latent_space(points, labels)
     values = torch.linspace(-3, 3, 11, device=mu.device)
     rows, names = traversal_rows(model, mu, kl_means=metrics["kl_per_dim"], values=values)
-    title = f"Latent traversal: the {len(rows)} dimensions with most KL, swept from -3 to 3 (others at a test digit's mean)"
-    sweep = [f"{v:+.1f}" for v in values.tolist()]
-    written.append(
-        utils.plot_rows(rows, names, title, image_dir / "latent_traversal.png", column_labels=sweep)
+    title = (
+        f"Latent traversal: the {len(rows)} dimensions with most KL, swept from -3 to 3"
+        " (others at a test digit's mean)"
     )
-    return written
+    sweep = [f"{v:+.1f}" for v in values.tolist()]
+    figures["latent_traversal.png"] = utils.plot_rows(rows, names, title, column_labels=sweep)
+    return [utils.save_figure(fig, Path(image_dir) / name) for name, fig in figures.items()]
 
 
 # ----------------------------------------------------------------------------- the whole evaluation

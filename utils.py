@@ -1,37 +1,57 @@
 """The pictures: image grids, reconstructions, loss curves, the latent space, anomalies, a user's
 own digit.
 
-Every picture is drawn with matplotlib (titles, row labels, legends) around torchvision's make_grid,
-and written atomically, so an interrupted run never leaves a half-written PNG.
+Every plot function returns a matplotlib Figure built without pyplot: it leaves the backend and
+pyplot's figures alone, a notebook shows it inline (the last expression of a cell, or `display`),
+and `save_figure` writes it atomically, so an interrupted run never leaves a half-written PNG.
+matplotlib is imported on the first picture, not with this module.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from files import atomic_path
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+# how a picture is written, to a file or into a notebook: the whole drawing, on white
+PNG_OPTIONS = {"format": "png", "bbox_inches": "tight", "facecolor": "white"}
 
 
-def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Save a matplotlib figure as PNG through a temporary file and os.replace, then close it."""
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=fig.dpi, bbox_inches="tight", facecolor="white")
-    finally:
-        _plt().close(fig)
+@functools.cache
+def _picture_class() -> type:
+    from matplotlib.figure import Figure
+
+    class Picture(Figure):
+        """A Figure that IPython shows inline in any notebook. IPython displays a plain Figure as a
+        picture only once pyplot is imported there (importing it registers that display)."""
+
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, dpi=self.dpi, **PNG_OPTIONS)
+            return buffer.getvalue()
+
+    return Picture
+
+
+def new_figure(**kwargs) -> Figure:
+    """A matplotlib Figure that belongs to no pyplot state (garbage-collected like any object)."""
+    return _picture_class()(**kwargs)
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write a figure as PNG through a temporary file and os.replace."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=fig.dpi, **PNG_OPTIONS)
     return Path(path)
 
 
@@ -48,20 +68,13 @@ def plot_rows(
     rows: list[torch.Tensor],
     labels: list[str],
     title: str,
-    path: str | os.PathLike,
     column_labels: list[str] | None = None,
     scale: float = 0.75,
-) -> Path:
+) -> Figure:
     """Rows of digits, one labelled row each; all rows the same length."""
-    plt = _plt()
     n = rows[0].shape[0]
-    fig, axes = plt.subplots(
-        len(rows),
-        1,
-        figsize=(max(4.0, n * scale), len(rows) * scale * 1.05 + 0.6),
-        squeeze=False,
-        dpi=100,
-    )
+    fig = new_figure(figsize=(max(4.0, n * scale), len(rows) * scale * 1.05 + 0.6), dpi=100)
+    axes = fig.subplots(len(rows), 1, squeeze=False)
     for ax, row, label in zip(axes[:, 0], rows, labels):
         ax.imshow(grid_image(row, nrow=n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_xticks([])
@@ -72,39 +85,36 @@ def plot_rows(
         ax.set_xticks([2 + 30 * i + 14 for i in range(n)], column_labels, fontsize=8)
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
 def plot_reconstructions(
     originals: torch.Tensor,
     reconstructions: torch.Tensor,
-    path: str | os.PathLike,
     title: str = "Test digits and their VAE reconstructions",
-) -> Path:
-    return plot_rows(
-        [originals, reconstructions], ["test digit", "reconstruction"], title=title, path=path
-    )
+) -> Figure:
+    return plot_rows([originals, reconstructions], ["test digit", "reconstruction"], title=title)
 
 
-def plot_grid(images: torch.Tensor, title: str, path: str | os.PathLike, nrow: int = 8) -> Path:
-    plt = _plt()
+def plot_grid(images: torch.Tensor, title: str, nrow: int = 8) -> Figure:
     rows = math.ceil(images.shape[0] / nrow)
-    fig, ax = plt.subplots(figsize=(nrow * 0.6 + 0.4, rows * 0.6 + 0.8), dpi=100)
+    fig = new_figure(figsize=(nrow * 0.6 + 0.4, rows * 0.6 + 0.8), dpi=100)
+    ax = fig.subplots()
     ax.imshow(grid_image(images, nrow=nrow), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
     ax.set_title(title, fontsize=11)
-    return save_figure(fig, path)
+    return fig
 
 
-def plot_loss_curves(history: list[dict], path: str | os.PathLike) -> Path:
+def plot_loss_curves(history: list[dict]) -> Figure:
     """Train and validation loss, bce and kl per epoch, with the best epoch (lowest validation loss)
     marked."""
-    plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     best = min(history, key=lambda h: h["val_loss"])["epoch"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
+    fig = new_figure(figsize=(13, 3.8), dpi=100)
+    axes = fig.subplots(1, 3)
     for ax, key, name in zip(
         axes,
         ("loss", "bce", "kl"),
@@ -113,7 +123,8 @@ def plot_loss_curves(history: list[dict], path: str | os.PathLike) -> Path:
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train", markersize=3)
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "s-", label="validation", markersize=3)
         ax.axvline(best, color="gray", linestyle=":", linewidth=1, label=f"best (epoch {best})")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # whole epochs only, even when a one-epoch run's axis spans less than one epoch
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.set_ylabel("nats per image")
@@ -121,14 +132,16 @@ def plot_loss_curves(history: list[dict], path: str | os.PathLike) -> Path:
         ax.legend()
     fig.suptitle("Training curves", fontsize=12)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
-def plot_latent_space(points: torch.Tensor, labels: torch.Tensor, path: str | os.PathLike) -> Path:
+def plot_latent_space(points: torch.Tensor, labels: torch.Tensor) -> Figure:
     """Posterior means placed on the latent map (evaluate.latent_map), one colour per digit."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
-    cmap = plt.get_cmap("tab10")
+    from matplotlib import colormaps
+
+    fig = new_figure(figsize=(7, 6), dpi=100)
+    ax = fig.subplots()
+    cmap = colormaps["tab10"]
     points, labels = points.cpu().numpy(), labels.cpu().numpy()
     for d in range(10):
         sel = labels == d
@@ -150,19 +163,16 @@ def plot_latent_space(points: torch.Tensor, labels: torch.Tensor, path: str | os
     )
     ax.legend(title="digit", markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.grid(alpha=0.3)
-    return save_figure(fig, path)
+    return fig
 
 
 def plot_anomalies(
-    sections: list[tuple[str, torch.Tensor, torch.Tensor, list[str]]],
-    path: str | os.PathLike,
-    title: str = "",
-) -> Path:
+    sections: list[tuple[str, torch.Tensor, torch.Tensor, list[str]]], title: str = ""
+) -> Figure:
     """For each (title, digits, reconstructions, captions): a titled panel of digits above their
     reconstructions."""
-    plt = _plt()
     n = sections[0][1].shape[0]
-    fig = plt.figure(figsize=(n * 0.8, 2.3 * len(sections)), dpi=100, layout="constrained")
+    fig = new_figure(figsize=(n * 0.8, 2.3 * len(sections)), dpi=100, layout="constrained")
     for sub, (heading, digits, recons, captions) in zip(fig.subfigures(len(sections), 1), sections):
         axes = sub.subplots(2, n, squeeze=False)
         for i in range(n):
@@ -178,19 +188,15 @@ def plot_anomalies(
         sub.suptitle(heading, fontsize=11)
     if title:
         fig.suptitle(title, fontsize=12)
-    return save_figure(fig, path)
+    return fig
 
 
 def plot_user_reconstruction(
-    original: torch.Tensor,
-    model_input: torch.Tensor,
-    reconstruction: torch.Tensor,
-    title: str,
-    path: str | os.PathLike,
-) -> Path:
+    original: torch.Tensor, model_input: torch.Tensor, reconstruction: torch.Tensor, title: str
+) -> Figure:
     """The user's picture, the 28x28 input the model sees, and its reconstruction."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(7, 2.8), dpi=100)
+    fig = new_figure(figsize=(7, 2.8), dpi=100)
+    axes = fig.subplots(1, 3)
     panels = (
         (original, "your image"),
         (model_input, "as the model sees it"),
@@ -203,4 +209,4 @@ def plot_user_reconstruction(
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
