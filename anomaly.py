@@ -370,3 +370,28 @@ def is_mean_and_std(v) -> bool:
         and all(type(s) in (int, float) and math.isfinite(s) for s in v)
         and v[1] > 0
     )
+
+
+# ----------------------------------------------------------------------------- one wording of a score
+
+# from these percentiles of the test digits' scores on, a score is unusual and very unusual
+VERDICT_PERCENTILES = (90, 99)
+
+
+def verdict(percentile: float) -> str:
+    """typical, unusual or very unusual: where a score's percentile (anomaly.percentile) lies."""
+    reached = sum(percentile >= p for p in VERDICT_PERCENTILES)
+    return ("typical", "unusual", "very unusual")[reached]
+
+
+def describe(score: float, percentile: float | None) -> str:
+    """A score as every command and the demo word it: 'score 0.25, at least as high as 45.5% of test
+    digits: typical' (percentile None: 'score 0.25'). "At least as high as", since percentile counts
+    the test digits scoring at most the score; the percentile is cut, not rounded, to one decimal,
+    so that 89.96 reads 89.9 (still true, and never 90.0 beside "typical"); + 0.0 turns a -0.00
+    into 0.00."""
+    text = f"score {round(score, 2) + 0.0:.2f}"
+    if percentile is None:
+        return text
+    shown = math.floor(percentile * 10 + 1e-9) / 10  # 1e-9: 57.3 * 10 may be 572.999...
+    return f"{text}, at least as high as {shown:.1f}% of test digits: {verdict(percentile)}"
