@@ -27,14 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from data import TEST_IMAGES
 from files import write_text_atomic
-from model import VAE, neg_elbo_terms, reparameterize
+from model import VAE, check_images, kl_per_dim, neg_elbo_terms, reparameterize
 
 METHODS = ("combined", "complexity", "knn", "elbo")
 DEFAULT_METHOD = "combined"
 # a in complexity = elbo - a * local_nll, chosen on validation images (docs/anomaly.md)
 LOCAL_WEIGHT = 1.5
 KNN_K = 5  # neighbours averaged in the latent kNN distance
+SCORE_SAMPLES = 10  # z draws averaged per image
+SCORE_SEED = 0  # seed of those draws
+ENCODE_CHUNK = 1000  # images encoded at once where many are
 REFERENCE_IMAGES = 10_000  # training images whose codes the kNN distance compares against
 UNITS = {
     "combined": "standard deviations above the validation digits' mean",
@@ -49,20 +53,25 @@ CALIBRATION_IMAGES = 1_000
 # ----------------------------------------------------------------------------- the parts of a score
 
 
+def score_noise(samples: int, latent_dim: int, seed: int, device="cpu") -> torch.Tensor:
+    """The z noise every image is scored with: `samples` standard normal draws (samples, latent_dim),
+    the same for every image, so that a score is a function of the image alone, never of the other
+    images in its batch. Drawn on the CPU, so every device scores with the same draws."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, latent_dim, generator=gen).to(device)
+
+
 @torch.inference_mode()
-def neg_elbo_per_image(
-    model: VAE, x: torch.Tensor, samples: int, gen: torch.Generator
-) -> torch.Tensor:
-    """Each image's negative ELBO in nats, its reconstruction term averaged over `samples` z draws
-    (the KL is exact)."""
+def neg_elbo_per_image(model: VAE, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Each image's negative ELBO in nats, its reconstruction term averaged over the z draws
+    mu + sigma * noise[s] (the KL is exact)."""
     mu, logvar = model.encode(x)
     bce = torch.zeros(len(x), device=x.device)
-    for _ in range(samples):
-        sample_bce, kl = neg_elbo_terms(
-            model.decode(reparameterize(mu, logvar, generator=gen)), x=x, mu=mu, logvar=logvar
-        )
-        bce += sample_bce
-    return bce / samples + kl
+    for eps in noise:
+        z = reparameterize(mu, logvar, eps=eps.expand_as(mu))
+        bce += neg_elbo_terms(model.decode(z), x=x, mu=mu, logvar=logvar)[0]
+    kl = kl_per_dim(mu, logvar).sum(1)
+    return bce / len(noise) + kl
 
 
 class LocalPixelModel(nn.Module):
@@ -115,20 +124,29 @@ def fit_local_model(
 
 @torch.inference_mode()
 def score_parts(
-    model: VAE, x: torch.Tensor, reference: dict | None, samples: int, gen: torch.Generator
+    model: VAE, x: torch.Tensor, reference: dict | None, noise: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """The raw scores of a batch: elbo (nats), and with a reference, complexity (nats) and knn
-    (latent distance)."""
-    parts = {"elbo": neg_elbo_per_image(model, x, samples=samples, gen=gen)}
+    (latent distance). `noise` is score_noise's draws."""
+    parts = {"elbo": neg_elbo_per_image(model, x, noise)}
     if reference is not None:
         local = LocalPixelModel().to(x.device)
         local.load_state_dict(reference["local_model"])
         parts["complexity"] = parts["elbo"] - reference["local_weight"] * local.nll(x)
         mu, _ = model.encode(x)
         codes = reference["codes"].to(x.device)
-        nearest = torch.cdist(mu, codes).topk(min(KNN_K, len(codes)), dim=1, largest=False).values
-        parts["knn"] = nearest.mean(1)
+        nearest = torch.cdist(mu, codes).topk(min(KNN_K, len(codes)), dim=1, largest=False)
+        parts["knn"] = nearest.values.mean(1)
     return parts
+
+
+def z_sum(parts: dict[str, torch.Tensor], calibration: dict[str, list[float]]) -> torch.Tensor:
+    """z(complexity) + z(knn), each standardised by the validation images' mean and std."""
+    total = 0
+    for name in ("complexity", "knn"):
+        mean, std = calibration[name]
+        total = total + (parts[name] - mean) / std
+    return total
 
 
 def combine(parts: dict[str, torch.Tensor], calibration: dict[str, list[float]]) -> torch.Tensor:
@@ -136,13 +154,16 @@ def combine(parts: dict[str, torch.Tensor], calibration: dict[str, list[float]])
     mean and std. The sum flags an unseen digit by either sign; the max with z(elbo) keeps far-off
     images (noise, say), whose ELBO is enormous, from being excused by an equally unlikely local
     texture."""
-    z = {
-        name: (parts[name] - mean) / std
-        for name, (mean, std) in calibration.items()
-        if name in parts
-    }
-    mean, std = calibration["sum"]
-    return torch.maximum((z["complexity"] + z["knn"] - mean) / std, z["elbo"])
+    sum_mean, sum_std = calibration["sum"]
+    elbo_mean, elbo_std = calibration["elbo"]
+    local_and_knn = (z_sum(parts, calibration) - sum_mean) / sum_std
+    return torch.maximum(local_and_knn, (parts["elbo"] - elbo_mean) / elbo_std)
+
+
+@torch.inference_mode()
+def posterior_means(model: VAE, x: torch.Tensor, chunk: int = ENCODE_CHUNK) -> torch.Tensor:
+    """The posterior means of many images, encoded `chunk` at a time to bound the memory."""
+    return torch.cat([model.encode(x[i : i + chunk])[0] for i in range(0, len(x), chunk)])
 
 
 # ----------------------------------------------------------------------------- the reference a
@@ -153,8 +174,8 @@ def fit_reference(
     model: VAE,
     train_x: torch.Tensor,
     val_x: torch.Tensor,
-    samples: int = 10,
-    seed: int = 0,
+    samples: int = SCORE_SAMPLES,
+    seed: int = SCORE_SEED,
     local_steps: int | None = None,
     progress: bool = False,
 ) -> dict:
@@ -166,10 +187,7 @@ def fit_reference(
         :REFERENCE_IMAGES
     ]
     reference_x = train_x[pick.to(train_x.device)]
-    with torch.inference_mode():
-        codes = torch.cat(
-            [model.encode(reference_x[i : i + 1000])[0] for i in range(0, len(reference_x), 1000)]
-        )
+    codes = posterior_means(model, reference_x)
     # about four passes over the reference images at batch 64, at most 600 steps (the count for a
     # full-size run)
     local_steps = local_steps or min(600, math.ceil(4 * len(reference_x) / 64))
@@ -179,16 +197,12 @@ def fit_reference(
         "codes": codes.cpu(),
         "local_model": {k: v.cpu() for k, v in local.state_dict().items()},
     }
-    parts = score_parts(
-        model,
-        val_x[:CALIBRATION_IMAGES],
-        reference,
-        samples=samples,
-        gen=torch.Generator(device=val_x.device).manual_seed(seed),
-    )
+    noise = score_noise(samples, codes.shape[1], seed, device=val_x.device)
+    parts = score_parts(model, val_x[:CALIBRATION_IMAGES], reference, noise)
     calibration = {name: [v.mean().item(), v.std().item()] for name, v in parts.items()}
-    z_sum = sum((parts[n] - calibration[n][0]) / calibration[n][1] for n in ("complexity", "knn"))
-    reference["calibration"] = calibration | {"sum": [z_sum.mean().item(), z_sum.std().item()]}
+    local_and_knn = z_sum(parts, calibration)
+    calibration["sum"] = [local_and_knn.mean().item(), local_and_knn.std().item()]
+    reference["calibration"] = calibration
     return reference
 
 
@@ -196,35 +210,37 @@ def score(
     model: VAE,
     images: torch.Tensor,
     method: str | None = None,
-    samples: int = 10,
-    seed: int = 0,
+    samples: int = SCORE_SAMPLES,
+    seed: int = SCORE_SEED,
     batch_size: int = 100,
     reference: dict | None = None,
     progress: str = "",
 ) -> torch.Tensor:
     """Anomaly scores (B,) of float images (B, 1, 28, 28) in [0, 1] by `method` (the module's
-    docstring), higher = more anomalous, on the images' device. `progress`, when given, describes a
-    progress bar over the batches."""
+    docstring), higher = more anomalous, on the images' device. Every image is scored with the same
+    `samples` z draws from `seed`, so its score does not depend on the other images given with it.
+    `progress`, when given, describes a progress bar over the batches."""
     method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise ValueError(f"unknown anomaly method {method!r}; choose one of {', '.join(METHODS)}")
-    VAE.check_input(images)
+    if type(samples) is not int or samples < 1:
+        raise ValueError(f"samples must be a whole number of at least 1, got {samples!r}")
     if method != "elbo" and reference is None:
         raise ValueError(
-            f"method {method!r} needs the model's anomaly reference, which its checkpoint does not hold: "
-            "pass reference=anomaly.fit_reference(model, training_images, validation_images), or "
-            "method='elbo'"
+            f"method {method!r} needs the model's anomaly reference, which its checkpoint does not "
+            "hold: pass reference=anomaly.fit_reference(model, training_images, "
+            "validation_images), or method='elbo'"
         )
-    gen = torch.Generator(device=images.device).manual_seed(seed)
+    check_images(images)
+    noise = score_noise(samples, model.latent_dim, seed, device=images.device)
     used = reference if method != "elbo" else None
-    out = []
-    for i in tqdm(range(0, len(images), batch_size), progress, disable=not progress):
-        parts = score_parts(
-            model, images[i : i + batch_size], reference=used, samples=samples, gen=gen
-        )
-        out.append(
-            combine(parts, reference["calibration"]) if method == "combined" else parts[method]
-        )
+    out = [torch.empty(0, device=images.device)]
+    for i in tqdm(range(0, len(images), batch_size), desc=progress, disable=not progress):
+        parts = score_parts(model, images[i : i + batch_size], reference=used, noise=noise)
+        if method == "combined":
+            out.append(combine(parts, reference["calibration"]))
+        else:
+            out.append(parts[method])
     return torch.cat(out)
 
 
@@ -249,6 +265,8 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
 def percentile(test_scores: torch.Tensor, value: float) -> float:
     """The percentage of test digits that score at most `value` (test_scores: the test digits'
     scores, any order)."""
+    if not math.isfinite(value):
+        raise ValueError(f"a score must be a finite number, got {value!r}")
     return 100.0 * (test_scores <= value).double().mean().item()
 
 
@@ -284,14 +302,14 @@ def write_csv(
     write_text_atomic(out.getvalue(), path)
 
 
-def read_csv_scores(path: Path, source: dict[str, str], n: int) -> torch.Tensor | None:
-    """The scores in `path` if all n rows came from exactly this checkpoint, method, samples and
-    seed, else None."""
+def read_csv_scores(path: Path, source: dict[str, str]) -> torch.Tensor | None:
+    """The scores in `path` if a row for each test digit is there and all came from exactly this
+    checkpoint, method, samples and seed, else None."""
     if not path.is_file():
         return None
     try:
         rows = list(csv.DictReader(io.StringIO(path.read_text())))
-        if len(rows) != n or any({k: row.get(k) for k in source} != source for row in rows):
+        if len(rows) != TEST_IMAGES or any({k: row.get(k) for k in source} != source for row in rows):
             return None
         return torch.tensor([float(row["score"]) for row in rows])
     except (
@@ -321,6 +339,32 @@ def reference_for_run(
         score(model, test_x, reference=reference, progress=bar).sort().values.cpu()
     )
     return reference
+
+
+def test_scores(
+    path: str | Path,
+    model: VAE,
+    reference: dict | None,
+    test_images,
+    method: str | None = None,
+    samples: int = SCORE_SAMPLES,
+    seed: int = SCORE_SEED,
+    progress: str = "",
+) -> torch.Tensor:
+    """The test digits' scores that rank an image's score, for the checkpoint at `path`: those
+    training stored in it (default method, samples and seed), else anomaly_scores.csv beside it when
+    `python main.py score` wrote it with exactly these settings, else scored now. `test_images` is a
+    function returning the float test images, called only in that last case."""
+    method = method or DEFAULT_METHOD
+    stored = (reference or {}).get("test_scores")
+    if (method, samples, seed) == (DEFAULT_METHOD, SCORE_SAMPLES, SCORE_SEED) and stored is not None:
+        return stored
+    source = provenance(path, method=method, samples=samples, seed=seed)
+    cached = read_csv_scores(Path(path).parent / "anomaly_scores.csv", source)
+    if cached is not None:
+        return cached
+    x = test_images()
+    return score(model, x, method, samples, seed, reference=reference, progress=progress).cpu()
 
 
 def reference_of(ckpt: dict) -> dict | None:

@@ -178,18 +178,11 @@ def run_history(path: Path, ckpt: dict) -> list[dict]:
     return other["history"] if same_run else mine
 
 
-def fallback_reference(
-    ckpt: dict, model, mnist: dict | None, data_dir: str, device: torch.device
-) -> dict:
+def fallback_reference(ckpt: dict, model, mnist: dict | None, data_dir: str, device) -> dict:
     """For a checkpoint whose training stopped before storing its anomaly reference: one fitted now
-    from its own training and validation images (the split its config describes)."""
-    print(
-        "note: this checkpoint holds no anomaly reference (its training did not finish); fitting one now"
-    )
-    c = checkpoint.train_config(ckpt)
-    mnist = mnist or load_data(data_dir)
-    split = data.run_split(mnist["train_labels"], c.val_size, c.seed, c.exclude_digit, c.subset)
-    train_x, val_x = (data.eval_images(mnist["train_images"][i], c.binarize, device) for i in split)
+    from its own training and validation images."""
+    print("note: this checkpoint holds no anomaly reference (its training did not finish); fitting one now")
+    train_x, val_x, _ = evaluate.run_images(ckpt, mnist or load_data(data_dir), device)
     return anomaly.fit_reference(model, train_x, val_x)
 
 
@@ -229,7 +222,7 @@ def run_train(args) -> int:
             # also when the signal came as the last epoch was saved: no evaluation then
             if stop.requested():
                 return stopped(args, run, stop.signum, folder, resumed_from)
-        return final_evaluation(args, folder, resumed_from, mnist, split, device, run.history)
+        return final_evaluation(args, folder, resumed_from, mnist, device, run.history)
 
 
 def run_files(args) -> tuple[Path, Path | None]:
@@ -406,47 +399,29 @@ def best_checkpoint(folder: Path, resumed_from: Path | None) -> Path:
 
 
 def final_evaluation(
-    args, folder: Path, resumed_from: Path | None, mnist: dict, split, device, history
+    args, folder: Path, resumed_from: Path | None, mnist: dict, device, history
 ) -> int:
     """Evaluate the run's best checkpoint; first store in it what anomaly scores compare against and
     the latent map, if this run wrote it. metrics.json goes into the run's folder, even when best.pt
     is the one resumed from."""
     best = best_checkpoint(folder, resumed_from)
+    if "anomaly_reference" not in checkpoint.load(best) and best.parent == folder:
+        print("fitting the anomaly reference (local pixel model, training codes, validation statistics)")
+        evaluate.finish_run(best, mnist, device, progress=args.progress)
     model, ckpt = checkpoint.load_model(best, device)
-    if "anomaly_reference" not in ckpt and best.parent == folder:
-        ckpt = store_reference(best, ckpt, model, mnist, split, args.progress)
-    print(f"training done; evaluating {best} on the 10,000 test images", flush=True)
+    print(f"training done; evaluating {best} on the {data.TEST_IMAGES:,} test images", flush=True)
     evaluate.evaluate(
-        best,
         model,
         ckpt,
         mnist,
-        Path(args.image_dir),
-        args.iwae_k,
-        None,
-        folder / "metrics.json",
-        history,
+        iwae_k=args.iwae_k,
+        image_dir=args.image_dir,
+        metrics_path=folder / "metrics.json",
+        history=history,
+        path=best,
         progress=args.progress,
     )
     return 0
-
-
-def store_reference(best: Path, ckpt: dict, model, mnist: dict, split, progress: bool) -> dict:
-    """What anomaly scores compare an image against (from this run's own training and validation
-    images), the test digits' scores, and the latent map, saved into best.pt so that using the model
-    needs no data set."""
-    print(
-        "fitting the anomaly reference (the local pixel model, training codes and validation statistics)",
-        flush=True,
-    )
-    device, binarized = next(model.parameters()).device, ckpt["config"]["binarize"]
-    train_x, val_x = (data.eval_images(mnist["train_images"][i], binarized, device) for i in split)
-    test_x = evaluate.test_images(mnist, binarized, device)
-    reference = anomaly.reference_for_run(model, train_x, val_x, test_x, progress)
-    space = evaluate.latent_map(model, val_x, mnist["train_labels"][split[1]])
-    ckpt = checkpoint.with_keys(ckpt, anomaly_reference=reference, latent_map=space)
-    checkpoint.save(ckpt, best)
-    return ckpt
 
 
 # ----------------------------------------------------------------------------- evaluate and sample
@@ -462,15 +437,15 @@ def run_evaluate(args) -> int:
     latent_map = checked(path, evaluate.latent_map_of, ckpt)
     mnist = load_data(args.data_dir)
     evaluate.evaluate(
-        path,
         model,
         ckpt | {"latent_map": latent_map},
         mnist,
-        Path(args.image_dir),
-        args.iwae_k,
-        args.seed,
-        metrics_path,
-        run_history(path, ckpt),
+        iwae_k=args.iwae_k,
+        seed=args.seed,
+        image_dir=args.image_dir,
+        metrics_path=metrics_path,
+        history=run_history(path, ckpt),
+        path=path,
         progress=args.progress,
     )
     return 0
@@ -576,29 +551,20 @@ def run_reconstruct(args) -> int:
 
 
 def test_set_scores(args, path: Path, model, ckpt: dict, reference: dict | None) -> torch.Tensor:
-    """The test digits' scores under this checkpoint, method, samples and seed: those training
-    stored (default method and settings), else from anomaly_scores.csv when `score` wrote it with
-    exactly these, else computed now."""
-    if (args.method, args.samples, args.seed) == (
-        anomaly.DEFAULT_METHOD,
-        10,
-        0,
-    ) and "test_scores" in (reference or {}):
-        return reference["test_scores"]
-    source = anomaly.provenance(path, method=args.method, samples=args.samples, seed=args.seed)
-    stored = anomaly.read_csv_scores(path.parent / "anomaly_scores.csv", source, 10000)
-    if stored is not None:
-        return stored
-    print(
-        f"scoring the 10,000 test digits for comparison (`python main.py score --method {args.method}` keeps them "
-        "in anomaly_scores.csv)"
-    )
-    mnist = load_data(args.data_dir)
-    x = evaluate.test_images(mnist, ckpt["config"]["binarize"], next(model.parameters()).device)
+    """The test digits' scores that rank each picture's score (anomaly.test_scores)."""
+
+    def test_images() -> torch.Tensor:
+        print(
+            f"scoring the {data.TEST_IMAGES:,} test digits for comparison (`python main.py score "
+            f"--method {args.method}` keeps them in anomaly_scores.csv)"
+        )
+        device = next(model.parameters()).device
+        return evaluate.test_images(load_data(args.data_dir), ckpt["config"]["binarize"], device)
+
     bar = "scoring the test digits" if args.progress else ""
-    return anomaly.score(
-        model, x, args.method, args.samples, args.seed, reference=reference, progress=bar
-    ).cpu()
+    return anomaly.test_scores(
+        path, model, reference, test_images, args.method, args.samples, args.seed, progress=bar
+    )
 
 
 def output_names(names: list[str], image_dir: Path) -> list[Path]:

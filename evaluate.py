@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import anomaly
+import checkpoint
 import data
 import utils
 from files import write_text_atomic
@@ -22,6 +24,8 @@ from model import VAE, iwae_log_weights, iwae_nll, kl_per_dim, mean_neg_elbo
 INTERPOLATION_PAIRS = ((0, 6), (1, 7), (2, 5), (3, 8), (4, 9), (7, 2))
 MAP_POINTS = 2000  # codes of validation images kept with the latent map, for the demo's background
 IWAE_BATCH = 100  # test images per IWAE pass
+# a latent dimension is active when its posterior mean varies across images by more than this
+ACTIVE_VARIANCE = 0.01
 
 
 def test_images(
@@ -49,7 +53,7 @@ def test_metrics(
     elbo = mean_neg_elbo(model, x, seed)
     gen = torch.Generator(device=x.device).manual_seed(seed + 1)
     nll_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-    kl_dims = torch.zeros(model.config.latent_dim, dtype=torch.float64, device=x.device)
+    kl_dims = torch.zeros(model.latent_dim, dtype=torch.float64, device=x.device)
     means = []
     starts = tqdm(
         range(0, len(x), IWAE_BATCH),
@@ -68,8 +72,8 @@ def test_metrics(
     metrics |= {"test_iwae_nll": nll_sum.item() / len(x), "iwae_k": iwae_k}
     metrics |= {"bce_floor": floor, "bce_above_floor": elbo["bce"] - floor}
     metrics |= {
-        "active_units": int((mu.var(0) > 0.01).sum()),
-        "latent_dim": model.config.latent_dim,
+        "active_units": int((mu.var(0) > ACTIVE_VARIANCE).sum()),
+        "latent_dim": model.latent_dim,
     }
     metrics |= {"kl_per_dim": (kl_dims / len(x)).tolist(), "images": len(x), "seed": seed}
     return metrics, mu
@@ -84,7 +88,7 @@ def print_metrics(m: dict) -> None:
         (f"IWAE bound on -log p(x), k={m['iwae_k']}", f"{m['test_iwae_nll']:.3f}"),
         ("bce floor (pixel entropy of the data)", f"{m['bce_floor']:.3f}"),
         ("bce above the floor", f"{m['bce_above_floor']:.3f}"),
-        ("active units (Var[mu] > 0.01)", f"{m['active_units']} of {m['latent_dim']}"),
+        (f"active units (Var[mu] > {ACTIVE_VARIANCE})", f"{m['active_units']} of {m['latent_dim']}"),
         ("largest KL per dimension", ", ".join(f"z{d}: {m['kl_per_dim'][d]:.2f}" for d in top)),
     ]
     where = f"checkpoint {m['checkpoint']} (epoch {m['epoch']}), seed {m['seed']}"
@@ -101,17 +105,15 @@ def latent_map(model: VAE, x: torch.Tensor, labels: torch.Tensor) -> dict[str, t
     """A 2-D map of the latent space: the two directions that best separate the digits (Fisher's
     linear discriminant analysis of the posterior means of images x with their labels), where a
     principal-component view shows a blob. Only the active dimensions (Var of the posterior mean >
-    0.01, as `active_units` counts them) take part: the discriminant divides by the spread within
+    ACTIVE_VARIANCE, as `active_units` counts them) take part: the discriminant divides by the spread within
     each digit, so the near-constant dimensions the decoder ignores would get the largest weights,
     and moving a code along such a map would change the ring's place but not the digit. A code z
     lands at (z - mean) @ axes; the map keeps up to MAP_POINTS of these images' positions and
     labels."""
-    mu = (
-        torch.cat([model.encode(x[i : i + 1000])[0] for i in range(0, len(x), 1000)]).double().cpu()
-    )
+    mu = anomaly.posterior_means(model, x).double().cpu()
     labels = labels.cpu()
     mean, spread = mu.mean(0), mu.var(0)
-    active = spread > 0.01
+    active = spread > ACTIVE_VARIANCE
     if active.sum() < 2:  # a collapsed or untrained model: its two most varied dimensions
         active = torch.zeros_like(active).index_fill_(0, spread.topk(2).indices, True)
     used = mu[:, active]
@@ -154,6 +156,7 @@ def latent_map_of(ckpt: dict) -> dict | None:
         and space["points"].dim() == 2
         and space["points"].shape[1] == 2
         and space["labels"].shape == space["points"].shape[:1]
+        and getattr(space.get("kl_per_dim", space["mean"]), "shape", None) == (latent_dim,)
     ):
         raise ValueError("its latent map is malformed")
     return space
@@ -233,22 +236,24 @@ def draw_pictures(
 
 
 def evaluate(
-    path: Path,
     model: VAE,
     ckpt: dict,
     mnist: dict[str, torch.Tensor],
-    image_dir: Path,
-    iwae_k: int,
-    seed: int | None,
-    metrics_path: Path | None,
-    history: list[dict],
+    iwae_k: int = 100,
+    seed: int | None = None,
+    image_dir: str | Path | None = None,
+    metrics_path: str | Path | None = None,
+    history: list[dict] | None = None,
+    path: str | Path | None = None,
     progress: bool = False,
 ) -> dict:
-    """Print the metrics table, write metrics.json to `metrics_path` (None: not written) and draw
-    the pictures. `history` is the run's per-epoch history for the loss curves (empty: no curves).
-    """
+    """Evaluate a checkpoint's model on the test set: print the metrics table and return it. Also
+    writes metrics.json to `metrics_path` and the pictures into `image_dir` when they are given.
+    `seed` (default: the run's) seeds the z samples; `history` (default: the checkpoint's) draws the
+    loss curves; `path` names the checkpoint in the metrics."""
     config = ckpt["config"]
     seed = config["seed"] if seed is None else seed
+    history = ckpt.get("history", []) if history is None else history
     x = test_images(mnist, config["binarize"], next(model.parameters()).device)
     t0 = time.perf_counter()
     metrics, mu = test_metrics(model, x, iwae_k=iwae_k, seed=seed, progress=progress)
@@ -260,10 +265,55 @@ def evaluate(
     if metrics_path is not None:
         write_text_atomic(json.dumps(metrics, indent=2) + "\n", metrics_path)
         written.append(metrics_path)
-    # from the test digits if none
-    space = ckpt.get("latent_map") or latent_map(model, x, mnist["test_labels"])
-    written += draw_pictures(
-        model, x, mnist["test_labels"], mu, metrics, space, history, image_dir, seed
-    )
-    print("wrote " + ", ".join(str(p) for p in written))
+    if image_dir is not None:
+        # the stored map places the test digits; a checkpoint without one gets a map of them
+        space = ckpt.get("latent_map") or latent_map(model, x, mnist["test_labels"])
+        labels = mnist["test_labels"]
+        written += draw_pictures(model, x, labels, mu, metrics, space, history, image_dir, seed)
+    if written:
+        print("wrote " + ", ".join(str(p) for p in written))
     return metrics
+
+
+# ----------------------------------------------------------------------------- finishing a run
+
+
+def run_images(ckpt: dict, mnist: dict[str, torch.Tensor], device="cpu"):
+    """A run's own float training and validation images and the validation labels, from the split
+    its stored settings describe."""
+    c = checkpoint.train_config(ckpt)
+    train_idx, val_idx = data.run_split(
+        mnist["train_labels"], c.val_size, c.seed, c.exclude_digit, c.subset
+    )
+    train_x = data.eval_images(mnist["train_images"][train_idx], c.binarize, device)
+    val_x = data.eval_images(mnist["train_images"][val_idx], c.binarize, device)
+    return train_x, val_x, mnist["train_labels"][val_idx]
+
+
+@torch.inference_mode()
+def mean_kl_per_dim(model: VAE, x: torch.Tensor) -> torch.Tensor:
+    """The mean KL(q(z|x) || N(0, 1)) of each latent dimension over images x, (latent_dim,)."""
+    total = torch.zeros(model.latent_dim, dtype=torch.float64, device=x.device)
+    for i in range(0, len(x), anomaly.ENCODE_CHUNK):
+        mu, logvar = model.encode(x[i : i + anomaly.ENCODE_CHUNK])
+        total += kl_per_dim(mu, logvar).sum(0)
+    return (total / len(x)).cpu()
+
+
+def finish_run(
+    path: str | Path, mnist: dict[str, torch.Tensor], device="cpu", progress: bool = False
+) -> dict:
+    """What `python main.py` does once a run has trained, before it evaluates: store in best.pt
+    what anomaly scores compare against (fitted on the run's own training and validation images,
+    with the test digits' scores, so that a percentile needs no data set) and the latent map.
+    Returns the checkpoint as saved."""
+    model, ckpt = checkpoint.load_model(path, device)
+    train_x, val_x, val_labels = run_images(ckpt, mnist, device)
+    test_x = test_images(mnist, ckpt["config"]["binarize"], device)
+    reference = anomaly.reference_for_run(model, train_x, val_x, test_x, progress=progress)
+    space = latent_map(model, val_x, val_labels)
+    # how much each dimension is used, as `evaluate` ranks them: the demo names its sliders by it
+    space["kl_per_dim"] = mean_kl_per_dim(model, test_x).float()
+    ckpt = checkpoint.with_keys(ckpt, anomaly_reference=reference, latent_map=space)
+    checkpoint.save(ckpt, path)
+    return ckpt
