@@ -78,58 +78,10 @@ def pick_device(name: str) -> torch.device:
 
 def load_data(data_dir: str) -> dict[str, torch.Tensor]:
     """MNIST from --data-dir, downloaded there first when files are missing."""
-    if data.missing_files(data_dir):
-        download_mnist(Path(data_dir))
-    return data.load_mnist(data_dir)
-
-
-def download_mnist(data_dir: Path) -> None:
-    """Fetch the four files with torchvision's MNIST (its mirrors, with progress) into
-    data_dir/MNIST/raw; when that fails (offline, say), one line naming what is missing and how to
-    supply it. A file that did not arrive whole is deleted, and no empty folder is left behind, so
-    the next run downloads again."""
-    from torchvision.datasets import MNIST
-    from torchvision.datasets.utils import check_integrity
-
-    raw_dir = (data_dir / "MNIST" / "raw").absolute()
-    # folders the download creates, innermost first
-    made = [p for p in (raw_dir, *raw_dir.parents) if not p.exists()]
-    print(f"{where_missing(data_dir)}; downloading MNIST with torchvision ...", flush=True)
     try:
-        MNIST(str(data_dir), train=True, download=True)
-    except BaseException as err:  # a Ctrl-C mid-download too: clean up, then let it end the command
-        for name, md5 in MNIST.resources:
-            if (raw_dir / name).is_file() and not check_integrity(str(raw_dir / name), md5):
-                (raw_dir / name).unlink()
-        for p in made:
-            if p.exists() and not any(p.iterdir()):
-                p.rmdir()
-        # torchvision wraps a failed mirror in these
-        if not isinstance(err, (RuntimeError, OSError, ValueError)):
-            raise
-        raise data.DataError(download_failure(data_dir, err)) from None
-
-
-def download_failure(data_dir: Path, err: Exception) -> str:
-    text = " ".join(str(err).split())
-    # torchvision: "... Tried <mirror>, got: <error> ..."
-    got = re.search(r"got: (.+?)(?= Tried |$)", text)
-    missing = data.missing_files(data_dir)  # the download may have fetched some before it failed
-    names = f"{data.join_names(missing)} (.gz or not)"
-    fix = f"copy {names} into a folder and pass --data-dir FOLDER"
-    if len(missing) < len(data.MNIST_FILES):
-        fix = f"copy {names} into {data_dir}, or pass --data-dir FOLDER holding all four files"
-    reason = got.group(1) if got else text[:160]
-    return (
-        f"{where_missing(data_dir)}, and the download failed ({reason}); if you are offline, {fix}"
-    )
-
-
-def where_missing(data_dir: Path) -> str:
-    missing = data.missing_files(data_dir)
-    if len(missing) == len(data.MNIST_FILES):
-        return f"MNIST is not in {data_dir}"
-    return f"{data_dir}: missing {data.join_names(missing)}"
+        return data.load_mnist(data_dir, download=True)
+    except data.DataError as err:  # each one ends with how to supply a folder
+        raise UserError(f"{err} as --data-dir") from None
 
 
 def open_model(args, device: torch.device) -> tuple[Path, torch.nn.Module, dict]:
@@ -606,13 +558,11 @@ def reconstruct_one(
     rank = anomaly.percentile(test_scores, value)
     # a name of any bytes, drawn as text
     name = os.fsencode(Path(file).name).decode(errors="replace")
-    title = f"{name}: {args.method} score {value:.1f}, above {rank:.1f}% of test digits"
+    verdict = f"{args.method} {anomaly.describe(value, rank)}"
+    title = f"{name}: {verdict}"
     figure = utils.plot_user_reconstruction(original, xb[0], model.reconstruct(xb)[0], title)
     utils.save_figure(figure, out)
-    print(
-        f"{file}: {args.method} score {value:.2f}, percentile {rank:.1f} among test digits; wrote {out}",
-        flush=True,
-    )
+    print(f"{file}: {verdict}; wrote {out}", flush=True)
 
 
 # ----------------------------------------------------------------------------- demo

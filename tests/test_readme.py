@@ -1,0 +1,55 @@
+"""The README's Python blocks run as they stand, and the run they train ends as `python main.py`
+with the same settings ends: bit-identical weights and anomaly reference, the same figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import MNIST_DIR, ROOT, needs_mnist, run_main
+from matplotlib.figure import Figure
+
+import checkpoint
+
+README = (ROOT / "README.md").read_text()
+FIGURES = ("test_loss", "test_bce", "test_kl", "test_iwae_nll", "active_units", "kl_per_dim")
+
+
+def block(name: str) -> str:
+    after = README.split(f"<!-- python: {name} -->", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.fixture
+def user_folder(tmp_path, monkeypatch):
+    """A folder laid out as a clone is: data/ holding MNIST, models_mnist/ and images/."""
+    (tmp_path / "data").symlink_to(MNIST_DIR)
+    (tmp_path / "models_mnist").mkdir()
+    (tmp_path / "images").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@needs_mnist
+def test_readme_blocks_run_and_train_as_the_command_line_does(user_folder):
+    ns: dict = {}
+    for name in ("load", "score", "picture", "train"):
+        exec(compile(block(name), f"README.md, block {name}", "exec"), ns)
+    assert ns["pixels"].shape == (8, 1, 28, 28) and torch.equal(ns["pixels"], ns["recon"])
+    assert ns["between"].shape == (10, 1, 28, 28) and ns["samples"].shape == (16, 1, 28, 28)
+    assert isinstance(ns["fig"], Figure)
+    assert (user_folder / "images" / "my_reconstructions.png").stat().st_size > 0
+
+    argv = ["--epochs", "1", "--subset", "2000", "--iwae-k", "10", "--no-progress"]
+    code, _, err = run_main([*argv, "--checkpoint-dir", "models_mnist/cli"], cwd=user_folder)
+    assert code == 0, err
+    from_python = checkpoint.load(user_folder / "models_mnist" / "from-python" / "best.pt")
+    from_cli = checkpoint.load(user_folder / "models_mnist" / "cli" / "best.pt")
+    for key in ("model", "anomaly_reference", "latent_map"):
+        python_tensors = list(checkpoint.tensors(from_python[key]))
+        cli_tensors = list(checkpoint.tensors(from_cli[key]))
+        assert len(python_tensors) == len(cli_tensors) > 0
+        assert all(torch.equal(a, b) for a, b in zip(python_tensors, cli_tensors)), key
+    metrics = json.loads((user_folder / "models_mnist" / "cli" / "metrics.json").read_text())
+    assert {k: ns["metrics"][k] for k in FIGURES} == {k: metrics[k] for k in FIGURES}
