@@ -173,7 +173,8 @@ def plot_anomalies(
     reconstructions."""
     n = sections[0][1].shape[0]
     fig = new_figure(figsize=(n * 0.8, 2.3 * len(sections)), dpi=100, layout="constrained")
-    for sub, (heading, digits, recons, captions) in zip(fig.subfigures(len(sections), 1), sections):
+    panels = fig.subfigures(len(sections), 1, squeeze=False)[:, 0]  # an array even for one section
+    for sub, (heading, digits, recons, captions) in zip(panels, sections):
         axes = sub.subplots(2, n, squeeze=False)
         for i in range(n):
             for row, images in enumerate((digits, recons)):
