@@ -1,5 +1,5 @@
-"""MNIST: find the four IDX files, check and decode them into uint8 tensors, split them, and batch
-them as floats."""
+"""MNIST: find the four IDX files (downloaded with torchvision when asked), check and decode them
+into uint8 tensors, split them, and batch them as floats."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import math
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import torch
 from files import UserError
 
 
-class DataError(UserError):
-    """MNIST is missing, unreadable, or not the canonical data."""
+class DataError(UserError, ValueError):
+    """MNIST is missing, unreadable or not the canonical data; the message says how to supply it."""
 
 
 TEST_IMAGES = 10_000  # the size of MNIST's test set
@@ -28,24 +29,17 @@ MNIST_FILES = {
     "t10k-images-idx3-ubyte": (2051, (TEST_IMAGES, 28, 28), "2646ac647ad5339dbf082846283269ea"),
     "t10k-labels-idx1-ubyte": (2049, (TEST_IMAGES,), "27ae3e4e09519cfbb04c329615203637"),
 }
-# --binarize: the one fixed draw of the evaluation images, the same for every --seed and device
+# binarize: the one fixed draw of the evaluation images, the same for every seed and device
 BINARIZE_SEED = 0
-HOW_TO_FIX = (
-    "download the four MNIST files again, or pass --data-dir pointing at a folder that holds them"
-)
+HOW_TO_FIX = "download the four MNIST files again, or pass a folder that holds them"
 
 
 def candidate_paths(data_dir: str | os.PathLike, name: str) -> list[Path]:
-    """Where one file may lie: data_dir or torchvision's data_dir/MNIST/raw, gzipped or not, '-idx'
-    or '.idx'."""
-    spellings = [name, name.replace("-idx", ".idx")]
+    """Where one file may lie: data_dir or torchvision's data_dir/MNIST/raw, as .gz or raw, spelled
+    with '-idx' or '.idx'."""
     folders = [Path(data_dir), Path(data_dir) / "MNIST" / "raw"]
-    return [
-        folder / (spelling + ext)
-        for folder in folders
-        for spelling in spellings
-        for ext in (".gz", "")
-    ]
+    spellings = [name, name.replace("-idx", ".idx")]
+    return [d / (spelled + ext) for d in folders for spelled in spellings for ext in (".gz", "")]
 
 
 def find_mnist_files(data_dir: str | os.PathLike) -> dict[str, Path | None]:
@@ -60,14 +54,14 @@ def missing_files(data_dir: str | os.PathLike) -> list[str]:
     return [name for name, path in find_mnist_files(data_dir).items() if path is None]
 
 
-def read_idx(
-    path: str | os.PathLike, magic: int, shape: tuple[int, ...], md5: str | None
-) -> np.ndarray:
-    """Decode one IDX file (.gz or raw) after checking its magic number, dimensions, size and
-    content md5. `shape` is the canonical file's: no more than its bytes are ever read or
-    decompressed."""
+def read_idx(path: str | os.PathLike, magic: int, shape: tuple, md5: str | None) -> np.ndarray:
+    """Decode one IDX file (.gz or raw), checking its magic number, dimensions, size and md5.
+    `shape` is the canonical file's: no more than its bytes are ever read or decompressed."""
     path = Path(path)
-    refused = lambda reason: DataError(f"{path}: {reason}; {HOW_TO_FIX}")  # noqa: E731
+
+    def refused(reason: str) -> DataError:
+        return DataError(f"{path}: {reason}; {HOW_TO_FIX}")
+
     header = 4 + 4 * len(shape)
     limit = header + math.prod(shape)
     try:
@@ -87,9 +81,9 @@ def read_idx(
         raise refused(
             f"larger than the {limit:,} bytes an MNIST file of this kind holds (uncompressed)"
         )
-    if len(raw) != (expected := header + math.prod(dims)):
+    if len(raw) != (promised := header + math.prod(dims)):
         raise refused(
-            f"{len(raw)} bytes where its header promises {expected} (truncated or padded)"
+            f"{len(raw)} bytes where its header promises {promised} (truncated or padded)"
         )
     if md5 is not None and hashlib.md5(raw).hexdigest() != md5:
         raise refused("content differs from the canonical MNIST file (md5 mismatch)")
@@ -100,23 +94,64 @@ def join_names(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-def load_mnist(data_dir: str | os.PathLike = "data") -> dict[str, torch.Tensor]:
-    """The checked data set as uint8 images (N, 28, 28) and int64 labels: train_images,
-    train_labels, test_images, test_labels. (`python main.py` downloads the files first when they
-    are absent.)"""
-    found = find_mnist_files(data_dir)
-    missing = [name for name, path in found.items() if path is None]
-    if missing:
-        raise DataError(
-            f"{data_dir}: missing {join_names(missing)} (.gz or not, also looked in MNIST/raw); {HOW_TO_FIX}"
-        )
-    arrays = {name: read_idx(found[name], *spec) for name, spec in MNIST_FILES.items()}
-    return {
-        "train_images": torch.from_numpy(arrays["train-images-idx3-ubyte"].copy()),
-        "train_labels": torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64)),
-        "test_images": torch.from_numpy(arrays["t10k-images-idx3-ubyte"].copy()),
-        "test_labels": torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)),
-    }
+def load_mnist(folder: str | os.PathLike = "data", download: bool = False) -> dict:
+    """The checked data set: train_images, train_labels, test_images, test_labels (uint8 images
+    (N, 28, 28), int64 labels); download=True first fetches missing files into folder/MNIST/raw."""
+    if download and missing_files(folder):
+        download_mnist(Path(folder))
+    found = find_mnist_files(folder)
+    if missing := [name for name, path in found.items() if path is None]:
+        looked = f"{folder}: missing {join_names(missing)} (.gz or not, also looked in MNIST/raw)"
+        raise DataError(f"{looked}; download=True fetches them, or pass a folder that holds them")
+    # copied out of the files' read-only buffers; the labels as int64, as torch indexes with
+    arrays = [read_idx(found[name], *spec) for name, spec in MNIST_FILES.items()]
+    tensors = [torch.from_numpy(a.astype(np.int64 if a.ndim == 1 else np.uint8)) for a in arrays]
+    return dict(zip(("train_images", "train_labels", "test_images", "test_labels"), tensors))
+
+
+def download_mnist(folder: Path) -> None:
+    """Fetch the four files with torchvision (its mirrors, with progress) into folder/MNIST/raw. On
+    failure (offline, say): a DataError; files that did not arrive whole are deleted and no empty
+    folder is left, so the next try downloads again."""
+    from torchvision.datasets import MNIST  # only here: reading the files needs no torchvision
+    from torchvision.datasets.utils import check_integrity
+
+    raw_dir = (folder / "MNIST" / "raw").absolute()
+    made = [p for p in (raw_dir, *raw_dir.parents) if not p.exists()]  # innermost first
+    print(f"{where_missing(folder)}; downloading MNIST with torchvision ...", flush=True)
+    try:
+        MNIST(str(folder), train=True, download=True)
+    except BaseException as err:  # a Ctrl-C mid-download too: clean up, then let it end the command
+        for name, md5 in MNIST.resources:
+            if (raw_dir / name).is_file() and not check_integrity(str(raw_dir / name), md5):
+                (raw_dir / name).unlink()
+        for p in made:
+            if p.exists() and not any(p.iterdir()):
+                p.rmdir()
+        # torchvision wraps a failed mirror in these
+        if not isinstance(err, (RuntimeError, OSError, ValueError)):
+            raise
+        raise DataError(download_failure(folder, err)) from None
+
+
+def download_failure(folder: Path, err: Exception) -> str:
+    """One line: what is still missing, why the download failed, and how to supply the files."""
+    text = " ".join(str(err).split())
+    got = re.search(r"got: (.+?)(?= Tried |$)", text)  # torchvision: "Tried <mirror>, got: <error>"
+    reason = got.group(1) if got else text[:160]
+    missing = missing_files(folder)  # the download may have fetched some before it failed
+    names = f"{join_names(missing)} (.gz or not)"
+    fix = f"copy {names} into a folder and pass that folder"
+    if len(missing) < len(MNIST_FILES):
+        fix = f"copy {names} into {folder}, or pass a folder that holds all four files"
+    return f"{where_missing(folder)}, and the download failed ({reason}); if you are offline, {fix}"
+
+
+def where_missing(folder: Path) -> str:
+    missing = missing_files(folder)
+    if len(missing) == len(MNIST_FILES):
+        return f"MNIST is not in {folder}"
+    return f"{folder}: missing {join_names(missing)}"
 
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,16 +161,9 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch
     return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
-def run_split(
-    labels: torch.Tensor,
-    val_size: int,
-    seed: int,
-    exclude_digit: int | None = None,
-    subset: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A run's (train, validation) indices into the 60,000 training images: the seeded split,
-    without the held-out digit (--exclude-digit), training cut to its first `subset` images
-    (--subset)."""
+def run_split(labels: torch.Tensor, val_size: int, seed: int, exclude_digit=None, subset=None):
+    """A run's (train, validation) indices into the training images: the seeded split, without the
+    held-out digit, the training part cut to its first `subset` images."""
     train_idx, val_idx = split_indices(len(labels), val_size, seed)
     if exclude_digit is not None:
         keep = labels != exclude_digit
@@ -144,20 +172,23 @@ def run_split(
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1]."""
-    return images.unsqueeze(1).float().div_(255)
+    """uint8 images (B, 28, 28) -> a new float32 tensor (B, 1, 28, 28) in [0, 1]; `images` is never
+    changed. Float images are refused (ValueError), as is any other shape: scaling them again would
+    make them 255 times too dark."""
+    if images.dtype != torch.uint8 or images.shape[1:] != (28, 28):
+        got = f"{images.dtype} {tuple(images.shape)}"
+        raise ValueError(f"to_float takes uint8 images (B, 28, 28), got {got}")
+    return images.unsqueeze(1).float() / 255
 
 
 def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Each pixel drawn as Bernoulli(intensity): dynamic binarization when called afresh for every
-    batch."""
+    """Each pixel drawn as Bernoulli(intensity): dynamic binarization, drawn afresh per batch."""
     return torch.bernoulli(x, generator=generator)
 
 
 def eval_images(images: torch.Tensor, binarized: bool, device: torch.device) -> torch.Tensor:
-    """uint8 images -> float images on `device` for validation and evaluation; with --binarize,
-    binarized once with a fixed CPU generator, so that every run, whatever its seed or device, is
-    scored on the same binary images."""
+    """uint8 images -> float images on `device` for validation and evaluation; binarized once with a
+    fixed CPU generator, so that every run, whatever its seed or device, is scored alike."""
     x = to_float(images.cpu())
     if binarized:
         x = binarize(x, torch.Generator().manual_seed(BINARIZE_SEED))
@@ -167,11 +198,8 @@ def eval_images(images: torch.Tensor, binarized: bool, device: torch.device) -> 
 def batches(images: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
     """Float batches from uint8 images held in memory; shuffled when a generator is given."""
     n = images.shape[0]
-    order = (
-        torch.randperm(n, generator=generator, device="cpu").to(images.device)
-        if generator is not None
-        else None
-    )
+    if generator is not None:  # drawn on the CPU: the same order on every device
+        order = torch.randperm(n, generator=generator, device="cpu").to(images.device)
     for i in range(0, n, batch_size):
-        idx = slice(i, i + batch_size) if order is None else order[i : i + batch_size]
+        idx = slice(i, i + batch_size) if generator is None else order[i : i + batch_size]
         yield to_float(images[idx])
