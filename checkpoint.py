@@ -5,24 +5,38 @@ A checkpoint is one dict of plain values and tensors, so it loads with torch.loa
 weights_only=True):
 
     format             "vae-mnist/3"
-    checksum           sha256 of everything else (checksum below): a file damaged on disk is refused, not used
-    config             every setting of the run: TrainConfig's and VAEConfig's fields as plain values
+    checksum           sha256 of everything else (checksum below): a damaged file is refused
+    config             every setting of the run: TrainConfig's and VAEConfig's fields, plain values
     model              state_dict of the weights to use (with --ema, the weight average)
     train_weights      state_dict of the weights Adam trains (only with --ema)
     optimizer          Adam's state_dict
     epoch              epochs completed
     best_val_loss      lowest validation loss so far
     history            one dict per epoch: train/val loss, bce, kl, seconds
-    rng                the generators' states at the end of that epoch, and the device type they belong to
+    rng                the generators' states at the end of that epoch, and their device type
     versions           torch, torchvision, python
-    anomaly_reference  (best.pt, once training has ended) what anomaly scores compare against (anomaly.py)
-    latent_map         (likewise) the 2-D map of the latent space that the pictures and the demo draw (evaluate.py)
+    anomaly_reference  (best.pt, once training has ended) what anomaly scores compare against
+                       (anomaly.py)
+    latent_map         (likewise) the 2-D map of the latent space that the pictures and the demo
+                       draw (evaluate.py)
 
 Loading checks the file before anything is copied: its records (stored, not compressed: torch.load
 would inflate a few kB into gigabytes) and size, every tensor's bytes against the bytes stored, the
 checksum, the config (rebuilt as TrainConfig and VAEConfig), and the weights' names, shapes and
 dtypes against the architecture; for --resume also the optimizer and generator states. Any failure
 is one CheckpointError line (see `refused`).
+
+Versions and upgrades. FORMAT names the layout of the dict above; this code reads "vae-mnist/3"
+only, and names the format of any other file it is given. Settings change without a new format:
+- a setting added to TrainConfig or VAEConfig: a file written before it existed lacks it, and
+  `load` fills it in with the field's `absent` value (config.setting), which must reproduce how the
+  old code ran (by default the field's default; give `absent=` when the default differs from the
+  old behaviour). The file is upgraded in memory; a run resumed from it writes every setting.
+- a setting removed: the stored value is ignored (remove it only if ignoring it keeps the
+  weights' meaning).
+A change to the dict's keys, the weights' names or their meaning needs a new FORMAT, and with it a
+reader of "vae-mnist/3" files that converts them (and the shipped file re-saved, its weights
+bit-identical).
 """
 
 from __future__ import annotations
@@ -41,9 +55,9 @@ from pathlib import Path
 import torch
 
 import config as settings
-from config import TrainConfig
+from config import TrainConfig, VAEConfig
 from files import UserError, write_bytes_atomic
-from model import VAE, VAEConfig, on_device
+from model import VAE, on_device
 
 FORMAT = "vae-mnist/3"
 DEFAULT = Path("models_mnist/best.pt")  # what training writes, and what the other commands use
@@ -90,6 +104,7 @@ def load(path: str | os.PathLike, flag: str = "--checkpoint", resume: bool = Fal
                 f"{path}: its contents do not match its checksum (the file was damaged or edited); "
                 "use another copy or train a new one"
             )
+        ckpt["config"] = completed(ckpt.get("config"))
         train_config(ckpt)  # rebuilt, so every setting is checked against its range
         expected = {name: (t.shape, t.dtype) for name, t in meta_model(ckpt).state_dict().items()}
         for key in ("model", "train_weights") if "train_weights" in ckpt else ("model",):
@@ -106,7 +121,7 @@ def load_model(
     """The model a checkpoint describes, on `device`, in eval mode, and the checked checkpoint
     itself (its tensors on the CPU: only the model moves)."""
     ckpt = load(path, flag=flag)
-    model = VAE(model_config(ckpt))
+    model = VAE(**asdict(model_config(ckpt)))
     with refused(path):
         model.load_state_dict(ckpt["model"], strict=True)
     return on_device(model, device).eval(), ckpt
@@ -133,9 +148,13 @@ def refused(path: Path):
     ) as err:
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         if "Unsupported global" in reason or "Weights only load failed" in reason:
-            reason = "it contains pickled objects that are not plain tensors or values, so it was refused unread"
+            reason = (
+                "it contains pickled objects that are not plain tensors or values, so it was "
+                "refused unread"
+            )
         raise CheckpointError(
-            f"{path}: not a usable vae-mnist checkpoint ({reason}); train a new one with `python main.py`"
+            f"{path}: not a usable vae-mnist checkpoint ({reason}); train a new one with "
+            "`python main.py`"
         ) from None
 
 
@@ -224,17 +243,18 @@ def model_config(ckpt: dict) -> VAEConfig:
     return stored_config(ckpt, VAEConfig)
 
 
+def completed(config) -> dict:
+    """A stored config with every setting it lacks (written before the setting existed) filled in
+    with the value that reproduces how it ran (see the module's docstring)."""
+    if not isinstance(config, dict):
+        raise ValueError("its config is not a dict of settings")
+    return settings.with_absent(VAEConfig, settings.with_absent(TrainConfig, config))
+
+
 def stored_config(ckpt: dict, kind: type):
     """The checkpoint's config rebuilt as `kind` (TrainConfig or VAEConfig), which checks every
-    value's range."""
-    config = ckpt.get("config")
-    missing = (
-        [f.name for f in fields(kind)]
-        if not isinstance(config, dict)
-        else [f.name for f in fields(kind) if f.name not in config]
-    )
-    if missing:
-        raise ValueError(f"its config lacks {', '.join(missing)}")
+    value's range; settings it lacks take their `absent` value."""
+    config = completed(ckpt.get("config"))
     rebuilt = kind(**{f.name: config[f.name] for f in fields(kind)})
     try:
         settings.check(rebuilt)
@@ -246,7 +266,7 @@ def stored_config(ckpt: dict, kind: type):
 def meta_model(ckpt: dict) -> VAE:
     """The checkpoint's architecture on the meta device: names, shapes and dtypes, no memory."""
     with torch.device("meta"):
-        return VAE(model_config(ckpt))
+        return VAE(**asdict(model_config(ckpt)))
 
 
 def check_weights(weights, expected: dict, key: str) -> None:
@@ -279,7 +299,8 @@ def check_resumable(ckpt: dict, path: Path) -> None:
     if missing:
         raise CheckpointError(
             f"{path}: holds weights but no training state ({', '.join(missing)} missing), so it "
-            "cannot be resumed; use it with evaluate, sample or score, or start a new run without --resume"
+            "cannot be resumed; use it with evaluate, sample or score, or start a new run "
+            "without --resume"
         )
     epoch = ckpt["epoch"]
     if (
@@ -369,8 +390,8 @@ def describe(path: str | os.PathLike, ckpt: dict) -> str:
     )
     what = "the shipped model" if shipped else "a model trained here"
     return (
-        f"{where}: {what}, epoch {history[-1]['epoch']} of {config['epochs']} on {images} training images"
-        f"{without}, validation loss {history[-1]['val_loss']:.2f}"
+        f"{where}: {what}, epoch {history[-1]['epoch']} of {config['epochs']} on {images} "
+        f"training images{without}, validation loss {history[-1]['val_loss']:.2f}"
     )
 
 
@@ -402,7 +423,7 @@ def save(ckpt: dict, path: str | os.PathLike) -> None:
 
 
 def with_keys(ckpt: dict, **extra) -> dict:
-    """The checkpoint with keys added (the anomaly reference, the latent map), its checksum renewed."""
+    """The checkpoint with keys added (the anomaly reference, the latent map), checksum renewed."""
     ckpt = {k: v for k, v in ckpt.items() if k != "checksum"} | extra
     return ckpt | {"checksum": checksum(ckpt)}
 
@@ -442,7 +463,7 @@ def checksum(ckpt: dict) -> str:
 
 
 def config_dict(train: TrainConfig, model: VAEConfig) -> dict:
-    """Both configs as one dict of plain values (tuples become lists), as a checkpoint stores them."""
+    """Both configs as one dict of plain values (tuples become lists), as checkpoints store them."""
     return {
         k: list(v) if isinstance(v, tuple) else v
         for k, v in (asdict(train) | asdict(model)).items()

@@ -34,8 +34,8 @@ import files
 import prepare
 import train
 import utils
+from config import VAEConfig
 from files import UserError
-from model import VAEConfig
 
 # fewest training and validation images: fewer make the validation loss and the calibration noise
 MIN_IMAGES = 100

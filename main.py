@@ -1,12 +1,12 @@
 """Train, evaluate and use a convolutional VAE on MNIST: the command line. This file reads the
 flags; commands.py does what each command says.
 
-    python main.py                      train with the defaults (20 epochs), then evaluate and draw pictures
+    python main.py                      train with the defaults (20 epochs), evaluate, draw pictures
     python main.py evaluate             test-set metrics and pictures for a checkpoint
     python main.py sample               a grid of new digits
     python main.py score                anomaly scores of the test digits
     python main.py reconstruct FILE...  score and reconstruct your own digit pictures
-    python main.py demo                 a page on http://127.0.0.1:8000 to draw a digit and watch the VAE answer
+    python main.py demo                 a page (http://127.0.0.1:8000) to draw a digit for the VAE
 
 A user's mistake (bad flag, data, checkpoint, folder or image) ends with one line on stderr and exit
 status 2.
@@ -25,43 +25,10 @@ import torch
 import anomaly
 import checkpoint
 import commands
-from config import TrainConfig, range_text, span_text
+from config import TrainConfig, VAEConfig, range_text, span_text
 from files import UserError
-from model import VAEConfig
 
 COMMANDS = ("train", "evaluate", "sample", "score", "reconstruct", "demo")
-
-# What each setting does, for --help; its range and default come from its field (config.py,
-# model.py).
-SETTINGS_HELP = {
-    "epochs": "passes over the training set; with --resume, the new total",
-    "batch_size": "images per Adam step",
-    "lr": "Adam learning rate",
-    "seed": "seed of weights, validation split, shuffling and noise; on one machine and device the same seed gives "
-    "the same run",
-    "val_size": "training images held out for validation, which picks best.pt",
-    "subset": "train on only the first N training images, for quick runs",
-    "exclude_digit": "leave this digit out of training and validation, to test anomaly detection on it",
-    "binarize": "binarized MNIST as in the literature: training pixels redrawn as Bernoulli(intensity) at every use, "
-    "evaluation on one fixed binarization of the test set",
-    "kl_warmup": "epochs over which the KL term's weight ramps from 0 to 1 (0: none); reported losses are always the "
-    "plain BCE + KL",
-    "lr_schedule": "learning rate over the run: constant, or cosine decay to 0",
-    "precision": "arithmetic of the training step: bf16 autocast (weights, Adam and every reported loss stay fp32) "
-    "or fp32 (TF32 matrix products on CUDA); auto picks bf16 only on CPUs with Intel AMX, where bf16 matrix units "
-    "make it faster, and fp32 elsewhere",
-    "ema": "keep an exponential moving average of the weights (Polyak averaging), which smooths out Adam's "
-    "step-to-step jitter: validation, best.pt and the evaluation use the average, Adam keeps training the weights; "
-    "the decay ramps up as min(DECAY, (1+t)/(10+t)) over the first steps. 0 turns it off",
-    "latent_dim": "size of z",
-    "channels": "widths of the two stride-2 conv layers; the decoder mirrors them",
-    "hidden_dim": "width of the fully connected layers between conv features and z, 0 for none",
-    "fc_layers": "number of those fully connected layers, in encoder and decoder each",
-    "res_blocks": "residual blocks (two 3x3 convs) at 7x7 in encoder and decoder",
-    "out_conv": "channels of an extra 3x3 convolution at 28x28 that makes the output logits, 0 for none",
-    "norm": "normalisation after the hidden convolutions",
-    "activation": "nonlinearity",
-}
 
 
 class Parser(argparse.ArgumentParser):
@@ -92,26 +59,47 @@ def number(kind: type, low, high, what: str = ""):
 
 
 def add_settings(group, config_class: type) -> None:
-    """One flag per field of TrainConfig or VAEConfig, parsed with the field's own range. Every
-    default is None, so that --resume can tell the flags given from those left out; --help shows the
-    field's range and default."""
+    """One flag per field of TrainConfig or VAEConfig, parsed with the field's range and explained
+    with its help (config.py). Every default is None, so that --resume can tell the flags given from
+    those left out; --help shows the field's default."""
     for f in fields(config_class):
-        flag, meta, text = "--" + f.name.replace("_", "-"), f.metadata, SETTINGS_HELP[f.name]
-        default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        default = {"subset": "all", "exclude_digit": "none"}.get(f.name, default)
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        text = meta.get("help", "")  # a field without one fails a test, not every command
         if isinstance(f.default, bool):
             group.add_argument(flag, action="store_true", default=None, help=text)
         elif "choices" in meta:
-            group.add_argument(flag, choices=meta["choices"], help=f"{text} (default: {default})")
+            group.add_argument(flag, choices=meta["choices"], help=f"{text} (default: {f.default})")
         else:
             low, high = meta["range"]
             nargs = len(f.default) if isinstance(f.default, tuple) else None
-            metavar = ("C1", "C2") if nargs else ("DECAY" if f.name == "ema" else None)
-            kind, help_text = (
-                number(type(low), low, high),
-                f"{text} ({span_text(low, high)}; default: {default})",
+            group.add_argument(
+                flag,
+                type=number(type(low), low, high),
+                nargs=nargs,
+                metavar=meta["metavar"],
+                help=f"{text} ({span_text(low, high)}; default: {shown_default(f)})",
             )
-            group.add_argument(flag, type=kind, nargs=nargs, metavar=metavar, help=help_text)
+
+
+def shown_default(f) -> str:
+    """A field's default as --help writes it: `32 32` for a pair, the field's word for None."""
+    if isinstance(f.default, tuple):
+        return " ".join(map(str, f.default))
+    if f.default is None:
+        return f.metadata["none"]
+    return str(f.default)
+
+
+def add_number(p, flag: str, low: int, high: int, default: int, help: str) -> None:
+    """A flag taking a whole number from low to high: its parser and its --help read the same two
+    bounds."""
+    p.add_argument(
+        flag,
+        type=number(int, low, high),
+        default=default,
+        help=f"{help} ({span_text(low, high)}; default: {default})",
+    )
 
 
 def add_common(
@@ -139,8 +127,8 @@ def add_common(
         p.add_argument(
             "--checkpoint",
             default=str(checkpoint.DEFAULT),
-            help=f"checkpoint to use (default: "
-            f"{checkpoint.DEFAULT}; until training has written it, the shipped pretrained/vae-mnist.pt)",
+            help=f"checkpoint to use (default: {checkpoint.DEFAULT}; until training has written "
+            "it, the shipped pretrained/vae-mnist.pt)",
         )
     if files:
         p.add_argument(
@@ -160,13 +148,15 @@ def add_output_dir(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def add_iwae_k(p: argparse.ArgumentParser) -> None:
-    # k x 100 images x latent noise is drawn at once
-    p.add_argument(
+    # at most 10,000: k x 100 images x latent noise is drawn at once
+    add_number(
+        p,
         "--iwae-k",
-        type=number(int, 1, 10_000),
+        1,
+        10_000,
         default=100,
-        help="importance samples per test image for "
-        "the IWAE bound on -log p(x), 1 to 10,000; fewer is faster and looser (default: 100)",
+        help="importance samples per test image for the IWAE bound on -log p(x); fewer is faster "
+        "and looser",
     )
 
 
@@ -175,36 +165,33 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
         "--method",
         choices=anomaly.METHODS,
         default=anomaly.DEFAULT_METHOD,
-        help="combined: the larger "
-        "of the ELBO's z-score and the z-scored sum of complexity and knn, the best at telling a digit the "
-        "model never saw; complexity: the negative ELBO minus 1.5 times a local pixel model's nats, so "
-        "simple images do not pass as typical; knn: mean distance of the image's code to the 5 nearest "
-        "codes of training images; elbo: the plain negative ELBO. All but elbo use the reference stored in "
-        "best.pt, or fit one from --data-dir when training was stopped before storing it. See "
-        f"docs/anomaly.md (default: {anomaly.DEFAULT_METHOD})",
+        help="combined: the larger of the ELBO's z-score and the z-scored sum of complexity and "
+        "knn, the best at telling a digit the model never saw; complexity: the negative ELBO minus "
+        f"{anomaly.LOCAL_WEIGHT:g} times a local pixel model's nats, so simple images do not pass "
+        "as typical; knn: mean distance of the image's code to the "
+        f"{anomaly.KNN_K} nearest codes of training images; elbo: the plain negative ELBO. All but "
+        "elbo use the reference stored in best.pt, or fit one from --data-dir when training was "
+        f"stopped before storing it. See docs/anomaly.md (default: {anomaly.DEFAULT_METHOD})",
     )
-    p.add_argument(
-        "--samples",
-        type=number(int, 1, 1000),
-        default=10,
-        help="z samples averaged per image, 1 to 1,000 (default: 10)",
+    add_number(
+        p, "--samples", 1, 1000, default=anomaly.SCORE_SAMPLES, help="z samples averaged per image"
     )
-    add_seed(p, 0, "seed of the z samples (default: 0)")
+    add_seed(p, anomaly.SCORE_SEED, f"seed of the z samples (default: {anomaly.SCORE_SEED})")
 
 
 DESCRIPTIONS = {
-    "train": "Train the convolutional VAE on MNIST, keep the best checkpoint by validation loss, then evaluate it on "
-    "the test set and draw pictures.",
-    "evaluate": "Test-set metrics (negative ELBO, IWAE bound, active units, KL per dimension) and pictures for a "
-    "checkpoint; writes metrics.json.",
+    "train": "Train the convolutional VAE on MNIST, keep the best checkpoint by validation loss, "
+    "then evaluate it on the test set and draw pictures.",
+    "evaluate": "Test-set metrics (negative ELBO, IWAE bound, active units, KL per dimension) and "
+    "pictures for a checkpoint; writes metrics.json.",
     "sample": "Decode z ~ N(0, I) into a grid of new digits (IMAGE_DIR/samples.png).",
     "score": "Anomaly score (higher = stranger) of every test digit; writes anomaly_scores.csv and "
     "IMAGE_DIR/anomalies.png.",
-    "reconstruct": "Prepare your own digit pictures as MNIST was made, reconstruct them, and score them against the "
-    "test digits.",
-    "demo": "Serve a page on which you draw a digit and watch the VAE answer: the digit as the model sees it, its "
-    "reconstruction, how unusual it is and its place in the latent space, sliders that move its code, and random "
-    "samples. Works offline; Ctrl-C stops it.",
+    "reconstruct": "Prepare your own digit pictures as MNIST was made, reconstruct them, and score "
+    "them against the test digits.",
+    "demo": "Serve a page on which you draw a digit and watch the VAE answer: the digit as the "
+    "model sees it, its reconstruction, how unusual it is and its place in the latent space, "
+    "sliders that move its code, and random samples. Works offline; Ctrl-C stops it.",
 }
 
 
@@ -219,7 +206,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     add_common(g, checkpoint_flag=False)
     g.add_argument(
         "--checkpoint-dir",
-        help="where best.pt and last.pt go (default: models_mnist, or the folder of --resume's file)",
+        help="where best.pt and last.pt go (default: models_mnist, or the folder of --resume's "
+        "file)",
     )
     g.add_argument(
         "--resume",
@@ -243,7 +231,8 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to serve on; anything but a loopback address lets other machines in (default: 127.0.0.1)",
+        help="address to serve on; anything but a loopback address lets other machines in "
+        "(default: 127.0.0.1)",
     )
     port = number(int, 0, 65535, "a port from 0 (any free one) to 65535")
     p.add_argument("--port", type=port, default=8000, help="port to serve on (default: 8000)")
@@ -263,18 +252,14 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
         "seed of the evaluation's z samples (default: the checkpoint's training seed)",
     )
     add_common(parsers["sample"])
-    parsers["sample"].add_argument(
-        "--n",
-        type=number(int, 1, 1024),
-        default=64,
-        help="number of digits, 1 to 1,024 (default: 64)",
-    )
+    add_number(parsers["sample"], "--n", 1, 1024, default=64, help="number of digits")
     add_seed(parsers["sample"], 0, "seed of the z draws (default: 0)")
     parsers["reconstruct"].add_argument(
         "files",
         nargs="+",
         metavar="FILE",
-        help="PNG/JPEG/... pictures of single digits, any size, dark-on-light or light-on-dark, drawings or photos",
+        help="PNG/JPEG/... pictures of single digits, any size, dark-on-light or light-on-dark, "
+        "drawings or photos",
     )
     for name in ("score", "reconstruct"):
         add_common(parsers[name])

@@ -9,7 +9,7 @@ import functools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 import checkpoint
 import data
-from config import TrainConfig
+from config import TrainConfig, VAEConfig
 from files import UserError
-from model import VAE, VAEConfig, mean_neg_elbo, neg_elbo_terms, on_device
+from model import VAE, mean_neg_elbo, neg_elbo_terms, on_device
 
 # steps between reads of the running loss (progress bar, NaN check): one host sync each
 CHECK_EVERY = 100
@@ -58,9 +58,11 @@ def train_step(
     loss is computed in fp32 from their outputs, and the weights and Adam's state stay fp32."""
     # z = mu + sigma * eps: the noise is drawn here, in fp32 from the run's own generator, whatever
     # autocast does inside
-    eps = torch.randn(x.shape[0], model.config.latent_dim, generator=noise, device=x.device)
+    eps = torch.randn(x.shape[0], model.latent_dim, generator=noise, device=x.device)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        logits, mu, logvar = model(x, eps=eps)
+        # no value check (NaN, [0, 1]): it would make every step wait for the device, and the
+        # batches come from checked uint8 data
+        logits, mu, logvar = model(x, eps=eps, check_values=False)
     bce, kl = neg_elbo_terms(logits.float(), x=x, mu=mu.float(), logvar=logvar.float())
     # the negative ELBO per image (KL down-weighted during --kl-warmup)
     loss = (bce + kl_weight * kl).mean()
@@ -99,6 +101,7 @@ class Run:
     checkpoint and read back by --resume."""
 
     config: TrainConfig
+    model_config: VAEConfig
     model: VAE  # the weights Adam trains
     optimizer: torch.optim.Adam  # fused: one kernel over all weights where torch has one
     # --ema: the weight average, which is validated and saved as "model"; else None
@@ -137,7 +140,7 @@ def start(
     checkpoint.load(path, resume=True)."""
     device = torch.device(device)
     torch.manual_seed(config.seed)
-    model = on_device(VAE(model_config), device)
+    model = on_device(VAE(**asdict(model_config)), device)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda")
     )
@@ -153,7 +156,15 @@ def start(
     averaging = functools.partial(ema_with_warmup, decay=config.ema)
     average = AveragedModel(model, multi_avg_fn=averaging, use_buffers=True) if config.ema else None
     run = Run(
-        config, model, optimizer, average, generators, images[0].to(device), val_x, Path(folder)
+        config,
+        model_config,
+        model,
+        optimizer,
+        average,
+        generators,
+        images[0].to(device),
+        val_x,
+        Path(folder),
     )
     if resume is not None:
         restore(run, resume, device)
@@ -294,7 +305,7 @@ def save(run: Run, improved: bool) -> None:
         "rng": rng,
     }
     live = {"train_weights": run.model.state_dict()} if run.average else {}
-    config = checkpoint.config_dict(run.config, run.model.config)
+    config = checkpoint.config_dict(run.config, run.model_config)
     ckpt = checkpoint.build(
         config, run.evaluated.state_dict(), run.optimizer.state_dict(), progress | live
     )

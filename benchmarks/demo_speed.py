@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     score_median, score_p95 = percentiles_ms(score_s)
     print(
         f"{args.updates} updates of 280x280 drawings on {device} ({torch.get_num_threads()} threads), "
-        f"method {app.method}, {demo.SAMPLES} z samples, {app.model.config.latent_dim}-dim latent"
+        f"method {app.method}, {demo.SAMPLES} z samples, {app.model.latent_dim}-dim latent"
     )
     print(f"median_ms: {median:.1f}")
     print(f"p95_ms: {p95:.1f}")

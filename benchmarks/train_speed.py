@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,9 +43,9 @@ import main as cli  # noqa: E402
 import train  # noqa: E402
 from benchmarks.common import add_data_dir, parser, positive_int, run, sync  # noqa: E402
 from commands import pick_device, pick_precision  # noqa: E402
-from config import TrainConfig  # noqa: E402
+from config import TrainConfig, VAEConfig  # noqa: E402
 from files import UserError  # noqa: E402
-from model import VAE, VAEConfig, mean_neg_elbo, neg_elbo_terms  # noqa: E402
+from model import VAE, mean_neg_elbo, neg_elbo_terms  # noqa: E402
 
 
 def matmul_peak_gflops(
@@ -142,7 +142,7 @@ def naive_loop(
         dataset = datasets.MNIST(root, train=True, download=False, transform=transforms.ToTensor())
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
         torch.manual_seed(0)
-        naive = VAE(config).to(device)
+        naive = VAE(**asdict(config)).to(device)
         naive_opt = torch.optim.Adam(naive.parameters(), lr=1e-3)
         if init is not None:
             naive.load_state_dict(init.get("train_weights", init["model"]))
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- FLOPs of one training step, counted (not estimated) ---
     torch.manual_seed(0)
-    probe = VAE(config).to(device)
+    probe = VAE(**asdict(config)).to(device)
     x = data.to_float(project.train_x[: args.batch_size])
     with FlopCounterMode(display=False) as counter:
         logits, mu, logvar = probe(x)

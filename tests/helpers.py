@@ -19,7 +19,7 @@ import checkpoint
 import commands
 import data
 import main
-from model import VAE, VAEConfig
+from model import VAE
 
 ROOT = Path(__file__).resolve().parent.parent
 # absolute
@@ -42,13 +42,14 @@ SMALL_FLAGS = [
 ]
 
 
+# the small network of unit tests
+TINY_ARCHITECTURE = dict(latent_dim=8, channels=(8, 16), hidden_dim=32, res_blocks=0, out_conv=0)
+
+
 def tiny_model(seed: int = 0, **overrides) -> VAE:
-    """A small VAE for unit tests (seeded weights; overrides change its VAEConfig)."""
+    """A small VAE for unit tests (seeded weights; overrides change its arguments)."""
     torch.manual_seed(seed)
-    settings = (
-        dict(latent_dim=8, channels=(8, 16), hidden_dim=32, res_blocks=0, out_conv=0) | overrides
-    )
-    return VAE(VAEConfig(**settings)).eval()
+    return VAE(**TINY_ARCHITECTURE | overrides).eval()
 
 
 def tiny_images(n: int, seed: int = 0) -> torch.Tensor:

@@ -16,8 +16,7 @@ import data
 import train
 from benchmarks import structure
 from benchmarks.common import run
-from config import TrainConfig
-from model import VAEConfig
+from config import TrainConfig, VAEConfig
 
 TABLE = """\
 structure: --verbose

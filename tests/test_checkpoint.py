@@ -1,8 +1,8 @@
-"""checkpoint.load as the one door for files: what a run writes comes back as it was, and anything
-else (a foreign file, pickled code, an old format, damaged or edited values, a few kB that claim
-gigabytes) is refused in one CheckpointError line naming the file, before it can run code or take
-memory. The hostile sizes run through main.main in a fresh process whose peak memory is measured
-(the same refusals run as a user runs them in tests/test_cli.py)."""
+"""checkpoint.load as the one door for files: what a run writes comes back as it was, a file written
+before a setting existed loads as it ran, and anything else (a foreign file, pickled code, an old
+format, edited values, a few kB that claim gigabytes) is refused in one CheckpointError line naming
+the file, before it can run code or take memory (the hostile sizes in a fresh process whose peak
+memory is measured)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import collections
 import copy
 import io
 import json
+import math
 import pickle
 import platform
 import struct
@@ -17,17 +18,21 @@ import subprocess
 import sys
 import zipfile
 import zlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from helpers import ROOT, needs_mnist, resave, tiny_images, tiny_model
+from helpers import ROOT, TINY_ARCHITECTURE, needs_mnist, resave, tiny_images, tiny_model
 
 import checkpoint
+import config
 from checkpoint import CheckpointError
-from config import TrainConfig
+from config import TrainConfig, VAEConfig
 from model import VAE, neg_elbo_terms
+
+TINY = VAEConfig(**TINY_ARCHITECTURE)
 
 
 def refused(path: Path, **kw) -> str:
@@ -39,8 +44,7 @@ def refused(path: Path, **kw) -> str:
     return message
 
 
-# ----------------------------------------------------------------------------- a valid file, in and
-# out
+# ----------------------------------------------------------------------------- a valid file
 
 
 @needs_mnist
@@ -54,14 +58,11 @@ def test_a_runs_checkpoints_describe_themselves_and_load_as_the_model_they_saved
         lr=1e-3, seed=1, batch_size=64, val_size=5000, ema=0.999, binarize=False, exclude_digit=None
     )
     assert {k: last["config"][k] for k in given | defaults} == given | defaults
-    assert [h["epoch"] for h in last["history"]] == [1, 2] and last["epoch"] == 2
-    assert all(h["val_loss"] == pytest.approx(h["val_bce"] + h["val_kl"]) for h in last["history"])
-    assert (
-        last["best_val_loss"]
-        == min(h["val_loss"] for h in last["history"])
-        == best["best_val_loss"]
-    )
-    assert best["history"] == last["history"][: best["epoch"]]
+    history = last["history"]
+    assert [h["epoch"] for h in history] == [1, 2] and last["epoch"] == 2
+    assert all(h["val_loss"] == pytest.approx(h["val_bce"] + h["val_kl"]) for h in history)
+    assert last["best_val_loss"] == min(h["val_loss"] for h in history) == best["best_val_loss"]
+    assert best["history"] == history[: best["epoch"]]
     assert best["history"][-1]["val_loss"] == best["best_val_loss"]
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__}
     assert last["versions"] == versions | {"python": platform.python_version()}
@@ -78,15 +79,16 @@ def test_a_runs_checkpoints_describe_themselves_and_load_as_the_model_they_saved
     assert not model.training and stored["checksum"] == ckpt["checksum"] == last["checksum"]
     last["model"]["to_stats.bias"][0] += 1
     assert checkpoint.checksum(last) != last["checksum"]  # the checksum covers the weights
-    plain = VAE(checkpoint.model_config(stored)).eval()
+    arguments = asdict(checkpoint.model_config(stored))
+    plain = VAE(**arguments).eval()
     plain.load_state_dict(stored["model"])
-    z = torch.randn(5, plain.config.latent_dim, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(5, plain.latent_dim, generator=torch.Generator().manual_seed(0))
     x = tiny_images(5)
     with torch.no_grad():
         torch.testing.assert_close(model.decode(z), plain.decode(z))
         torch.testing.assert_close(model.encode(x), plain.encode(x))
         # the weights matter
-        assert not torch.allclose(VAE(plain.config).eval().decode(z), plain.decode(z))
+        assert not torch.allclose(VAE(**arguments).eval().decode(z), plain.decode(z))
 
 
 @needs_mnist
@@ -99,6 +101,45 @@ def test_trim_keeps_what_use_needs_and_still_loads(trained, tmp_path):
     model, stored = checkpoint.load_model(tmp_path / "small.pt")
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in stored["model"].items())
     assert "no training state" in refused(tmp_path / "small.pt", resume=True)
+
+
+def test_a_file_written_before_a_setting_existed_loads_as_it_ran(monkeypatch, tmp_path, ckpt):
+    """Two settings added (monkeypatched): one whose old behaviour is not its default (`absent`),
+    one whose default is. The shipped file and a file written before they existed load with the old
+    behaviour, upgraded in memory; a file written with them keeps its values."""
+
+    @dataclass
+    class NewTrain(TrainConfig):
+        clip: float = config.setting(1.0, 0.0, 10.0, help="gradient clipping", absent=0.0)
+
+    @dataclass
+    class NewVAE(VAEConfig):
+        dropout: float = config.setting(0.0, 0.0, 0.9, help="dropout before z")
+
+    class NewNet(VAE):
+        def __init__(self, dropout: float = 0.0, **arguments) -> None:
+            super().__init__(**arguments)
+            self.dropout = dropout
+
+    for module, name, value in [
+        (checkpoint, "TrainConfig", NewTrain),
+        (checkpoint, "VAEConfig", NewVAE),
+        (checkpoint, "VAE", NewNet),
+        (config, "VAE", NewNet),
+    ]:
+        monkeypatch.setattr(module, name, value)
+    checkpoint.save(ckpt, tmp_path / "before.pt")
+    for path in (checkpoint.SHIPPED, tmp_path / "before.pt"):
+        model, stored = checkpoint.load_model(path)
+        assert (stored["config"]["clip"], model.dropout) == (0.0, 0.0)
+        assert checkpoint.train_config(stored).clip == 0.0
+    checkpoint.load(tmp_path / "before.pt", resume=True)
+    settings = checkpoint.config_dict(
+        NewTrain(clip=2.0, epochs=2), NewVAE(dropout=0.5, **TINY_ARCHITECTURE)
+    )
+    resave(ckpt | {"config": settings}, tmp_path / "after.pt")
+    model, stored = checkpoint.load_model(tmp_path / "after.pt")
+    assert (stored["config"]["clip"], model.dropout) == (2.0, 0.5)
 
 
 # ----------------------------------------------------------------------------- refusals, in process
@@ -114,14 +155,11 @@ def built() -> dict:
     sum(neg_elbo_terms(logits, x=x, mu=mu, logvar=logvar)).mean().backward()
     optimizer.step()
     entry = {k: 100.0 for k in checkpoint.HISTORY_KEYS} | {"epoch": 1}
-    rng = {
-        "shuffle": torch.Generator().get_state(),
-        "noise": torch.Generator().get_state(),
-        "device": "cpu",
-    }
-    config = checkpoint.config_dict(TrainConfig(epochs=2, precision="fp32", ema=0.0), model.config)
+    # two states, not one tensor twice (views of one storage count once in the file)
+    rng = {name: torch.Generator().get_state() for name in ("shuffle", "noise")} | {"device": "cpu"}
+    settings = checkpoint.config_dict(TrainConfig(epochs=2, precision="fp32", ema=0.0), TINY)
     progress = {"epoch": 1, "best_val_loss": 100.0, "history": [entry], "rng": rng}
-    return checkpoint.build(config, model.state_dict(), optimizer.state_dict(), progress)
+    return checkpoint.build(settings, model.state_dict(), optimizer.state_dict(), progress)
 
 
 @pytest.fixture
@@ -169,44 +207,24 @@ def test_a_changed_tensor_byte_fails_the_checksum(tmp_path, ckpt):
     assert "do not match its checksum" in refused(tmp_path / "bad.pt")
 
 
-def set_weight(name: str, value):
-    return lambda c: c["model"].__setitem__(name, value(c["model"][name]))
-
-
-# an edit of a valid checkpoint, saved with its checksum renewed, and what the refusal must say
+# an edit of a valid checkpoint, saved with its checksum renewed: where, the new value (or how the
+# old one changes), and what the refusal must say
+BIAS = "to_stats.bias"
 EDITS = {
-    "lr out of range": (lambda c: c["config"].update(lr=-1.0), "config lr must be a number"),
-    "latent_dim a float": (
-        lambda c: c["config"].update(latent_dim=8.0),
-        "latent_dim must be a whole number",
-    ),
-    "unknown activation": (
-        lambda c: c["config"].update(activation="tanh"),
-        "activation must be one of",
-    ),
-    "one channel width": (lambda c: c["config"].update(channels=[8]), "channels must be 2 numbers"),
-    "weight of the wrong shape": (
-        set_weight("to_stats.bias", lambda t: t[:-1]),
-        "do not match the stored",
-    ),
-    "weight of the wrong dtype": (
-        set_weight("to_stats.bias", lambda t: t.double()),
-        "do not match the stored",
-    ),
-    "weight renamed": (
-        lambda c: c["model"].__setitem__("extra", c["model"].pop("to_stats.bias")),
-        "do not match",
-    ),
-    "NaN weight": (
-        set_weight("to_stats.bias", lambda t: t.clone().fill_(float("nan"))),
-        "NaN or infinite",
-    ),
-    "malformed history": (
-        lambda c: c["history"][0].update(val_loss="low"),
-        "history is not a list",
-    ),
+    "lr out of range": ("config", "lr", -1.0, "config lr must be a number"),
+    "latent_dim a float": ("config", "latent_dim", 8.0, "latent_dim must be a whole number"),
+    "unknown activation": ("config", "activation", "tanh", "activation must be one of"),
+    "one channel width": ("config", "channels", [8], "channels must be 2 numbers"),
+    "config not a dict": (None, "config", [1, 2], "its config is not a dict of settings"),
+    "weight of the wrong shape": ("model", BIAS, lambda t: t[:-1], "do not match the stored"),
+    "weight of the wrong dtype": ("model", BIAS, lambda t: t.double(), "do not match the stored"),
+    "weight renamed": ("model", BIAS, None, "do not match"),
+    "NaN weight": ("model", BIAS, lambda t: torch.full_like(t, math.nan), "NaN or infinite"),
+    "malformed history": ("history", 0, lambda h: h | {"val_loss": "low"}, "history is not a"),
     "older format": (
-        lambda c: c.update(format="vae-mnist/2"),
+        None,
+        "format",
+        "vae-mnist/2",
         "'vae-mnist/2', but this code reads 'vae-mnist/3'",
     ),
 }
@@ -214,8 +232,12 @@ EDITS = {
 
 @pytest.mark.parametrize("case", list(EDITS))
 def test_a_bad_value_with_a_renewed_checksum_is_refused(tmp_path, ckpt, case):
-    edit, words = EDITS[case]
-    edit(ckpt)
+    part, key, value, words = EDITS[case]
+    where = ckpt if part is None else ckpt[part]
+    if value is None:
+        where["extra"] = where.pop(key)
+    else:
+        where[key] = value(where[key]) if callable(value) else value
     resave(ckpt, tmp_path / "edited.pt")
     message = refused(tmp_path / "edited.pt")
     assert words in message and "checksum" not in message and "train a new one" in message, message
@@ -278,9 +300,9 @@ def write_archive(
     `deflated` zero bytes."""
     if model is not None:
         buffer = io.BytesIO()
-        config = checkpoint.config_dict(TrainConfig(), tiny_model().config)
+        settings = checkpoint.config_dict(TrainConfig(), TINY)
         Pickler(buffer, protocol=2).dump(
-            dict(format=checkpoint.FORMAT, checksum="0" * 64, config=config, model=model)
+            dict(format=checkpoint.FORMAT, checksum="0" * 64, config=settings, model=model)
         )
         pickled = buffer.getvalue()
     small = {"data.pkl": pickled, "byteorder": b"little", "version": b"3\n"} | (
@@ -331,14 +353,17 @@ def hostile(kind: str, path: Path) -> Path:
 # reports each one's exit status and stderr, and its peak resident memory so far. A small parent
 # starts it (started from pytest, it would inherit pytest's own high-water mark); it is killed after
 # the timeout.
-PARENT = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[2:], timeout=float(sys.argv[1])).returncode)"
+PARENT = """import subprocess, sys
+sys.exit(subprocess.run(sys.argv[2:], timeout=float(sys.argv[1])).returncode)"""
 CHILD = """import contextlib, io, json, resource, sys
 sys.path.insert(0, sys.argv[1])
 import main
 for argv in json.loads(sys.argv[2]):
-    with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
-        code = main.main(argv)
-    print(json.dumps([code, err.getvalue(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))"""
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = main.main(argv)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps([code, err.getvalue(), peak]))"""
 # each file in two of the commands, each command with two of the files; what the refusal must say
 HOSTILE = {
     "expanded view": (["evaluate", "--resume"], "its tensors claim 3,000,000,000 bytes"),
@@ -349,14 +374,14 @@ HOSTILE = {
 }
 
 
-def test_a_hostile_size_is_refused_in_one_line_with_little_memory(tmp_path, capsys):
+def test_a_hostile_size_is_refused_in_one_line_with_little_memory(tmp_path):
     files = {kind: hostile(kind, tmp_path / f"{kind}.pt") for kind in HOSTILE}
     cases = [(kind, command, files[kind]) for kind in HOSTILE for command in HOSTILE[kind][0]]
-    common = ["--data-dir", tmp_path / "data", "--image-dir", tmp_path / "img"]
-    # demo reads no data
+    common = ["--image-dir", tmp_path / "img", "--data-dir", tmp_path / "data"]
+    # demo reads no data and writes no picture, sample reads no data
     flags = {"--resume": ["--resume"], "demo": ["demo", "--port", "0", "--checkpoint"]}
     argvs = [
-        [*flags.get(c, [c, "--checkpoint"]), p, *(common if c != "demo" else [])]
+        [*flags.get(c, [c, "--checkpoint"]), p, *common[: {"demo": 0, "sample": 2}.get(c, 4)]]
         for _, c, p in cases
     ]
     child = [
@@ -374,10 +399,8 @@ def test_a_hostile_size_is_refused_in_one_line_with_little_memory(tmp_path, caps
         proc.stdout + proc.stderr
     )
     for (kind, command, path), (code, err, peak) in zip(cases, results):
-        with capsys.disabled():
-            print(
-                f"\n  {kind} ({path.stat().st_size:,} bytes) in {command}: peak {peak / 2**20:,.0f} MiB so far"
-            )
+        # shown with -s
+        print(f"{kind} ({path.stat().st_size:,} bytes) in {command}: peak {peak / 2**20:,.0f} MiB")
         assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {path}: "), err
         assert HOSTILE[kind][1] in err and peak < 1.5 * 2**30, (err, peak)
     assert sorted(tmp_path.iterdir()) == sorted(files.values())  # nothing written

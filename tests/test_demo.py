@@ -22,6 +22,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,9 +35,9 @@ import checkpoint
 import demo
 import evaluate
 import prepare
-from config import TrainConfig
+from config import TrainConfig, VAEConfig
 from files import UserError
-from model import VAE, VAEConfig
+from model import VAE
 
 CONFIG = VAEConfig(latent_dim=8, channels=(8, 8), hidden_dim=32)
 # Pen strokes as fractions of the drawing's side: eight different "digits".
@@ -73,7 +74,7 @@ def tiny():
     """A tiny untrained model with a small anomaly reference, test scores and a latent map, as
     training stores them."""
     torch.manual_seed(0)
-    model = VAE(CONFIG).eval()
+    model = VAE(**asdict(CONFIG)).eval()
     gen = torch.Generator().manual_seed(0)
     strokes = [torch.rand(4, 2, generator=gen) * 0.6 + 0.2 for _ in range(64)]
     x = torch.stack([prepare.prepare_digit(drawing(points, 56)) for points in strokes])

@@ -31,8 +31,8 @@ import commands
 import data
 import evaluate
 import train
-from config import TrainConfig
-from model import VAEConfig, on_device
+from config import TrainConfig, VAEConfig
+from model import on_device
 
 # as this process runs: the same arithmetic, so bit-identical runs
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

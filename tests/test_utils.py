@@ -1,7 +1,4 @@
-"""The plot functions return Figures that leave pyplot and the backend alone, a notebook shows
-inline and save_figure writes; loss curves tick whole epochs."""
-
-from __future__ import annotations
+"""Plots are Figures outside pyplot that IPython shows and save_figure writes; whole-epoch ticks."""
 
 import os
 import subprocess
@@ -18,12 +15,11 @@ import utils
 DRAW_ALL = """
 import sys, matplotlib, torch, utils
 from matplotlib.figure import Figure
-x, history = torch.rand(4, 1, 28, 28), [dict(epoch=1, train_loss=1, train_bce=1, train_kl=1,
-    val_loss=1, val_bce=1, val_kl=1)]
+x, history = torch.rand(4, 1, 28, 28), [dict.fromkeys(["epoch", "train_loss", "train_bce",
+    "train_kl", "val_loss", "val_bce", "val_kl"], 1)]
 figures = [utils.plot_rows([x, x], ["a", "b"], "rows", column_labels=list("abcd")),
     utils.plot_reconstructions(x, x), utils.plot_grid(x, "grid", nrow=2),
-    utils.plot_loss_curves(history),
-    utils.plot_latent_space(torch.randn(20, 2), torch.arange(20) % 10),
+    utils.plot_loss_curves(history), utils.plot_latent_space(torch.randn(9, 2), torch.arange(9)),
     utils.plot_anomalies([("top", x, x, list("abcd"))], title="anomalies"),
     utils.plot_user_reconstruction(x[0, 0] * 255, x[0], x[0], "mine")]
 for i, fig in enumerate(figures):
