@@ -100,7 +100,9 @@ def write_failure(path: Path, err: OSError) -> str:
 
 def check_output_dir(path: str | os.PathLike, flag: str) -> None:
     """Stop before any long work if files cannot be written into folder `path` (creating nothing):
-    the nearest existing part of the path must be a folder we can create a file in."""
+    the OS must accept the path (check_path), and its nearest existing part must be a folder we can
+    create a file in."""
+    check_path(path, flag)
     path = Path(path)
     existing = path
     while not existing.exists() and existing != existing.parent:
@@ -114,8 +116,104 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> None:
             pass
     except OSError as err:
         raise UserError(
-            f"{flag} {path}: cannot write in {existing} ({err.strerror or err}); pass a folder you can write to"
+            f"{flag} {path}: cannot write in {existing} ({err.strerror or err}); "
+            "pass a folder you can write to"
         ) from None
+
+
+# ----------------------------------------------------------------------------- paths the OS refuses
+
+NAME_MAX = 255  # bytes in one name: ext4, XFS, Btrfs, APFS and tmpfs all stop there
+
+
+def check_path(
+    path: str | os.PathLike, flag: str | None = None, fix: str = "pass another path"
+) -> None:
+    """One UserError line, naming `path` (after `flag`, if given), the reason and `fix`, if the OS
+    would refuse it: a name longer than NAME_MAX bytes, a part that is a file where a folder must
+    be, a symbolic link that loops or leads nowhere, a folder the user may not enter. A path that
+    does not exist yet, but could be made, passes."""
+    path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
+    long_names = [part for part in path.parts if len(os.fsencode(part)) > NAME_MAX]
+    if long_names:
+        size = len(os.fsencode(long_names[0]))
+        raise UserError(
+            f"{where}: a name in it is {size} bytes long ({long_names[0][:24]}...), more than the "
+            f"{NAME_MAX} a file system allows; {fix}"
+        )
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        # the nearest part on disk: a link to nothing is named, never written through
+        nearest = path
+        while not os.path.lexists(nearest) and nearest != nearest.parent:
+            nearest = nearest.parent
+        if nearest.is_symlink():
+            target = os.readlink(nearest)
+            raise UserError(
+                f"{where}: {nearest} is a symbolic link to {target}, which does not exist; {fix}"
+            ) from None
+    except OSError as err:
+        raise UserError(f"{where}: {refusal(path, err)}; {fix}") from None
+
+
+def refusal(path: Path, err: OSError) -> str:
+    """Why the OS refused `path` (err from os.stat or open), in words a user reads."""
+    path = Path(path)
+    if err.errno == errno.ENOTDIR:
+        part = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), path)
+        return f"{part} is a file, not a folder"
+    if err.errno == errno.ELOOP:
+        return "a symbolic link in it loops (too many levels of symbolic links)"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: you may not enter {entry_refused(path)}"
+    if err.errno == errno.ENAMETOOLONG:
+        return f"the path is {len(os.fsencode(path)):,} bytes long, more than the system allows"
+    return str(err.strerror or err)
+
+
+def entry_refused(path: Path) -> Path:
+    """The folder on the way to `path` whose permissions shut the user out."""
+    for part in reversed(path.parents):
+        try:
+            os.stat(part)
+        except PermissionError:
+            return part.parent
+        except OSError:
+            break
+    return path.parent
+
+
+def identity(path: str | os.PathLike) -> tuple | None:
+    """What tells one version of a file from the next (None: no file): every atomic write
+    (os.replace) gives the file a new inode."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+@contextmanager
+def describing(source: str | os.PathLike, seen: tuple | None, written: str | os.PathLike):
+    """Around writing `written`, a file that describes `source` (metrics.json, anomaly_scores.csv
+    beside a checkpoint): `source` must still be the version `seen` (identity) was taken of, before
+    the write and after it, else a UserError, and what was written is removed again. So a reader
+    never leaves a description of an old checkpoint beside a new one that a run saved meanwhile."""
+    message = (
+        f"{source} was replaced while it was read (a training run saved a new one there); "
+        f"{Path(written).name} was not written, so that it describes no other checkpoint than the "
+        "one beside it. Run the command again once the run has finished"
+    )
+    if identity(source) != seen:
+        raise UserError(message)
+    yield
+    mine = identity(written)
+    if identity(source) != seen:
+        if identity(written) == mine:
+            Path(written).unlink(missing_ok=True)
+        raise UserError(message)
 
 
 # ----------------------------------------------------------------------------- temporaries left by
@@ -179,7 +277,8 @@ def lock_folder(folder: str | os.PathLike, what: str = "training run"):
             raise UserError(busy_message(folder, what, f.read(20).strip())) from None
         except OSError as err:
             raise UserError(
-                f"cannot lock {folder / '.lock'} ({err.strerror or err}); choose a folder on a local disk"
+                f"cannot lock {folder / '.lock'} ({err.strerror or err}); "
+                "choose a folder on a local disk"
             ) from None
         # a run that ended meanwhile removed the file we opened
         if not still_linked(f, folder / ".lock"):
@@ -228,7 +327,10 @@ def still_linked(f, path: Path) -> bool:
 
 def busy_message(folder: Path, what: str, pid: str) -> str:
     holder = f" (pid {pid})" if pid else ""
-    return f"{folder} is in use by another {what}{holder}; wait for it to finish or pass another --checkpoint-dir"
+    return (
+        f"{folder} is in use by another {what}{holder}; "
+        "wait for it to finish or pass another --checkpoint-dir"
+    )
 
 
 def remove_made_folders(made: list[Path], lock: Path) -> None:
