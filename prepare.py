@@ -68,9 +68,8 @@ def read_picture(path: str | os.PathLike) -> torch.Tensor:
             with Image.open(path) as img:
                 check_picture_size(*img.size)  # from the header, before the pixels are decoded
                 if getattr(img, "n_frames", 1) > 1:  # an animated GIF, a multi-page TIFF
-                    print(
-                        f"note: {os.fsdecode(path)} holds {img.n_frames} frames; only the first frame is used"
-                    )
+                    name, frames = os.fsdecode(path), img.n_frames
+                    print(f"note: {name} holds {frames} frames; only the first frame is used")
                 # phones store the picture sideways plus a tag
                 return intensities(ImageOps.exif_transpose(img))
     except FileNotFoundError:
@@ -106,11 +105,13 @@ def check_regular_file(path: str | os.PathLike) -> None:
 def check_picture_size(width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
         raise ImageError(
-            f"{width} x {height} pixels is more than the {MAX_PIXELS:,} a digit picture may have; scale it down"
+            f"{width} x {height} pixels is more than the {MAX_PIXELS:,} a digit picture may have; "
+            "scale it down"
         )
     if min(width, height) < MIN_SIDE:
         raise ImageError(
-            f"too small: {width} x {height} pixels; give a picture at least {MIN_SIDE} pixels on each side"
+            f"too small: {width} x {height} pixels; give a picture at least {MIN_SIDE} pixels on "
+            "each side"
         )
 
 
@@ -170,7 +171,8 @@ def checked(gray) -> torch.Tensor:
     take."""
     if not isinstance(gray, torch.Tensor) or gray.ndim != 2:
         raise ImageError(
-            f"expected one grayscale picture of shape (H, W), got {tuple(getattr(gray, 'shape', ()))}"
+            "expected one grayscale picture of shape (H, W), got "
+            f"{tuple(getattr(gray, 'shape', ()))}"
         )
     check_picture_size(gray.shape[1], gray.shape[0])
     gray = gray.detach().to("cpu", torch.float32)
@@ -194,8 +196,8 @@ def shrink(image: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def to_ink(gray: torch.Tensor) -> torch.Tensor | None:
-    """(H, W) intensities -> ink in [0, 1] on a 0 background, whatever the lighting; None if there
-    is no ink.
+    """(H, W) intensities -> ink in [0, 1] on a 0 background, whatever the lighting; None if the
+    picture has no contrast at all with its paper.
 
     The paper's brightness is estimated everywhere and divided out (light falls on ink and paper
     alike), so what remains is the contrast of each pixel with its own patch of paper. Ink is told
@@ -216,7 +218,11 @@ def to_ink(gray: torch.Tensor) -> torch.Tensor | None:
     smooth = F.avg_pool2d(contrast[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
     found = smooth > floor.clamp_min(MIN_CONTRAST)
     if not found.any():
-        return None
+        # The grain is as strong as any stroke (noise, a grid of pictures): no clean split of ink
+        # from paper. Such a picture is still a picture, to reconstruct and score (very unusual),
+        # so the contrast itself is its ink; only a page with no contrast beyond its lighting (its
+        # grain under MIN_CONTRAST) is empty.
+        return contrast if (grain / room).median() >= MIN_CONTRAST else None
     near = near_the_digit(found)
     return ink_from_contrast(contrast, smooth, found & near, floor) * near
 
