@@ -105,17 +105,19 @@ def latent_map(model: VAE, x: torch.Tensor, labels: torch.Tensor) -> dict[str, t
     """A 2-D map of the latent space: the two directions that best separate the digits (Fisher's
     linear discriminant analysis of the posterior means of images x with their labels), where a
     principal-component view shows a blob. Only the active dimensions (Var of the posterior mean >
-    ACTIVE_VARIANCE, as `active_units` counts them) take part: the discriminant divides by the spread within
-    each digit, so the near-constant dimensions the decoder ignores would get the largest weights,
-    and moving a code along such a map would change the ring's place but not the digit. A code z
-    lands at (z - mean) @ axes; the map keeps up to MAP_POINTS of these images' positions and
-    labels."""
+    ACTIVE_VARIANCE, as `active_units` counts them) take part: the discriminant divides by the
+    spread within each digit, so the near-constant dimensions the decoder ignores would get the
+    largest weights, and moving a code along such a map would change the ring's place but not the
+    digit. A code z lands at (z - mean) @ axes; the map keeps up to MAP_POINTS of these images'
+    positions and labels. A one-dimensional code gives a one-dimensional map: its second axis is
+    0, so every point lies on the first."""
     mu = anomaly.posterior_means(model, x).double().cpu()
     labels = labels.cpu()
     mean, spread = mu.mean(0), mu.var(0)
     active = spread > ACTIVE_VARIANCE
-    if active.sum() < 2:  # a collapsed or untrained model: its two most varied dimensions
-        active = torch.zeros_like(active).index_fill_(0, spread.topk(2).indices, True)
+    if active.sum() < 2:  # a collapsed or untrained model: its (up to) two most varied dimensions
+        most_varied = spread.topk(min(2, len(spread))).indices
+        active = torch.zeros_like(active).index_fill_(0, most_varied, True)
     used = mu[:, active]
     within = torch.zeros(used.shape[1], used.shape[1], dtype=torch.float64)
     between = torch.zeros_like(within)
@@ -125,14 +127,16 @@ def latent_map(model: VAE, x: torch.Tensor, labels: torch.Tensor) -> dict[str, t
         within += centred.T @ centred
         between += len(codes) * torch.outer(offset, offset)
     # solve between @ a = lambda * within @ a through the Cholesky factor of within
-    # (ridge-regularised)
-    ridge = 1e-6 * within.diagonal().mean() * torch.eye(len(within), dtype=torch.float64)
+    # (ridge-regularised; the tiny floor keeps codes that never vary solvable)
+    ridge = (1e-6 * within.diagonal().mean() + 1e-12) * torch.eye(len(within), dtype=torch.float64)
     inv = torch.linalg.inv(torch.linalg.cholesky(within + ridge))
     _, vectors = torch.linalg.eigh(inv @ between @ inv.T)
     axes = torch.zeros(mu.shape[1], 2, dtype=torch.float64)
-    # the two largest eigenvalues, largest first; 0 on unused dims
-    axes[active] = inv.T @ vectors[:, -2:].flip(1)
-    axes = axes / ((mu - mean) @ axes).std(0)  # unit spread along each axis
+    # the (up to) two largest eigenvalues, largest first; 0 on unused dims
+    n_axes = min(2, used.shape[1])
+    axes[active, :n_axes] = inv.T @ vectors[:, -n_axes:].flip(1)
+    # unit spread along each axis (an axis of zeros stays zeros)
+    axes = axes / ((mu - mean) @ axes).std(0).clamp_min(1e-12)
     points = ((mu - mean) @ axes)[:MAP_POINTS]
     return {
         "mean": mean.float(),
