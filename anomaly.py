@@ -48,6 +48,12 @@ UNITS = {
 }
 # validation images whose score statistics put the parts of `combined` on one scale
 CALIBRATION_IMAGES = 1_000
+# A run on at least this many training images (a default run has 55,000) gets the full reference:
+# LOCAL_STEPS steps of the local pixel model and all the test digits scored. A smaller run gets a
+# share in proportion, never below the MIN_ ones, so that a quick run's reference is quick too.
+FULL_REFERENCE_RUN = 40_000
+LOCAL_STEPS, MIN_LOCAL_STEPS = 600, 100
+MIN_TEST_SCORES = 1_000
 
 
 # ----------------------------------------------------------------------------- the parts of a score
@@ -135,7 +141,10 @@ def score_parts(
         parts["complexity"] = parts["elbo"] - reference["local_weight"] * local.nll(x)
         mu, _ = model.encode(x)
         codes = reference["codes"].to(x.device)
-        nearest = torch.cdist(mu, codes).topk(min(KNN_K, len(codes)), dim=1, largest=False)
+        # each distance computed on its own (not through a matrix product, whose rounding depends
+        # on the batch), so that an image's score does not depend on the images beside it
+        distances = torch.cdist(mu, codes, compute_mode="donot_use_mm_for_euclid_dist")
+        nearest = distances.topk(min(KNN_K, len(codes)), dim=1, largest=False)
         parts["knn"] = nearest.values.mean(1)
     return parts
 
@@ -180,17 +189,16 @@ def fit_reference(
     progress: bool = False,
 ) -> dict:
     """What the complexity, knn and combined scores compare an image against, from the model's own
-    training images (float, any number) and validation images: the local pixel model, the codes of
-    up to 10,000 training images, and the mean and std of each score over up to 1,000 validation
-    images. Plain tensors and floats: it is stored in best.pt at the end of training."""
+    training images (float, any number) and validation images: the local pixel model (600 Adam
+    steps, fewer for a run on fewer than 40,000 images: see scaled), the codes of up to 10,000
+    training images, and the mean and std of each score over up to 1,000 validation images. Plain
+    tensors and floats: it is stored in best.pt at the end of training."""
     pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[
         :REFERENCE_IMAGES
     ]
     reference_x = train_x[pick.to(train_x.device)]
     codes = posterior_means(model, reference_x)
-    # about four passes over the reference images at batch 64, at most 600 steps (the count for a
-    # full-size run)
-    local_steps = local_steps or min(600, math.ceil(4 * len(reference_x) / 64))
+    local_steps = local_steps or max(MIN_LOCAL_STEPS, scaled(LOCAL_STEPS, len(train_x)))
     local = fit_local_model(reference_x, local_steps, seed=seed, progress=progress)
     reference = {
         "local_weight": LOCAL_WEIGHT,
@@ -332,8 +340,13 @@ def reference_for_run(
 ):
     """What training stores in best.pt: the reference fitted on the run's own training and
     validation images, and the sorted scores of the test digits, so that a percentile needs no data
-    set."""
+    set. A run on fewer than 40,000 training images scores a seeded share of the test digits in
+    proportion (at least 1,000), as it fits a shorter local model (see scaled)."""
     reference = fit_reference(model, train_x, val_x, progress=progress)
+    n = max(MIN_TEST_SCORES, scaled(len(test_x), len(train_x)))
+    if n < len(test_x):
+        pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(SCORE_SEED))[:n]
+        test_x = test_x[pick.sort().values.to(test_x.device)]
     bar = f"anomaly reference: scoring the {len(test_x):,} test digits" if progress else ""
     reference["test_scores"] = (
         score(model, test_x, reference=reference, progress=bar).sort().values.cpu()
@@ -365,6 +378,12 @@ def test_scores(
         return cached
     x = test_images()
     return score(model, x, method, samples, seed, reference=reference, progress=progress).cpu()
+
+
+def scaled(full: int, train_images: int) -> int:
+    """`full` (a full run's count) in proportion to a run's training images, rounded up: all of it
+    from FULL_REFERENCE_RUN images on."""
+    return min(full, math.ceil(full * train_images / FULL_REFERENCE_RUN))
 
 
 def reference_of(ckpt: dict) -> dict | None:

@@ -83,7 +83,7 @@ class Demo:
         # the others need the reference
         self.method = anomaly.DEFAULT_METHOD if reference is not None else "elbo"
         self.lock = threading.Lock()
-        self.map = map_or_first_dims(latent_map, model.config.latent_dim)
+        self.map = map_or_first_dims(latent_map, model.latent_dim)
         self.codes = reference["codes"].float().cpu() if reference is not None else None
         # the codes' places on the map
         self.code_points = None if self.codes is None else self.map_point(self.codes)
@@ -178,10 +178,10 @@ class Demo:
             "points": self.map["points"].tolist(),
             "labels": self.map["labels"].tolist(),
             "map_axes": axes,
-            "latent_dim": self.model.config.latent_dim,
+            "latent_dim": self.model.latent_dim,
             "method": self.method,
             "directions": slider_directions(
-                self.map, self.codes, self.code_points, self.model.config.latent_dim
+                self.map, self.codes, self.code_points, self.model.latent_dim
             ),
             "verdicts": [name for name, _ in VERDICTS],
             "verdict_percentiles": [p for _, p in VERDICTS[1:]],
@@ -302,7 +302,7 @@ def decode_request(demo: Demo, body: dict) -> dict:
     """{"z": code} or {"point": place on the map} -> the decoded digit."""
     if "point" in body:
         return demo.decode(demo.code_at(numbers(body["point"], 2, "point", limit=1000)))
-    return demo.decode(numbers(body.get("z"), demo.model.config.latent_dim, "z", limit=1000))
+    return demo.decode(numbers(body.get("z"), demo.model.latent_dim, "z", limit=1000))
 
 
 def split_host(header: str) -> tuple[str | None, int | None]:
