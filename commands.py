@@ -37,8 +37,6 @@ import utils
 from config import VAEConfig
 from files import UserError
 
-# fewest training and validation images: fewer make the validation loss and the calibration noise
-MIN_IMAGES = 100
 # what a run leaves in its folder
 RUN_FILES = ("best.pt", "last.pt", "metrics.json", "anomaly_scores.csv")
 STOP_SIGNALS = tuple(
@@ -60,20 +58,11 @@ class Interrupted(KeyboardInterrupt):
 
 
 def pick_device(name: str) -> torch.device:
-    """auto: cuda, then mps, then cpu; a device that is asked for by name must exist. On CUDA, TF32
-    tensor cores for convolutions and matrix products (fp32 range, 10-bit mantissa products)."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available here; use --device auto or cpu")
-    if name == "mps" and not mps:
-        raise UserError(
-            "--device mps: Apple's MPS backend is not available here; use --device auto or cpu"
-        )
-    if name == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return torch.device(name)
+    """--device resolved (config.pick_device), or refused in one line."""
+    try:
+        return config.pick_device(name)
+    except ValueError as err:
+        raise UserError(f"--device {err}; use --device auto or cpu") from None
 
 
 def load_data(data_dir: str) -> dict[str, torch.Tensor]:
@@ -155,15 +144,16 @@ def run_train(args) -> int:
         precision = pick_precision(train_config.precision, device, resumed=resume is not None)
         train_config = replace(train_config, precision=precision)
         mnist = load_data(args.data_dir)
-        split = checked_split(mnist["train_labels"], train_config)
-        if args.replace:  # every check has passed: only now is the earlier run removed
-            for name in RUN_FILES:
-                (folder / name).unlink(missing_ok=True)
         if resume is not None and not (best := best_checkpoint(folder, resumed_from)).is_file():
             print(f"note: {best} is missing, so the next epoch's weights will become best.pt")
             resume["best_val_loss"] = math.inf
-        images = tuple(mnist["train_images"][i] for i in split)
-        run = train.start(train_config, model_config, images, folder, device, resume)
+        try:
+            run = train.start(train_config, model_config, mnist, folder, device, resume)
+        except ValueError as err:  # too few images to train or validate on
+            raise UserError(f"{err} (check --subset, --val-size and --exclude-digit)") from None
+        if args.replace:  # every check has passed: only now is the earlier run removed
+            for name in RUN_FILES:
+                (folder / name).unlink(missing_ok=True)
         if run.epoch >= train_config.epochs:
             print(
                 f"already trained {run.epoch} epochs (pass --epochs N, more than {run.epoch}, to train longer)"
@@ -248,38 +238,13 @@ def resolve_settings(
 
 
 def pick_precision(name: str, device: torch.device, resumed: bool = False) -> str:
-    """The training step's arithmetic: auto is bf16 autocast on CPUs with Intel AMX (native bf16
-    matrix units), else fp32. Not bf16 on CUDA: at batch 64 this model's step is bound by kernel
-    launches, and autocast adds launches."""
-    if name == "auto":
-        return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
-    # a resumed run keeps its stored precision, so the way out is another device
-    fix = "resume it with --device cpu" if resumed else "use --precision fp32"
-    if name == "bf16" and device.type == "mps":
-        raise UserError(f"--precision bf16 is supported on cpu and cuda, not mps; {fix}")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--precision bf16: this GPU has no bf16 support; {fix}")
-    return name
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has Intel AMX tiles (native bf16 matrix units), as the kernel reports them
-    in /proc/cpuinfo."""
+    """--precision resolved (config.resolve_precision), or refused in one line."""
     try:
-        return "amx_tile" in Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no way to ask without private torch APIs, so assume none
-        return False
-
-
-def checked_split(labels: torch.Tensor, c: config.TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's (train, validation) indices, each at least MIN_IMAGES long."""
-    train_idx, val_idx = data.run_split(labels, c.val_size, c.seed, c.exclude_digit, c.subset)
-    if len(train_idx) < MIN_IMAGES or len(val_idx) < MIN_IMAGES:
-        raise UserError(
-            f"this run would train on {len(train_idx)} images and validate on {len(val_idx)}; each needs "
-            f"at least {MIN_IMAGES} (check --subset, --val-size and --exclude-digit)"
-        )
-    return train_idx, val_idx
+        return config.resolve_precision(name, device)
+    except ValueError as err:
+        # a resumed run keeps its stored precision, so the way out is another device
+        fix = "resume it with --device cpu" if resumed else "use --precision fp32"
+        raise UserError(f"--precision {err}; {fix}") from None
 
 
 class StopOnSignal:

@@ -15,17 +15,16 @@ status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
 from dataclasses import fields
 
-import torch
-
 import anomaly
 import checkpoint
 import commands
-from config import TrainConfig, VAEConfig, range_text, span_text
+from config import TrainConfig, VAEConfig, float_settings, range_text, span_text
 from files import UserError
 
 COMMANDS = ("train", "evaluate", "sample", "score", "reconstruct", "demo")
@@ -103,17 +102,22 @@ def add_number(p, flag: str, low: int, high: int, default: int, help: str) -> No
 
 
 def add_common(
-    p: argparse.ArgumentParser, checkpoint_flag: bool = True, files: bool = True
+    p: argparse.ArgumentParser,
+    checkpoint_flag: bool = True,
+    data: bool = True,
+    images: bool = True,
 ) -> None:
-    """--device and --no-progress; unless files is False, --data-dir and --image-dir; unless
-    checkpoint_flag is False, --checkpoint."""
-    if files:
+    """--device; unless data is False, --data-dir and --progress (a command that reads no data has
+    no long step to show); unless images is False, --image-dir; unless checkpoint_flag is False,
+    --checkpoint."""
+    if data:
         p.add_argument(
             "--data-dir",
             default="data",
             help="folder holding the four MNIST IDX files (.gz or not; also "
             "looks in MNIST/raw); downloaded there when absent (default: data)",
         )
+    if images:
         p.add_argument(
             "--image-dir", default="images", help="where pictures are written (default: images)"
         )
@@ -130,12 +134,12 @@ def add_common(
             help=f"checkpoint to use (default: {checkpoint.DEFAULT}; until training has written "
             "it, the shipped pretrained/vae-mnist.pt)",
         )
-    if files:
+    if data:
         p.add_argument(
-            "--no-progress",
-            dest="progress",
-            action="store_false",
-            help="no progress bars (the lines that report results still print)",
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            help="progress bars on stderr for long steps; the lines that report results print "
+            "either way (default: only when stderr is a terminal, so a log file gets no bars)",
         )
 
 
@@ -227,7 +231,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_demo_flags(p: argparse.ArgumentParser) -> None:
-    add_common(p, files=False)
+    add_common(p, data=False, images=False)
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -251,7 +255,7 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
         None,
         "seed of the evaluation's z samples (default: the checkpoint's training seed)",
     )
-    add_common(parsers["sample"])
+    add_common(parsers["sample"], data=False)
     add_number(parsers["sample"], "--n", 1, 1024, default=64, help="number of digits")
     add_seed(parsers["sample"], 0, "seed of the z draws (default: 0)")
     parsers["reconstruct"].add_argument(
@@ -273,35 +277,62 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 class ClosedPipeSafe:
-    """stdout or stderr that, once its reader has gone (`| head`, a closed `less`), stops writing
-    instead of raising: the work goes on, and nothing prints a traceback for output nobody reads."""
+    """stdout or stderr that never stops the work or prints a traceback: once writing to it fails
+    (its reader has gone, `| head`; its disk is full, `> /dev/full`; it was closed, `>&-`), it
+    writes to /dev/null instead, and `failed` says so. A failure the user did not ask for (not a
+    reader that went, not a closed stream) is told once on the stream `other`, if given."""
 
-    def __init__(self, stream) -> None:
-        self.stream = stream
+    def __init__(self, stream, fd: int, name: str) -> None:
+        self.fd, self.name, self.other = fd, name, None
+        self.failed = stream is None  # Python found the descriptor closed at startup
+        self.stream = self.devnull() if stream is None else stream
 
     def write(self, text: str) -> int:
         try:
             return self.stream.write(text)
-        except BrokenPipeError:
-            self.gone()
+        except (OSError, ValueError) as err:  # ValueError: the stream was closed
+            self.gone(err)
             return len(text)
 
     def flush(self) -> None:
         try:
             self.stream.flush()
-        except BrokenPipeError:
-            self.gone()
+        except (OSError, ValueError) as err:
+            self.gone(err)
 
-    def gone(self) -> None:
-        # point the descriptor at /dev/null too, so the interpreter's last flush of the old stream
-        # finds a reader
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self.stream.fileno())
-        os.close(devnull)
-        self.stream = open(os.devnull, "w")
+    def gone(self, err: Exception) -> None:
+        self.failed, self.stream = True, self.devnull()
+        # not a reader that went (EPIPE) or a closed descriptor (EBADF): a disk full, say
+        if getattr(err, "errno", None) not in (None, errno.EPIPE, errno.EBADF) and self.other:
+            reason = f"{self.name} cannot be written ({err.strerror or err})"
+            self.other.write(f"note: {reason}; going on without it\n")
+
+    def devnull(self):
+        """A stream on this descriptor, pointed at /dev/null: the interpreter's last flush of the
+        old stream finds a reader, and no file opened later takes the number of a closed one (and
+        with it the program's output)."""
+        null = os.open(os.devnull, os.O_WRONLY)
+        if null != self.fd:
+            os.dup2(null, self.fd)
+            os.close(null)
+        return open(self.fd, "w", closefd=False, errors="backslashreplace")
 
     def __getattr__(self, name: str):
         return getattr(self.stream, name)
+
+
+def hold_closed_descriptors() -> None:
+    """Point a closed stdin, stdout or stderr (`<&-`, `>&-`, `2>&-`) at /dev/null before anything
+    opens a file: a checkpoint opened later would take the free number, and whatever writes to it
+    (a warning from torch's C++ code on descriptor 2) would write into the checkpoint."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def interrupted(signum: int, frame) -> None:
@@ -311,9 +342,6 @@ def interrupted(signum: int, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Denormal floats (tiny values that build up in Adam's state as training goes on) are ~100x
-    # slower on x86 CPUs; flushing them to zero changes results only at rounding level.
-    torch.set_flush_denormal(True)
     given = list(argv)  # for the command that starts a stopped run again
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     parser = build_parsers()[command]
@@ -327,8 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     args.argv = given
+    if getattr(args, "progress", False) is None:  # the one place the default is resolved
+        args.progress = sys.stderr.isatty()
     try:
-        return commands.HANDLERS[command](args)
+        # every command flushes denormals (evaluation too: 1.35x slower without) and uses TF32 on
+        # CUDA; the process's own settings come back when main() returns
+        with float_settings():
+            return commands.HANDLERS[command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -341,7 +374,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.stdout, sys.stderr = ClosedPipeSafe(sys.stdout), ClosedPipeSafe(sys.stderr)
+    hold_closed_descriptors()
+    sys.stdout = ClosedPipeSafe(sys.stdout, fd=1, name="stdout")
+    sys.stderr = ClosedPipeSafe(sys.stderr, fd=2, name="stderr")
+    sys.stdout.other = sys.stderr  # a stderr that fails is not told on stdout, which may be data
     # a file name that is not valid UTF-8 prints, escaped
     sys.stdout.reconfigure(errors="backslashreplace")
     for s in commands.STOP_SIGNALS[1:]:
