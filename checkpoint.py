@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 import config as settings
+import files
 from config import TrainConfig, VAEConfig
 from files import UserError, write_bytes_atomic
 from model import VAE, on_device
@@ -160,7 +161,10 @@ def refused(path: Path):
 
 def check_archive(path: Path, flag: str) -> int:
     """The file is a zip archive as torch.save writes one: records stored uncompressed, no larger
-    than the file and MAX_BYTES. Returns how many bytes of tensor data it stores."""
+    than the file and MAX_BYTES. Returns how many bytes of tensor data it stores. A path the OS
+    refuses, a TorchScript model and a file in torch.save's legacy format are named as what they
+    are."""
+    files.check_path(path, flag)
     if path.is_dir():
         raise CheckpointError(
             f"{path} is a folder; pass {flag} the checkpoint file in it (best.pt or last.pt)"
@@ -173,13 +177,26 @@ def check_archive(path: Path, flag: str) -> int:
         raise CheckpointError(
             f"{path}: not a regular file; pass {flag} PATH of a vae-mnist checkpoint"
         )
+    use_instead = f"pass {flag} PATH of a best.pt or last.pt that `python main.py` wrote"
     try:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read it ({err.strerror or err}); {use_instead}")
+    except (zipfile.BadZipFile, ValueError, EOFError):
+        if is_legacy_torch_save(path):
+            raise CheckpointError(
+                f"{path}: a file in torch.save's legacy (non-zip) format, not a checkpoint this "
+                f"program wrote; {use_instead}"
+            ) from None
         raise CheckpointError(
-            f"{path}: not a checkpoint (not a file torch.save wrote); pass {flag} PATH of a vae-mnist checkpoint"
+            f"{path}: not a checkpoint (not a file torch.save wrote); {use_instead}"
         ) from None
+    if any(r.filename.endswith("/constants.pkl") or "/code/" in r.filename for r in records):
+        raise CheckpointError(
+            f"{path}: a TorchScript model (torch.jit.save), not a checkpoint: it holds no settings "
+            f"to rebuild this program's model from; {use_instead}"
+        )
     total = sum(r.file_size for r in records)
     pickled = sum(r.file_size for r in records if r.filename.endswith(".pkl"))
     if any(r.compress_type != zipfile.ZIP_STORED for r in records) or total > path.stat().st_size:
@@ -193,10 +210,22 @@ def check_archive(path: Path, flag: str) -> int:
         )
     if pickled > MAX_PICKLE_BYTES:
         raise CheckpointError(
-            f"{path}: its pickled structure is {pickled:,} bytes, more than the {MAX_PICKLE_BYTES:,} "
-            "a checkpoint needs; refused unread"
+            f"{path}: its pickled structure is {pickled:,} bytes, more than the "
+            f"{MAX_PICKLE_BYTES:,} a checkpoint needs; refused unread"
         )
     return sum(r.file_size for r in records if "/data/" in r.filename)
+
+
+# how every file of torch.save's legacy format begins: pickle protocol 2, then its magic number
+LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def is_legacy_torch_save(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC
+    except OSError:
+        return False
 
 
 def tensors(value):
