@@ -8,13 +8,14 @@ import hashlib
 import math
 import os
 import re
+import stat
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from files import UserError
+from files import UserError, check_path, refusal
 
 
 class DataError(UserError, ValueError):
@@ -42,16 +43,41 @@ def candidate_paths(data_dir: str | os.PathLike, name: str) -> list[Path]:
     return [d / (spelled + ext) for d in folders for spelled in spellings for ext in (".gz", "")]
 
 
-def find_mnist_files(data_dir: str | os.PathLike) -> dict[str, Path | None]:
-    """The first existing candidate for each of the four files, or None where there is none."""
-    return {
-        name: next((p for p in candidate_paths(data_dir, name) if p.is_file()), None)
-        for name in MNIST_FILES
-    }
+def find_mnist_files(
+    data_dir: str | os.PathLike, names: list[str] | None = None
+) -> dict[str, Path | None]:
+    """The first existing candidate for each of `names` (default: all four files), or None where
+    there is none. A candidate that is there but is no regular file (a FIFO, a folder, a link to
+    /dev/zero), or that the OS refuses, is a DataError naming it: never missing, so nothing is
+    downloaded over it, and nothing waits on it."""
+    how = "pass a folder that holds the MNIST files"
+    try:
+        check_path(data_dir, fix=how)
+    except UserError as err:
+        raise DataError(str(err)) from None
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"{data_dir} is a file, not a folder; {how}")
+    return {name: first_candidate(data_dir, name) for name in names or MNIST_FILES}
 
 
-def missing_files(data_dir: str | os.PathLike) -> list[str]:
-    return [name for name, path in find_mnist_files(data_dir).items() if path is None]
+def first_candidate(data_dir: str | os.PathLike, name: str) -> Path | None:
+    for path in candidate_paths(data_dir, name):
+        try:
+            mode = os.stat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as err:
+            raise DataError(f"{path}: {refusal(path, err)}; {HOW_TO_FIX}") from None
+        if stat.S_ISREG(mode):
+            return path
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, device or socket)"
+        raise DataError(f"{path} is {kind}, not an MNIST file; remove it, then {HOW_TO_FIX}")
+    return None
+
+
+def missing_files(data_dir: str | os.PathLike, names: list[str] | None = None) -> list[str]:
+    """Which of `names` (default: all four files) are not in data_dir (see find_mnist_files)."""
+    return [name for name, path in find_mnist_files(data_dir, names).items() if path is None]
 
 
 def read_idx(path: str | os.PathLike, magic: int, shape: tuple, md5: str | None) -> np.ndarray:
