@@ -13,6 +13,7 @@ library with plain values:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -86,6 +87,7 @@ def open_model(args, device: torch.device) -> tuple[Path, torch.nn.Module, dict]
 def output_path(args, path: Path, name: str) -> Path | None:
     """Where a command writes `name` (metrics.json, anomaly_scores.csv): --output-dir, else beside
     the checkpoint, else (the shipped model) nowhere. Checked for writing before any long work."""
+    files.check_path(path, "--checkpoint")
     if args.output_dir is not None:
         files.check_output_dir(args.output_dir, "--output-dir")
         return Path(args.output_dir) / name
@@ -171,7 +173,8 @@ def run_files(args) -> tuple[Path, Path | None]:
     """The run's checkpoint folder, and the checkpoint it resumes from (None for a fresh run)."""
     if args.resume and args.replace:
         raise UserError(
-            "--replace deletes a run to start a new one, --resume continues one: pass only one of them"
+            "--replace deletes a run to start a new one, --resume continues one: "
+            "pass only one of them"
         )
     if not args.resume:
         return Path(args.checkpoint_dir or "models_mnist"), None
@@ -180,6 +183,13 @@ def run_files(args) -> tuple[Path, Path | None]:
         if args.resume is True
         else Path(args.resume)
     )
+    files.check_path(resumed_from, "--resume")
+    best = resumed_from.parent / "best.pt"
+    if args.resume is True and not resumed_from.exists() and best.is_file():
+        raise UserError(
+            f"{resumed_from}: no such checkpoint, but {best} holds the run (its last.pt was never "
+            f"saved); continue it with --resume {best}"
+        )
     return (Path(args.checkpoint_dir) if args.checkpoint_dir else resumed_from.parent), resumed_from
 
 
@@ -192,9 +202,11 @@ def check_run_folder(folder: Path, replacing: bool, resumed_from: Path | None) -
     held = [name for name in RUN_FILES[:2] if (folder / name).exists()]
     continuing = resumed_from is not None and resumed_from.resolve().parent == folder.resolve()
     if held and not replacing and not continuing:
+        # a folder with only best.pt: the run was stopped while it saved its first last.pt
+        resume = "--resume" if "last.pt" in held else f"--resume {folder / 'best.pt'}"
         raise UserError(
-            f"{folder} already holds a run ({' and '.join(held)}); continue it with --resume, choose "
-            "another --checkpoint-dir, or pass --replace to delete it and start over"
+            f"{folder} already holds a run ({' and '.join(held)}); continue it with {resume}, "
+            "choose another --checkpoint-dir, or pass --replace to delete it and start over"
         )
 
 
@@ -268,10 +280,9 @@ class StopOnSignal:
             raise Interrupted(signum)
         self.signum = signum
         name = signal.Signals(signum).name
-        print(
-            f"\n{name}: stopping after this step; the epochs already saved are kept ({name} again aborts at once)",
-            file=sys.stderr,
-            flush=True,
+        tell(
+            f"\n{name}: stopping after this step; the epochs already saved are kept "
+            f"({name} again aborts at once)"
         )
 
     def __exit__(self, *exc) -> None:
@@ -284,27 +295,49 @@ def stopped(args, run: train.Run, signum: int, folder: Path, resumed_from: Path 
     gone)."""
     last = folder / "last.pt" if (folder / "last.pt").is_file() else resumed_from
     if last is None:
-        message = f"stopped in epoch 1 of {run.config.epochs}, before any epoch was saved; start it again with:"
+        message = (
+            f"stopped in epoch 1 of {run.config.epochs}, before any epoch was saved; "
+            "start it again with:"
+        )
         command = ["python", "main.py", *args.argv]
     else:
         done = f"the run up to epoch {run.epoch}" + (
             ", not yet evaluated" if run.epoch == run.config.epochs else ""
         )
-        message = f"stopped in epoch {min(run.epoch + 1, run.config.epochs)}; {last} holds {done}. Resume with:"
+        epoch = min(run.epoch + 1, run.config.epochs)
+        message = f"stopped in epoch {epoch}; {last} holds {done}. Resume with:"
         command = resume_command(args, last, folder)
-    print(f"{message}\n  {shlex.join(command)}", file=sys.stderr, flush=True)
+    tell(f"{message}\n  {shlex.join(command)}")
     return 128 + signum
 
 
+def tell(text: str) -> None:
+    """Print on stderr (stdout may have gone), and on stdout too when stderr cannot be written
+    (main's streams mark themselves `failed`); never raise: a lost line must not stop a run."""
+    for stream in (sys.stderr, sys.stdout):
+        try:
+            print(text, file=stream, flush=True)
+        except (OSError, ValueError):
+            continue
+        if not getattr(stream, "failed", False):
+            return
+
+
+# what a resumed run accepts besides --resume and --checkpoint-dir: repeated when the run had it
+RESUME_FLAGS = ("--epochs", "--data-dir", "--image-dir", "--device", "--iwae-k")
+SWITCHES = ("--progress", "--no-progress")  # flags without a value
+
+
 def resume_command(args, last: Path, folder: Path) -> list[str]:
-    """The command line that continues this run from `last`, with the folders and device it was
-    given."""
+    """The command line that continues this run from `last`, with every flag it was given that a
+    resumed run takes (its settings come from the checkpoint)."""
     parts = ["python", "main.py", "--resume", str(last)]
     parts += ["--checkpoint-dir", str(folder)] if last.parent != folder else []
-    for flag, default in (("data_dir", "data"), ("image_dir", "images"), ("device", "auto")):
-        if getattr(args, flag) != default:
-            parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    return parts + (["--epochs", str(args.epochs)] if args.epochs is not None else [])
+    for flag in RESUME_FLAGS + SWITCHES:
+        if any(word == flag or word.startswith(f"{flag}=") for word in args.argv):
+            value = [] if flag in SWITCHES else [str(getattr(args, flag[2:].replace("-", "_")))]
+            parts += [flag, *value]
+    return parts
 
 
 def best_checkpoint(folder: Path, resumed_from: Path | None) -> Path:
@@ -349,22 +382,28 @@ def run_evaluate(args) -> int:
     files.check_output_dir(args.image_dir, "--image-dir")
     path = checkpoint.for_use(args.checkpoint)
     metrics_path = output_path(args, path, "metrics.json")
+    seen = files.identity(path)  # metrics.json is written only beside this version of the file
     # a bad checkpoint is named before the data is read
     path, model, ckpt = open_model(args, pick_device(args.device))
     latent_map = checked(path, evaluate.latent_map_of, ckpt)
     mnist = load_data(args.data_dir)
-    evaluate.evaluate(
+    metrics = evaluate.evaluate(
         model,
         ckpt | {"latent_map": latent_map},
         mnist,
         iwae_k=args.iwae_k,
         seed=args.seed,
         image_dir=args.image_dir,
-        metrics_path=metrics_path,
         history=run_history(path, ckpt),
         path=path,
         progress=args.progress,
     )
+    if metrics_path is not None:
+        with files.describing(path, seen, metrics_path):
+            files.write_text_atomic(json.dumps(metrics, indent=2) + "\n", metrics_path)
+        print(f"wrote {metrics_path}")
+    else:
+        print("metrics.json: not written beside the shipped model; --output-dir DIR writes it")
     return 0
 
 
@@ -389,6 +428,7 @@ def run_score(args) -> int:
     files.check_output_dir(args.image_dir, "--image-dir")
     path = checkpoint.for_use(args.checkpoint)
     csv_path = output_path(args, path, "anomaly_scores.csv")
+    seen = files.identity(path)  # the CSV is written only beside this version of the file
     device = pick_device(args.device)
     path, model, ckpt = open_model(args, device)
     reference = checked(path, anomaly.reference_of, ckpt)
@@ -405,8 +445,9 @@ def run_score(args) -> int:
     ).cpu()
     written = []
     if csv_path is not None:
-        source = anomaly.provenance(path, method=args.method, samples=args.samples, seed=args.seed)
-        anomaly.write_csv(csv_path, source=source, labels=labels, scores=s)
+        with files.describing(path, seen, csv_path):
+            source = anomaly.provenance(path, args.method, samples=args.samples, seed=args.seed)
+            anomaly.write_csv(csv_path, source=source, labels=labels, scores=s)
         written.append(csv_path)
     print_summary(s, labels, args, path=path, held_out=ckpt["config"]["exclude_digit"])
     order = torch.argsort(s)
@@ -488,8 +529,9 @@ def output_names(names: list[str], image_dir: Path) -> list[Path]:
     """reconstructed_<name>.png for each input: letters, digits, '.', '-' and '_' only (a name of
     any bytes gives a safe one), distinct even for inputs of the same name in different folders (a
     counter is added), short enough for any file system (long names are cut, with a hash to keep
-    them apart)."""
+    them apart), and never one of the inputs themselves (a counter is added, with a note)."""
     outs, taken = [], {"image"}  # reconstructed_image.png is evaluate's picture of test digits
+    inputs = {file_id(name) for name in names} - {None}
     for name in names:
         raw = os.fsencode(Path(name).stem)
         stem = re.sub(r"[^\w.-]", "_", raw.decode(errors="replace")).lstrip(".") or "picture"
@@ -500,13 +542,28 @@ def output_names(names: list[str], image_dir: Path) -> list[Path]:
                 + hashlib.sha256(raw).hexdigest()[:8]
             )
         unique, n = stem, 1
-        # case-insensitive: names that differ in case are one file on macOS
-        while unique.lower() in taken:
+        while True:
+            out = image_dir / f"reconstructed_{unique}.png"
+            given = file_id(out) in inputs
+            if given:
+                print(f"note: {out} is one of the pictures given, so it is not written over")
+            # case-insensitive: names that differ in case are one file on macOS
+            if unique.lower() not in taken and not given:
+                break
             n += 1
             unique = f"{stem}_{n}"
         taken.add(unique.lower())
         outs.append(image_dir / f"reconstructed_{unique}.png")
     return outs
+
+
+def file_id(path: str | os.PathLike) -> tuple[int, int] | None:
+    """Which file `path` is (device and inode), however it is spelled or linked; None if none."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
 
 
 def reconstruct_one(
