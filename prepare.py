@@ -374,7 +374,7 @@ def mnist_like(ink: torch.Tensor) -> torch.Tensor:
     rows, cols = (ink > 0.05).any(1).nonzero(), (ink > 0.05).any(0).nonzero()
     crop = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     h, w = crop.shape
-    scale = 20 / max(h, w)
+    scale = mnist_scale(crop)  # 20 / max(h, w), unless that makes a blob of a dot
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     mode = "area" if scale < 1 else "bilinear"
     small = F.interpolate(crop[None, None], size=size, mode=mode).clamp(0, 1)[0, 0]
@@ -387,3 +387,34 @@ def mnist_like(ink: torch.Tensor) -> torch.Tensor:
     y1, x1 = min(top + size[0], 28), min(left + size[1], 28)
     out[y0:y1, x0:x1] = small[y0 - top : y1 - top, x0 - left : x1 - left]
     return out
+
+
+# ----------------------------------------------------------------------------- how large the ink
+# is drawn
+
+# MNIST's strokes are thin: at its 20-px size, the ink (above half intensity) of 99.9% of the
+# training digits vanishes within 4 erosions by a 3x3 square, and none needs more than 5. A blob (a
+# dot, a filled disc) scaled to fill the 20-px box would need 10: it is drawn smaller instead, as
+# thick as MNIST's thickest strokes, so that the model sees it for what it is.
+MAX_STROKE_EROSIONS = 4
+
+
+def mnist_scale(crop: torch.Tensor) -> float:
+    """The scale mnist_like draws the cropped ink at: its longer side to 20 px, as MNIST's digits
+    were, unless its strokes would then be thicker than any of MNIST's (MAX_STROKE_EROSIONS)."""
+    scale = 20 / max(crop.shape)
+    size = [max(1, round(n * scale)) for n in crop.shape]
+    mode = "area" if scale < 1 else "bilinear"
+    small = F.interpolate(crop[None, None], size=size, mode=mode)[0, 0]
+    return scale * min(1.0, MAX_STROKE_EROSIONS / max(1, stroke_erosions(small)))
+
+
+def stroke_erosions(ink: torch.Tensor) -> int:
+    """How many erosions by a 3x3 square the ink above half intensity takes to vanish: about half
+    the width of its thickest stroke, in pixels."""
+    left = F.pad((ink > 0.5).float(), (1, 1, 1, 1))[None, None]  # paper around it, to erode from
+    count = 0
+    while left.any():
+        left = -F.max_pool2d(-left, 3, 1, 1)
+        count += 1
+    return count

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import data
 import prepare
+from benchmarks import drawings
 
 
 def seven(size=(60, 80)) -> Image.Image:
@@ -280,3 +281,10 @@ def test_prepare_digit_refuses_what_is_not_a_picture(gray, words):
     with pytest.raises(prepare.ImageError) as excinfo:
         prepare.prepare_digit(gray)
     assert words in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def test_a_dot_is_drawn_no_thicker_than_mnist_strokes_and_a_digit_still_fills_20_pixels():
+    dot, seven = (drawings.draw(lines) for lines in ([[(140, 140)]], drawings.DIGITS["digit 7"]))
+    dot, seven = prepare.prepare_digit(dot)[0], prepare.prepare_digit(seven)[0]
+    assert 0 < prepare.stroke_erosions(dot) <= prepare.MAX_STROKE_EROSIONS < 10  # 10: a 20-px disc
+    assert seven.gt(0.05).any(1).sum() == 20
