@@ -274,3 +274,27 @@ def test_score_writes_csv_with_provenance_reconstruct_reuses_it_and_a_held_out_d
     )
     auroc = anomaly.auroc(scores, labels == 3)
     assert "digit 3" in line and float(line.split("=")[-1]) == pytest.approx(auroc, abs=1e-3)
+
+
+def test_a_small_run_fits_a_shorter_reference_and_scores_a_seeded_share_of_the_test_digits(
+    monkeypatch,
+):
+    """Scaled down (a full run here: 400 training images): a run on 100 fits the local model for a
+    quarter of the steps and scores a quarter of the test digits; a full run scores them all."""
+    for name, value in dict(FULL_REFERENCE_RUN=400, LOCAL_STEPS=8, MIN_LOCAL_STEPS=2).items():
+        monkeypatch.setattr(anomaly, name, value)
+    monkeypatch.setattr(anomaly, "MIN_TEST_SCORES", 20)
+    steps, fit = [], anomaly.fit_local_model
+
+    def counted(images, n, **kw):
+        steps.append(n)
+        return fit(images, n, **kw)
+
+    monkeypatch.setattr(anomaly, "fit_local_model", counted)
+    model, x = tiny_model(), tiny_images(700)
+    test_x = x[600:]
+    small, full = (anomaly.reference_for_run(model, x[:n], x[400:600], test_x) for n in (100, 400))
+    assert steps == [2, 8] and len(small["test_scores"]) == 25
+    assert torch.equal(full["test_scores"], anomaly.score(model, test_x, reference=full).sort()[0])
+    all_of_them = anomaly.score(model, test_x, reference=small).tolist()
+    assert set(small["test_scores"].tolist()) < set(all_of_them)  # a part of the test digits
