@@ -5,11 +5,13 @@ here; the server (the standard library's http.server) prepares them as `reconstr
 decodes and scores them:
 
     GET  /                 the page
-    GET  /api/map          the latent map (reference points, labels, what its axes are), the slider directions, and
-                           the scores from which a digit is unusual or very unusual
-    POST /api/digit        {"width": W, "height": H, "pixels": [W*H grey values in [0, 1], row by row]}
-                           -> the prepared 28x28, its reconstruction, code z, map point, score, percentile and verdict
-    POST /api/decode       {"z": [latent_dim numbers]} or {"point": [x, y]} (a place on the map)
+    GET  /api/map          the latent map (reference points, labels, what its axes are), the
+                           sliders, what the score means, the scores from which a digit is unusual
+    POST /api/digit        {"width": W, "height": H, "pixels": [W*H grey values in [0, 1]]} (rows)
+                           -> the prepared 28x28, its reconstruction, code z, map point, score,
+                           percentile, verdict and the sentence that says them (anomaly.describe)
+    POST /api/decode       {"z": [latent_dim numbers]}, optionally with "point": [x, y], a place on
+                           the map to move z to along the map's directions
                            -> the decoded 28x28, its code z and its map point
     GET  /api/samples?n=16 n digits decoded from z ~ N(0, I) (optional &seed=S)
 
@@ -43,18 +45,22 @@ import anomaly
 import data
 import prepare
 from files import UserError
-from model import VAE
+from model import VAE, kl_per_dim
 
 PAGE = Path(__file__).resolve().parent / "demo.html"
 MAX_BODY = 1_000_000  # bytes; a 280x280 drawing with 2-3 decimals per value is about 200 kB
 MAX_SIDE = 1000  # pixels per side of a drawing
-# z samples and seed of the score: `python main.py reconstruct`'s defaults, so percentiles agree
-SAMPLES, SEED = 10, 0
 SLIDER_DIMS = 4  # latent dimensions offered as sliders, besides the two map axes
-NEAREST = 25  # reference codes averaged into the code at a clicked place of the map
-# from this percentile of the test digits' scores on
-VERDICTS = (("typical", 0), ("unusual", 90), ("very unusual", 99))
 ORDINALS = ("", "2nd ", "3rd ", "4th ")  # one per slider dimension
+KL_CODES = 2000  # codes decoded and encoded again to estimate the KL per dimension
+# one line under the score: what it measures, for someone who has never met it
+MEANING = {
+    "combined": "The combined score says how unlike the training digits a drawing is, in standard "
+    "deviations from an average digit (0): a negative score is normal, just more typical than "
+    "average; only a high one is unusual.",
+    "elbo": "The score is the negative ELBO in nats: how much of the drawing the model fails to "
+    "explain; higher is stranger.",
+}
 
 
 class BadRequest(Exception):
@@ -85,8 +91,8 @@ class Demo:
         self.lock = threading.Lock()
         self.map = map_or_first_dims(latent_map, model.latent_dim)
         self.codes = reference["codes"].float().cpu() if reference is not None else None
-        # the codes' places on the map
-        self.code_points = None if self.codes is None else self.map_point(self.codes)
+        self.lift = map_lift(self.map, self.codes)
+        self.kl, self.kl_measure = dimension_kl(model, latent_map, self.codes)
         scores = (
             (reference or {}).get("test_scores") if self.method == anomaly.DEFAULT_METHOD else None
         )
@@ -106,26 +112,23 @@ class Demo:
             raise BadRequest(422, str(err)) from None
         # a model trained on binarized digits is scored on a binarized image, as reconstruct does
         if self.binarize:
-            x = data.binarize(x, torch.Generator(device=self.device).manual_seed(SEED))
+            seeded = torch.Generator(device=self.device).manual_seed(anomaly.SCORE_SEED)
+            x = data.binarize(x, seeded)
         with self.lock, torch.inference_mode():
             mu, _ = self.model.encode(x)
             reconstruction = torch.sigmoid(self.model.decode(mu))
-            value = anomaly.score(
-                self.model,
-                x,
-                method=self.method,
-                samples=SAMPLES,
-                seed=SEED,
-                reference=self.reference,
-            ).item()
+            value = anomaly.score(self.model, x, method=self.method, reference=self.reference)
+        value = value.item()
+        rank = self.percentile(value)
         return {
             "prepared": image_list(x),
             "reconstruction": image_list(reconstruction),
             "z": mu[0].tolist(),
             "point": self.map_point(mu[0]).tolist(),
             "score": value,
-            "percentile": self.percentile(value),
-            "verdict": self.verdict(value),
+            "percentile": rank,
+            "verdict": None if rank is None else anomaly.verdict(rank),
+            "description": anomaly.describe(value, rank),
             "method": self.method,
         }
 
@@ -134,31 +137,21 @@ class Demo:
         scores."""
         return anomaly.percentile(self.test_scores, value) if self.test_scores is not None else None
 
-    def verdict(self, value: float) -> str | None:
-        """typical, unusual or very unusual, by the thresholds of verdict_thresholds; None without
-        test scores."""
-        if self.thresholds is None:
-            return None
-        return VERDICTS[sum(value >= threshold for threshold in self.thresholds)][0]
-
-    def decode(self, z: torch.Tensor) -> dict:
+    def decode(self, z: torch.Tensor, point: torch.Tensor | None = None) -> dict:
+        """The digit decoded from code z; with a map point, from z moved there first (move_to)."""
+        if point is not None:
+            z = self.move_to(z, point)
         with self.lock, torch.inference_mode():
             image = torch.sigmoid(self.model.decode(z[None].to(self.device)))
         return {"image": image_list(image), "z": z.tolist(), "point": self.map_point(z).tolist()}
 
-    def code_at(self, point: torch.Tensor) -> torch.Tensor:
-        """The code at a place of the map: the mean of the NEAREST reference codes there, which
-        decodes as the digits around it; with no reference codes, the place lifted back through the
-        axes' pseudo-inverse."""
-        if self.codes is None:
-            return self.map["mean"] + point @ torch.linalg.pinv(self.map["axes"])
-        nearest = (
-            (self.code_points - point)
-            .norm(dim=1)
-            .topk(min(NEAREST, len(self.codes)), largest=False)
-            .indices
-        )
-        return self.codes[nearest].mean(0)
+    def move_to(self, z: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+        """Code z moved to a place on the map the way the reference codes change across the map
+        (map_lift), so that the page's map sliders, a click and the ring are one control. An axis
+        no code moves along (a one-dimensional map) stays where z is."""
+        reachable = (self.lift @ self.map["axes"]).diagonal() > 0.5
+        offset = torch.where(reachable, point - self.map_point(z), 0.0)
+        return z + offset @ self.lift
 
     def samples(self, n: int, seed: int) -> dict:
         with self.lock, torch.inference_mode():
@@ -166,77 +159,94 @@ class Demo:
         return {"images": [image_list(image) for image in images], "seed": seed}
 
     def map_and_sliders(self) -> dict:
-        """The map's background scatter and what its axes are, the slider directions, and the
-        verdict thresholds."""
+        """The map's background scatter and what its axes are, the sliders, what the score means
+        and the verdict thresholds."""
         first_dims = self.map["points"].numel() == 0
         axes = (
             "latent dimensions z0 and z1 (this checkpoint holds no map)"
             if first_dims
-            else "the two directions in the code space that best separate the ten digits (Fisher's discriminant)"
+            else "the two directions in the code space that best separate the ten digits "
+            "(Fisher's discriminant)"
         )
+        reachable = (self.lift @ self.map["axes"]).diagonal() > 0.5
         return {
             "points": self.map["points"].tolist(),
             "labels": self.map["labels"].tolist(),
             "map_axes": axes,
+            "origin": self.map["mean"].tolist(),
             "latent_dim": self.model.latent_dim,
             "method": self.method,
-            "directions": slider_directions(
-                self.map, self.codes, self.code_points, self.model.latent_dim
-            ),
-            "verdicts": [name for name, _ in VERDICTS],
-            "verdict_percentiles": [p for _, p in VERDICTS[1:]],
+            "meaning": MEANING[self.method],
+            "sliders": sliders(reachable.tolist(), self.kl, self.codes),
+            "kl_measure": self.kl_measure,
+            "verdicts": ["typical", "unusual", "very unusual"],
+            "verdict_percentiles": list(anomaly.VERDICT_PERCENTILES),
             "thresholds": self.thresholds,
             "test_digits": 0 if self.test_scores is None else len(self.test_scores),
         }
 
 
-def slider_directions(
-    space: dict, codes: torch.Tensor | None, points: torch.Tensor | None, latent_dim: int
-) -> list[dict]:
-    """What each slider moves a code along: a unit vector and the step of one slider unit (a slider
-    spans +-3).
+def map_lift(space: dict, codes: torch.Tensor | None) -> torch.Tensor:
+    """(2, latent_dim): how a code changes per unit of each map axis, with lift @ axes = identity.
+    Not the axes themselves, which on the shipped checkpoint barely change the decoded digit: the
+    way the reference codes change, on average, across the map (their least-squares regression on
+    their map places), so that a code moved across the map changes as the digits there do. With no
+    reference codes, the least change of code (the axes' pseudo-inverse)."""
+    if codes is None:
+        return torch.linalg.pinv(space["axes"])
+    points = (codes - space["mean"]) @ space["axes"]
+    return torch.linalg.lstsq(points - points.mean(0), codes - codes.mean(0)).solution
 
-    A map axis slider does not move the code along the axis itself, which on the shipped checkpoint
-    barely changes the decoded digit. It moves the code the way the reference codes change, on
-    average, across the map (their least-squares regression on their map places): the ring moves
-    along that axis only, one spread of the map per unit, and the digit changes as the digits on the
-    map do. The other sliders move one of the most-used latent dimensions (largest spread of the
-    codes) alone."""
-    if codes is None:  # the least change of code that moves the ring by one along each axis
-        lift, spread, code_spread = (
-            torch.linalg.pinv(space["axes"]),
-            torch.ones(2),
-            torch.ones(latent_dim),
-        )
+
+@torch.inference_mode()
+def dimension_kl(
+    model: VAE, space: dict | None, codes: torch.Tensor | None
+) -> tuple[torch.Tensor, str]:
+    """Each latent dimension's mean KL (nats), by which `evaluate` ranks them, and how it was
+    measured: the test digits' values if the checkpoint's map stores them; else an estimate from
+    reference codes (or, with none, codes drawn from the prior) decoded and encoded again, as the
+    checkpoint holds no images and no log-variances."""
+    stored = (space or {}).get("kl_per_dim")
+    if stored is not None:
+        return stored.float().cpu(), "mean KL per dimension on the test digits"
+    if codes is None:
+        codes = torch.randn(KL_CODES, model.latent_dim, generator=torch.Generator().manual_seed(0))
+        source = "prior samples"
     else:
-        lift = torch.linalg.lstsq(points - points.mean(0), codes - codes.mean(0)).solution
-        spread, code_spread = points.std(0), codes.std(0)
+        codes = codes[:KL_CODES]
+        source = "reference digits' codes"
+    device = next(model.parameters()).device
+    images = torch.sigmoid(model.decode(codes.to(device)))
+    mu, logvar = model.encode(images)
+    measure = f"mean KL per dimension, estimated on {len(codes):,} {source} decoded again"
+    return kl_per_dim(mu, logvar).double().mean(0).float().cpu(), measure
+
+
+def sliders(reachable: list[bool], kl: torch.Tensor, codes: torch.Tensor | None) -> list[dict]:
+    """The page's sliders: one per map axis a code can move along (its value is the code's place
+    on that axis), then one per latent dimension of largest mean KL, `evaluate`'s ranking (its value
+    is the change of that dimension, in spreads of the reference codes, holding the code's place
+    on the map)."""
     where = ("left-right", "up-down")
-    directions = [
-        {
-            "name": f"map axis {k + 1} ({where[k]} on the map)",
-            "vector": (lift[k] / lift[k].norm()).tolist(),
-            "scale": (lift[k].norm() * spread[k]).item(),
-        }
+    out = [
+        {"name": f"map axis {k + 1} ({where[k]} on the map)", "axis": k}
         for k in range(2)
+        if reachable[k]
     ]
-    for rank, d in enumerate(code_spread.argsort(descending=True)[:SLIDER_DIMS].tolist()):
-        directions.append(
-            {
-                "name": f"latent z{d} (the {ORDINALS[rank]}most-used dimension)",
-                "vector": torch.eye(latent_dim)[d].tolist(),
-                "scale": code_spread[d].item(),
-            }
-        )
-    return directions
+    spread = codes.std(0) if codes is not None and len(codes) > 1 else torch.ones(len(kl))
+    for rank, d in enumerate(kl.argsort(descending=True)[:SLIDER_DIMS].tolist()):
+        name = f"latent z{d} ({ORDINALS[rank]}most-used: KL {kl[d].item():.2f} nats)"
+        out.append({"name": name, "dim": d, "scale": spread[d].item()})
+    return out
 
 
 def verdict_thresholds(test_scores: torch.Tensor) -> list[float]:
     """The scores from which a digit is unusual and very unusual: the k-th lowest of the n test
-    digits' scores with k = ceil(p n / 100), so that a score reaches it exactly when it is at least
-    as high as p percent of them."""
+    digits' scores with k = ceil(p n / 100), so that a score reaches it exactly when anomaly.verdict
+    of its percentile says so."""
     ranked = test_scores.sort().values
-    return [ranked[math.ceil(p * len(ranked) / 100) - 1].item() for _, p in VERDICTS[1:]]
+    percents = anomaly.VERDICT_PERCENTILES
+    return [ranked[math.ceil(p * len(ranked) / 100) - 1].item() for p in percents]
 
 
 def map_or_first_dims(space: dict | None, latent_dim: int) -> dict:
@@ -299,10 +309,12 @@ def drawing(body: dict) -> torch.Tensor:
 
 
 def decode_request(demo: Demo, body: dict) -> dict:
-    """{"z": code} or {"point": place on the map} -> the decoded digit."""
-    if "point" in body:
-        return demo.decode(demo.code_at(numbers(body["point"], 2, "point", limit=1000)))
-    return demo.decode(numbers(body.get("z"), demo.model.latent_dim, "z", limit=1000))
+    """{"z": code} or {"z": code, "point": a place on the map to move it to} -> the decoded
+    digit."""
+    z = numbers(body.get("z"), demo.model.latent_dim, "z", limit=1000)
+    if "point" not in body:
+        return demo.decode(z)
+    return demo.decode(z, numbers(body["point"], 2, "point", limit=1000))
 
 
 def split_host(header: str) -> tuple[str | None, int | None]:
@@ -418,13 +430,15 @@ class Handler(BaseHTTPRequestHandler):
         ):
             raise BadRequest(
                 421,
-                f"this server does not answer for the host {hosts[0][:80]!r}; open the page at its own address",
+                f"this server does not answer for the host {hosts[0][:80]!r}; "
+                "open the page at its own address",
             )
         origin = self.headers.get("Origin")
         if origin is not None and origin.lower() != f"http://{hosts[0]}".lower():
             raise BadRequest(
                 403,
-                f"requests from the page at {origin[:80]!r} are refused: only this server's own page may send them",
+                f"requests from the page at {origin[:80]!r} are refused: "
+                "only this server's own page may send them",
             )
 
     def api(self, path: str, query: dict) -> dict:
@@ -504,6 +518,8 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # Ctrl-C does not wait for open connections
+    # connections waiting to be accepted: the default 5 resets some of 50 clients arriving at once
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily, host: str) -> None:
         self.address_family = family  # read when the socket is made, in the base class's __init__
@@ -527,7 +543,8 @@ def resolve(host: str, port: int) -> tuple[socket.AddressFamily, str]:
     except (OSError, UnicodeError, ValueError) as err:
         reason = getattr(err, "strerror", None) or str(err)
         raise UserError(
-            f"--host {host} is unresolvable ({reason}); pass an address of this machine, such as 127.0.0.1 or ::1"
+            f"--host {host} is unresolvable ({reason}); "
+            "pass an address of this machine, such as 127.0.0.1 or ::1"
         ) from None
     family, _, _, _, address = found[0]
     return family, address[0]
@@ -556,7 +573,10 @@ def exposure_warning(host: str) -> str | None:
     _, address = resolve(host, 0)
     if ipaddress.ip_address(address.split("%")[0]).is_loopback:
         return None
-    return f"warning: --host {host} is not a loopback address: other machines may reach this demo, which has no login"
+    return (
+        f"warning: --host {host} is not a loopback address: "
+        "other machines may reach this demo, which has no login"
+    )
 
 
 def host_port(host: str, port: int) -> str:

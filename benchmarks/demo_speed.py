@@ -1,7 +1,8 @@
 """How long one live update of the demo (`python main.py demo`) takes, in this process and without
 the network.
 
-    python benchmarks/demo_speed.py [--checkpoint models_mnist/best.pt] [--updates 100] [--device cpu]
+    python benchmarks/demo_speed.py [--checkpoint models_mnist/best.pt] [--updates 100]
+                                    [--device cpu]
 
 An update is what the server does for each POST /api/digit: parse the JSON body of a 280x280 drawing
 (as the page sends it), then demo.Demo.digit: prepare it as MNIST was made, encode, decode, and
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--checkpoint",
         default=checkpoint.DEFAULT,
-        help=f"checkpoint to time (default: {checkpoint.DEFAULT}; until training has written it, the shipped one)",
+        help=f"checkpoint to time (default: {checkpoint.DEFAULT}; until training has written it, "
+        "the shipped one)",
     )
     p.add_argument(
         "--updates",
@@ -117,16 +119,17 @@ def main(argv: list[str] | None = None) -> int:
                 app.model,
                 x,
                 method=app.method,
-                samples=demo.SAMPLES,
-                seed=demo.SEED,
+                samples=anomaly.SCORE_SAMPLES,
+                seed=anomaly.SCORE_SEED,
                 reference=app.reference,
             )
         score_s.append(time.perf_counter() - t0)
     median, p95 = percentiles_ms(update_s)
     score_median, score_p95 = percentiles_ms(score_s)
     print(
-        f"{args.updates} updates of 280x280 drawings on {device} ({torch.get_num_threads()} threads), "
-        f"method {app.method}, {demo.SAMPLES} z samples, {app.model.latent_dim}-dim latent"
+        f"{args.updates} updates of 280x280 drawings on {device} "
+        f"({torch.get_num_threads()} threads), method {app.method}, "
+        f"{anomaly.SCORE_SAMPLES} z samples, {app.model.latent_dim}-dim latent"
     )
     print(f"median_ms: {median:.1f}")
     print(f"p95_ms: {p95:.1f}")
