@@ -66,10 +66,10 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"--device {err}; use --device auto or cpu") from None
 
 
-def load_data(data_dir: str) -> dict[str, torch.Tensor]:
-    """MNIST from --data-dir, downloaded there first when files are missing."""
+def load_data(data_dir: str, sets=("train", "test")) -> dict[str, torch.Tensor]:
+    """MNIST's `sets` from --data-dir, downloaded there first when files are missing."""
     try:
-        return data.load_mnist(data_dir, download=True)
+        return data.load_mnist(data_dir, download=True, sets=sets)
     except data.DataError as err:  # each one ends with how to supply a folder
         raise UserError(f"{err} as --data-dir") from None
 

@@ -120,19 +120,24 @@ def join_names(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-def load_mnist(folder: str | os.PathLike = "data", download: bool = False) -> dict:
+def load_mnist(folder: str | os.PathLike = "data", download: bool = False, sets=("train", "test")):
     """The checked data set: train_images, train_labels, test_images, test_labels (uint8 images
-    (N, 28, 28), int64 labels); download=True first fetches missing files into folder/MNIST/raw."""
-    if download and missing_files(folder):
+    (N, 28, 28), int64 labels), only those of `sets`; download=True first fetches missing files into
+    folder/MNIST/raw."""
+    keys = dict(zip(MNIST_FILES, ("train_images", "train_labels", "test_images", "test_labels")))
+    names = [name for name, key in keys.items() if key.split("_")[0] in sets]
+    if download and missing_files(folder, names):
         download_mnist(Path(folder))
-    found = find_mnist_files(folder)
+    found = find_mnist_files(folder, names)
     if missing := [name for name, path in found.items() if path is None]:
         looked = f"{folder}: missing {join_names(missing)} (.gz or not, also looked in MNIST/raw)"
         raise DataError(f"{looked}; download=True fetches them, or pass a folder that holds them")
+    arrays = {keys[name]: read_idx(path, *MNIST_FILES[name]) for name, path in found.items()}
     # copied out of the files' read-only buffers; the labels as int64, as torch indexes with
-    arrays = [read_idx(found[name], *spec) for name, spec in MNIST_FILES.items()]
-    tensors = [torch.from_numpy(a.astype(np.int64 if a.ndim == 1 else np.uint8)) for a in arrays]
-    return dict(zip(("train_images", "train_labels", "test_images", "test_labels"), tensors))
+    return {
+        k: torch.from_numpy(a.astype(np.int64 if a.ndim == 1 else np.uint8))
+        for k, a in arrays.items()
+    }
 
 
 def download_mnist(folder: Path) -> None:

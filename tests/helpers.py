@@ -206,6 +206,8 @@ def first_test_images(monkeypatch, n: int = 500) -> None:
     where a command writes or what it says, not of the figures over the whole test set (those are
     checked on all 10,000)."""
     full = commands.load_data
-    monkeypatch.setattr(
-        commands, "load_data", lambda data_dir: {k: v[:n] for k, v in full(data_dir).items()}
-    )
+
+    def first(data_dir: str, **kwargs) -> dict:
+        return {k: v[:n] for k, v in full(data_dir, **kwargs).items()}
+
+    monkeypatch.setattr(commands, "load_data", first)

@@ -94,27 +94,30 @@ def test_read_idx_checks_the_md5_of_the_uncompressed_content(tmp_path, gz):
         assert "md5 mismatch" in refused(path, md5=hashlib.md5(path.read_bytes()).hexdigest())
 
 
-def test_read_idx_refuses_a_wrong_magic_number_and_images_that_are_not_28x28(tmp_path):
-    write_idx(tmp_path / "f", random_images(2), magic=2049)
-    assert "magic number 2049, expected 2051" in refused(tmp_path / "f")
-    for h, w in ((27, 28), (28, 27), (32, 32)):
-        write_idx(tmp_path / "f", random_images(3, size=(h, w)))  # header and body consistent
-        assert f"dimensions (3, {h}, {w}), expected (N, 28, 28)" in refused(tmp_path / "f")
+FULL = idx_bytes(random_images(4))
+BROKEN = {  # the bytes of a file, and what read_idx says of them
+    "magic": (idx_bytes(random_images(2), magic=2049), "magic number 2049, expected 2051"),
+    "27x28": (
+        idx_bytes(random_images(3, size=(27, 28))),
+        "dimensions (3, 27, 28), expected (N, 28, 28)",
+    ),
+    "28x27": (
+        idx_bytes(random_images(3, size=(28, 27))),
+        "dimensions (3, 28, 27), expected (N, 28, 28)",
+    ),
+    "truncated": (FULL[:-100], "truncated or padded"),
+    "padded": (FULL + b"\0", "truncated or padded"),
+    "header only": (FULL[:16], "truncated or padded"),
+    "short": (FULL[:11], "shorter than its header"),
+}
 
 
 @pytest.mark.parametrize("gz", [True, False], ids=["gz", "raw"])
-@pytest.mark.parametrize("change", ["truncated", "padded", "header", "short"])
-def test_read_idx_refuses_a_body_that_does_not_match_its_header(tmp_path, gz, change):
-    full = idx_bytes(random_images(4))
-    cut = {
-        "truncated": full[:-100],
-        "padded": full + b"\0",
-        "header": full[:16],
-        "short": full[:11],
-    }
+@pytest.mark.parametrize("case", BROKEN)
+def test_read_idx_refuses_a_file_that_is_not_an_mnist_file_of_its_kind(tmp_path, gz, case):
+    body, expected = BROKEN[case]
     path = tmp_path / ("f.gz" if gz else "f")
-    path.write_bytes(gzip.compress(cut[change]) if gz else cut[change])
-    expected = "shorter than its header" if change == "short" else "truncated or padded"
+    path.write_bytes(gzip.compress(body) if gz else body)
     assert expected in refused(path)
 
 
@@ -149,12 +152,11 @@ def test_find_mnist_files_in_the_folder_and_in_torchvisions_layout(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     places = [tmp_path / "train-images-idx3-ubyte.gz", tmp_path / "train-labels.idx1-ubyte"]
     places += [raw / "t10k-images.idx3-ubyte.gz", raw / "t10k-labels-idx1-ubyte"]
-    expected = dict(zip(FILE_NAMES, places))
     assert data.find_mnist_files(tmp_path) == dict.fromkeys(FILE_NAMES)
-    (raw / "t10k-labels-idx1-ubyte.gz").mkdir(parents=True)  # a folder is not a file
-    for path in expected.values():
+    for path in places:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
-    assert data.find_mnist_files(tmp_path) == expected
+    assert data.find_mnist_files(tmp_path) == dict(zip(FILE_NAMES, places))
 
 
 @pytest.mark.parametrize("absent", [FILE_NAMES, FILE_NAMES[3:], FILE_NAMES[::2]])
@@ -261,6 +263,11 @@ def test_load_mnist_downloads_missing_files_where_it_finds_them_and_loads_them(t
     for key, name in zip(loaded, FILE_NAMES):
         assert torch.equal(loaded[key], torch.from_numpy(mirror[name][1]).to(loaded[key].dtype))
     assert loaded["test_labels"].dtype == torch.int64
+    for path in (folder / "MNIST" / "raw").glob("train-*"):
+        path.unlink()
+    test_set = data.load_mnist(folder, sets=("test",))  # needs only the test files
+    assert list(test_set) == ["test_images", "test_labels"]
+    assert torch.equal(test_set["test_images"], loaded["test_images"])
 
 
 @pytest.mark.parametrize("how", ["absent", "garbled"])
