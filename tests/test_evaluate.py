@@ -45,7 +45,7 @@ def test_evaluate_agrees_with_the_end_of_training_says_what_it_computes_and_writ
         "--image-dir",
         tmp_path / "img",
     ]
-    code, out, err = run_main(argv + ["--iwae-k", "2"])
+    code, out, err = run_main(argv + ["--iwae-k", "2", "--progress"])
     assert code == 0, err
     assert out.startswith(f"using {folder / 'best.pt'}: a model trained here, epoch 2 of 2")
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -61,7 +61,7 @@ def test_evaluate_agrees_with_the_end_of_training_says_what_it_computes_and_writ
     ):
         assert metrics[key] == at_training[key], key
     assert "IWAE bound" in out and "active units" in out and "bce floor" in out
-    # the long part shows a progress bar (--no-progress: below)
+    # the long part shows a progress bar when asked (stderr here is no terminal)
     assert "IWAE bound (k=2) on 10,000 test images" in err
     for name in PICTURES:
         assert_real_picture(tmp_path / "img" / f"{name}.png")
