@@ -77,13 +77,10 @@ def app() -> demo.Demo:
 @contextlib.contextmanager
 def served(app: demo.Demo, host: str = "127.0.0.1"):
     """A demo server on a free port, serving from a thread of this process, stopped after."""
-    srv = demo.make_server(app, host, 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with demo.make_server(app, host, 0) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
         yield srv
-    finally:
         srv.shutdown()
-        srv.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +90,11 @@ def server(app) -> int:
 
 
 def request(port, method, path, payload=None, headers=None, host="127.0.0.1") -> tuple[int, dict]:
-    """(status, JSON answer). Headers go exactly as given: no Content-Length is added, nor a Host if
-    one is given."""
-    conn = http.client.HTTPConnection(host, port, timeout=30)
+    """(status, JSON answer); headers go as given (no Content-Length added, no Host if given)."""
+    conn, headers = http.client.HTTPConnection(host, port, timeout=30), headers or {}
     try:
-        skip_host = "Host" in (headers or {})
-        conn.putrequest(method, path, skip_host=skip_host, skip_accept_encoding=True)
-        for name, value in (headers or {}).items():
+        conn.putrequest(method, path, skip_host="Host" in headers, skip_accept_encoding=True)
+        for name, value in headers.items():
             conn.putheader(name, value)
         conn.endheaders(payload)
         response = conn.getresponse()
@@ -391,18 +386,13 @@ def test_the_page_is_offline_head_is_get_without_a_body_and_a_bad_request_line_g
 def test_a_client_trickling_its_request_is_cut_off_at_the_deadline(server, monkeypatch, capfd):
     """A byte every 0.1 s never trips the per-read timeout; the request's deadline frees it."""
     monkeypatch.setattr(demo.Handler, "deadline", 1.0)
-    with socket.create_connection(("127.0.0.1", server), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", server), timeout=0.1) as sock:
         sock.sendall(f"POST /api/decode HTTP/1.1\r\nHost: 127.0.0.1:{server}\r\nX-Slow: ".encode())
         start, closed = time.monotonic(), False
         while not closed and time.monotonic() - start < 6:
-            try:
+            with contextlib.suppress(TimeoutError):
                 sock.sendall(b"a")
-                sock.settimeout(0.1)
-                closed = sock.recv(1024) == b""
-            except TimeoutError:
-                continue
-            except OSError:  # reset by the server
-                closed = True
+                closed = sock.recv(1024) == b""  # or an OSError: reset by the server
         assert closed and time.monotonic() - start < 3
     assert request(server, "GET", "/api/map")[0] == 200 and capfd.readouterr().err == ""
 
@@ -430,8 +420,7 @@ def test_fifty_clients_at_once_get_no_reset_and_the_answers_one_client_gets(app)
 
 def test_the_ipv6_loopback_serves_and_an_unresolvable_host_is_named(app):
     try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
     except OSError:
         pytest.skip("this machine has no IPv6 loopback")
     with served(app, "::1") as srv:
@@ -510,15 +499,6 @@ def page():
         yield srv.demo, srv.server_address[1]
 
 
-def open_page(driver, port: int, width: int, height: int, phone: bool) -> None:
-    """The page at a size (a phone: Chrome's phone emulation, with touch), its sliders built."""
-    size = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": phone}
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", size)
-    driver.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": phone})
-    driver.get(f"http://127.0.0.1:{port}/")
-    wait_for(driver, "document.querySelectorAll('#sliders input').length === 6")
-
-
 def ev(driver, expression: str, *args):
     """A JavaScript expression's value on the page (arguments[i]: args[i])."""
     return driver.execute_script("return " + expression, *args)
@@ -548,6 +528,8 @@ def stroke(driver, element_id: str, kind: str, points: list[tuple[int, int]]) ->
     builder.perform()
 
 
+BOXES = """[...document.querySelectorAll('section, input, button, canvas')]
+  .map(e => (r => [e.tagName, r.left, r.right, r.top, r.bottom])(e.getBoundingClientRect()))"""
 PIXELS = (
     "(c => [...c.getContext('2d').getImageData(0, 0, c.width, c.height).data])($(arguments[0]))"
 )
@@ -581,57 +563,30 @@ def ring(driver, rgb: tuple[int, int, int]) -> tuple[int, list[float]]:
     return len(found), [sum(i % 300 for i in found) / n, sum(i // 300 for i in found) / n]
 
 
-def click_map_and_check_the_sliders_follow(driver, kind: str) -> list[float]:
-    """Click or tap the map off the code: the map sliders move to that place, the moved code lands
-    there and its grey ring sits there. Returns the sliders' values."""
-    stroke(driver, "map", kind, [(60, -60)])
-    wait_for(driver, "state.inFlight === 0 && state.movedPoint")
-    values = ev(driver, MAP_SLIDERS)
-    assert values == pytest.approx(ev(driver, OFFSET_ON_MAP, 60, -60), abs=0.02)
-    assert ev(driver, "state.movedPoint") == pytest.approx(values, abs=1e-3)
-    count, centre = ring(driver, (136, 136, 136))
-    expected = ev(driver, "[toCanvas(arguments[0], 0), toCanvas(arguments[1], 1)]", *values)
-    assert count > 10 and centre == pytest.approx(expected, abs=1.5), (centre, expected)
-    return values
-
-
-def test_the_page_fits_a_phone_and_works_by_touch(page, browser):
-    """At 390 x 844 in phone emulation: no sideways scrolling, every section within the screen and
-    below the one before, a finger draws a digit, a tap on the map moves the map sliders."""
-    open_page(browser, page[1], 390, 844, phone=True)
-    stroke(browser, "pad", "touch", [(-60, -70), (60, -70), (0, 0), (-20, 80)])
-    wait_for(browser, "state.inFlight === 0 && state.answer")
-    width = ev(browser, "document.documentElement.scrollWidth")
-    assert width <= 390, f"the page is {width} px wide on a 390 px phone"
-    boxes = ev(
-        browser,
-        "[...document.querySelectorAll('section, input, button, canvas')].map(e => "
-        "(r => [e.tagName, r.left, r.right, r.top, r.bottom])(e.getBoundingClientRect()))",
-    )
-    assert all(0 <= left and right <= 390 for _, left, right, _, _ in boxes), boxes
-    sections = [box for box in boxes if box[0] == "SECTION"]
-    assert len(sections) == 5 and all(a[4] <= b[3] for a, b in zip(sections, sections[1:]))
-    ev(browser, "$('map').scrollIntoView({block: 'center'})")
-    click_map_and_check_the_sliders_follow(browser, "touch")
-    if folder := os.environ.get("DEMO_SCREENSHOTS"):
-        clip = {"x": 0, "y": 0, "width": 390, "height": ev(browser, "document.body.scrollHeight")}
-        shot = browser.execute_cdp_cmd(
-            "Page.captureScreenshot", {"clip": clip | {"scale": 1}, "captureBeyondViewport": True}
-        )
-        Path(folder, "demo_phone.png").write_bytes(base64.b64decode(shot["data"]))
-
-
-def test_a_browser_draws_moves_every_control_and_clears(page, browser):
-    app, port = page
-    open_page(browser, port, 1200, 900, phone=False)
+@pytest.mark.parametrize("width,height,pointer", [(390, 844, "touch"), (1200, 900, "mouse")])
+def test_a_browser_draws_moves_every_control_and_clears(page, browser, width, height, pointer):
+    """As a phone (390 x 844, Chrome's phone emulation, a finger) and a laptop (a mouse and a pen):
+    no sideways scrolling, sections stacked in reading order on the phone, the Python API's answer
+    in its words, every slider and the map as one control, a widened view said, and Clear."""
+    (app, port), phone = page, pointer == "touch"
+    size = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": phone}
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", size)
+    browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": phone})
+    browser.get(f"http://127.0.0.1:{port}/")
+    wait_for(browser, "document.querySelectorAll('#sliders input').length === 6")
     browser.execute_script(COUNT_DIGIT_CALLS)
-    # a 7: its top and stem with the mouse, its bar with a pen
     seven = [(-70 + 35 * i, -80) for i in range(5)] + [(50 - 20 * i, 40 * i - 40) for i in range(4)]
-    stroke(browser, "pad", "mouse", seven)
-    stroke(browser, "pad", "pen", [(-10, 0), (-20, 0), (0, 0), (20, 0), (40, 0)])
+    stroke(browser, "pad", pointer, seven)  # a 7: its top and stem, then its bar
+    stroke(browser, "pad", "touch" if phone else "pen", [(-10 + 10 * i, 0) for i in range(6)])
     answer = wait_for(browser, "state.inFlight === 0 && state.answer")
     calls, most = ev(browser, "[calls, most]")
     assert calls >= 3 and most == 1, (calls, most)  # live while drawing, one at a time
+    assert ev(browser, "document.documentElement.scrollWidth") <= width, "it scrolls sideways"
+    boxes = ev(browser, BOXES)
+    assert all(0 <= left and right <= width for _, left, right, _, _ in boxes), boxes
+    sections = [box for box in boxes if box[0] == "SECTION"]
+    stacked = all(a[4] <= b[3] for a, b in zip(sections, sections[1:]))
+    assert len(sections) == 5 and stacked == phone, sections
     # the page shows, in anomaly.describe's words, what the Python API answers for its drawing
     sent = ev(browser, "drawingBody()")
     x = prepare.prepare_digit(torch.tensor(sent["pixels"]).reshape(sent["height"], -1))[None]
@@ -652,18 +607,30 @@ def test_a_browser_draws_moves_every_control_and_clears(page, browser):
         wait_for(browser, "state.inFlight === 0 && state.movedPoint")
         change = sum(abs(a - b) for a, b in zip(before, digit_pixels(browser, "moved"))) / 784
         assert change > 2, f"slider {k} hardly changed the digit: {change:.2f} grey levels"
-    # one control: a click moves the map sliders there, and a z slider then starts from that place
-    values = click_map_and_check_the_sliders_follow(browser, "mouse")
+    # one control: a click or tap moves the map sliders there, the code lands there, its grey ring
+    # sits there; a z slider then starts from that place
+    ev(browser, "$('map').scrollIntoView({block: 'center'})")
+    stroke(browser, "map", pointer, [(60, -60)])
+    wait_for(browser, "state.inFlight === 0 && state.movedPoint")
+    values = ev(browser, MAP_SLIDERS)
+    assert values == pytest.approx(ev(browser, OFFSET_ON_MAP, 60, -60), abs=0.02)
+    assert ev(browser, "state.movedPoint") == pytest.approx(values, abs=1e-3)
+    count, centre = ring(browser, (136, 136, 136))
+    expected = ev(browser, "[toCanvas(arguments[0], 0), toCanvas(arguments[1], 1)]", *values)
+    assert count > 10 and centre == pytest.approx(expected, abs=1.5), (centre, expected)
     ev(browser, SET_SLIDER, ev(browser, "dimSliders()[0]"), -2)
     wait_for(browser, "state.inFlight === 0 && $('samples').children.length === 16")
     assert ev(browser, "state.movedPoint") == pytest.approx(values, abs=1e-3)
     assert "-0.0" not in ev(browser, "document.body.innerText")
-    if folder := os.environ.get("DEMO_SCREENSHOTS"):
-        browser.save_screenshot(str(Path(folder, "demo.png")))
+    if folder := os.environ.get("DEMO_SCREENSHOTS"):  # the whole page, however tall
+        clip = {"x": 0, "y": 0, "width": width, "height": ev(browser, "document.body.scrollHeight")}
+        shot = browser.execute_cdp_cmd(
+            "Page.captureScreenshot", {"clip": clip | {"scale": 1}, "captureBeyondViewport": True}
+        )
+        name = "demo_phone.png" if phone else "demo.png"
+        Path(folder, name).write_bytes(base64.b64decode(shot["data"]))
     # a drawing far off the map widens the view, says so, and the sliders span it
-    note = ev(
-        browser, "showDigit({...state.answer, point: [40, -40]}) || $('map-note').textContent"
-    )
+    note = ev(browser, "showDigit({...state.answer, point: [40, -40]}) || $('map-note').innerText")
     assert note.startswith("Zoomed out") and "(40.0, -40.0)" in note, note
     assert ev(browser, MAP_SLIDERS) == [40, -40]
     assert ev(browser, "showDigit(arguments[0]) || $('map-note').textContent", answer) == ""
