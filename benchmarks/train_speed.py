@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     config, ema = model_settings(args, model_flags, init)
 
     device = pick_device(args.device)
-    torch.set_flush_denormal(True)  # as main.py does; switched off again for the naive loop below
+    torch.set_flush_denormal(True)  # as train.train does; off again for the naive loop below
     print(
         f"device: {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}"
     )
@@ -277,9 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- the project's loop, set up as main.py sets up a run (it writes nothing: only train.save
     # would) ---
     run_config = TrainConfig(batch_size=args.batch_size, ema=ema, precision=precision, seed=0)
-    split = data.run_split(mnist["train_labels"], run_config.val_size, seed=1)
-    images = tuple(mnist["train_images"][i] for i in split)
-    project = train.start(run_config, config, images, folder=Path("unused"), device=device)
+    project = train.start(run_config, config, mnist, folder=Path("unused"), device=device)
     if init is not None:
         print(f"init: {args.init} (epoch {init['epoch']})")
         project.model.load_state_dict(init.get("train_weights", init["model"]))
