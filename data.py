@@ -70,9 +70,18 @@ def first_candidate(data_dir: str | os.PathLike, name: str) -> Path | None:
             raise DataError(f"{path}: {refusal(path, err)}; {HOW_TO_FIX}") from None
         if stat.S_ISREG(mode):
             return path
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, device or socket)"
-        raise DataError(f"{path} is {kind}, not an MNIST file; remove it, then {HOW_TO_FIX}")
+        kind = next(kind for test, kind in NOT_FILES if test(mode))
+        raise DataError(f"{path} is {kind}, not a regular file; remove it, then {HOW_TO_FIX}")
     return None
+
+
+# what a data file must not be: reading a FIFO waits for a writer, a device never ends
+NOT_FILES = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (lambda mode: True, "a device"),
+)
 
 
 def missing_files(data_dir: str | os.PathLike, names: list[str] | None = None) -> list[str]:
