@@ -68,8 +68,7 @@ class VAE(nn.Module):
         return mu, logvar
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Bernoulli logits (B, 1, 28, 28) of float32 codes z (B, latent_dim); torch.sigmoid gives
-        the pixel intensities."""
+        """Bernoulli logits (B, 1, 28, 28) of float32 codes z (B, latent_dim); sigmoid: pixels."""
         fits = isinstance(z, torch.Tensor) and z.shape[1:] == (self.latent_dim,)
         if not (fits and z.dtype == torch.float32):
             got = f"{tuple(z.shape)} {z.dtype}" if isinstance(z, torch.Tensor) else type(z).__name__
@@ -77,10 +76,9 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def forward(self, x, eps=None, generator=None, check_values: bool = True):
-        """(logits, mu, logvar) for one z ~ q(z|x) per image; eps is that draw's standard normal
-        noise (drawn from `generator` when not given). The training step passes check_values=False:
-        its batches come from checked uint8 data, and reading whether a batch holds NaN or values
-        outside [0, 1] would make the host wait for the device every step."""
+        """(logits, mu, logvar) for one z ~ q(z|x) per image, eps its N(0, I) noise (else drawn from
+        `generator`). The training step passes check_values=False: its batches come from checked
+        uint8 data, and reading whether they hold NaN or values outside [0, 1] waits for a GPU."""
         mu, logvar = self.encode(x, check_values=check_values)
         z = reparameterize(mu, logvar, eps=eps, generator=generator)
         return self.decoder(z), mu, logvar
@@ -174,8 +172,7 @@ def on_device(model: nn.Module, device: torch.device | str) -> nn.Module:
 
 def reparameterize(mu, logvar, eps=None, generator=None) -> torch.Tensor:
     """z = mu + sigma * eps, eps ~ N(0, I): a sample of q(z|x) differentiable in mu and logvar (the
-    reparameterization trick). eps, drawn from `generator` when not given, may carry extra leading
-    sample dimensions, which broadcast."""
+    reparameterization trick). eps (else drawn from `generator`) may have leading sample dims."""
     if eps is None:
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + eps * torch.exp(0.5 * logvar)
@@ -213,8 +210,7 @@ def mean_neg_elbo(model: VAE, x: torch.Tensor, seed: int, batch_size: int = 250)
 def iwae_log_weights(model: VAE, x: torch.Tensor, k: int, generator=None, chunk=None):
     """log p(x|z) + log p(z) - log q(z|x) for k samples z ~ q(z|x) per image: a (B, k) tensor. chunk
     is about how many images a decoding pass holds (the result does not depend on it): by default
-    200 off CUDA, whose ~10 MB of activations stay in a CPU's cache (docs/speed.md), 8,192 on a GPU.
-    """
+    200 off CUDA, whose ~10 MB of activations stay in a CPU's cache (docs/speed.md), else 8,192."""
     mu, logvar = model.encode(x)
     chunk = chunk or (8192 if x.device.type == "cuda" else 200)
     batch = x.shape[0]

@@ -97,7 +97,8 @@ def test_iwae_at_k1_equals_the_single_sample_neg_elbo_with_the_same_noise():
     torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-3)
 
 
-def test_iwae_bound_does_not_depend_on_chunk_and_tightens_with_k():
+def test_iwae_bound_does_not_depend_on_chunk():
+    """(It tightens with k on a trained model: tests/test_evaluate.py.)"""
     m, x = shifted_model(1), tiny_images(48, seed=4)
 
     def bound(k, chunk=None, seed=11):
@@ -108,11 +109,6 @@ def test_iwae_bound_does_not_depend_on_chunk_and_tightens_with_k():
     for chunk in (1, 7, 100):  # passes of 1, 1 and 2 samples per image
         torch.testing.assert_close(bound(9, chunk=chunk), reference, rtol=1e-5, atol=1e-4)
     assert not torch.allclose(bound(9, seed=12), reference)
-    with torch.no_grad():  # the negative ELBO (exact KL), averaged over 20 draws
-        draws = [m(x, generator=torch.Generator().manual_seed(s)) for s in range(20)]
-        neg_elbo = torch.stack([sum(model.neg_elbo_terms(lg, x, *st)) for lg, *st in draws]).mean()
-    k1, k50 = bound(1, seed=1).mean(), bound(50, seed=2).mean()
-    assert k50 < neg_elbo and k50 < k1, (float(k50), float(neg_elbo), float(k1))
 
 
 def test_mean_neg_elbo_equals_the_per_batch_sum_by_hand_and_repeats_for_a_seed():
@@ -141,7 +137,6 @@ REFUSED = {
     "no channel": (IMAGES[:, 0], "got (2, 28, 28); x.unsqueeze(1)"),
     "one image": (IMAGES[0], "got (1, 28, 28)"),
     "rgb": (IMAGES.expand(2, 3, 28, 28), "got (2, 3, 28, 28)"),
-    "32x32": (torch.zeros(2, 1, 32, 32), "got (2, 1, 32, 32)"),
     "float64": (IMAGES.double(), "got torch.float64"),
     "float16": (IMAGES.half(), "got torch.float16"),
     "uint8": ((IMAGES * 255).byte(), "x.float() / 255 for pixels), got torch.uint8"),
@@ -181,8 +176,9 @@ def test_empty_batches_give_empty_results_and_decode_checks_z():
         (torch.zeros(5, 8, dtype=torch.float64), "got (5, 8) torch.float64"),
         ([0.0] * 8, "got list"),
     ]:
-        with pytest.raises(ValueError, match=r"z must be a float32 tensor \(B, 8\), got"):
+        with pytest.raises(ValueError, match=r"z must be a float32 tensor \(B, 8\), got") as err:
             m.decode(z)
+        assert got in str(err.value)
     with pytest.raises(ValueError, match="n must be a whole number, 0 or more, got -1"):
         m.sample(-1)
 
@@ -203,13 +199,11 @@ def test_the_networks_settings_are_vaes_arguments_with_vaes_defaults():
     arguments = inspect.signature(VAE).parameters
     assert [f.name for f in fields(VAEConfig)] == list(arguments)
     assert asdict(VAEConfig()) == {name: p.default for name, p in arguments.items()}
-    original = VAEConfig(latent_dim=5, channels=(4, 12), hidden_dim=0, fc_layers=3, norm="batch")
-    stored = checkpoint.config_dict(TrainConfig(seed=9, subset=300), original)
-    assert stored["channels"] == [4, 12] and stored["seed"] == 9 and stored["subset"] == 300
-    assert VAEConfig(**{f.name: stored[f.name] for f in fields(VAEConfig)}) == original
-    assert TrainConfig(**{f.name: stored[f.name] for f in fields(TrainConfig)}) == TrainConfig(
-        seed=9, subset=300
-    )
+    config.check(VAEConfig())
+    config.check(TrainConfig())
+    # as a checkpoint stores them
+    stored = checkpoint.config_dict(TrainConfig(), VAEConfig(channels=(4, 12)))
+    assert VAEConfig(**{f.name: stored[f.name] for f in fields(VAEConfig)}).channels == (4, 12)
 
 
 def test_help_is_read_from_each_field_and_from_the_constants_it_cites(monkeypatch):
@@ -252,31 +246,25 @@ def test_check_refuses_bad_settings_naming_them(name, value):
     assert str(err.value).startswith(f"{name} must be"), err.value
 
 
-def test_check_accepts_the_defaults_and_refuses_an_architecture_over_the_limit(monkeypatch):
-    """(Billions of weights, counted without allocating them: the command line's check,
-    tests/test_cli.py.)"""
-    config.check(VAEConfig())
-    config.check(TrainConfig())
-    count = VAEConfig().parameter_count()
-    monkeypatch.setattr(config, "MAX_PARAMETERS", count)
-    config.check(VAEConfig())  # exactly at the limit: allowed
-    monkeypatch.setattr(config, "MAX_PARAMETERS", count - 1)
-    with pytest.raises(ValueError, match=f"{count:,} weights"):
-        config.check(VAEConfig())
-
-
 @pytest.mark.parametrize(
     "settings", [{}, dict(fc_layers=2, res_blocks=2, norm="batch"), dict(hidden_dim=0, out_conv=0)]
 )
-def test_parameter_count_on_the_meta_device_equals_the_real_count(settings):
+def test_weights_are_counted_on_the_meta_device_and_limited(settings, monkeypatch):
+    """(Billions of weights, counted without allocating them: tests/test_cli.py.)"""
     # by hand: two 4x4 convs 1->1 (17 each), Linear(49, 4) (200), Linear(2, 49) (147), two 4x4
     # transposed convs (17)
     smallest = VAEConfig(latent_dim=2, channels=(1, 1), hidden_dim=0, res_blocks=0, out_conv=0)
     assert smallest.parameter_count() == 415
     c = VAEConfig(**dict(latent_dim=4, channels=(4, 8), hidden_dim=16, out_conv=4) | settings)
     built = VAE(**asdict(c))
-    assert c.parameter_count() == sum(p.numel() for p in built.parameters())
+    count = c.parameter_count()
+    assert count == sum(p.numel() for p in built.parameters())
     assert not any(p.is_meta for p in built.parameters())  # counting left later models real
+    monkeypatch.setattr(config, "MAX_PARAMETERS", count)
+    config.check(c)  # exactly at the limit: allowed
+    monkeypatch.setattr(config, "MAX_PARAMETERS", count - 1)
+    with pytest.raises(ValueError, match=f"{count:,} weights"):
+        config.check(c)
 
 
 def test_weight_average_with_batch_norm_ramps_its_decay_and_copies_counters():

@@ -22,7 +22,10 @@ from helpers import (
 
 import anomaly
 import checkpoint
+import data
 import prepare
+from config import VAEConfig
+from model import VAE, mean_neg_elbo
 
 SHIPPED = checkpoint.SHIPPED
 USING = "using pretrained/vae-mnist.pt: the shipped model, epoch 20 of 20 on 55,000 training images"
@@ -51,6 +54,19 @@ def test_shipped_checkpoint_is_a_trimmed_default_run(untouched):
     }
     assert len(anomaly.reference_of(ckpt)["test_scores"]) == 10_000 and len(ckpt["history"]) == 20
     assert set(ckpt["latent_map"]) == {"mean", "axes", "points", "labels", "kl_per_dim"}
+
+
+@needs_mnist
+def test_the_shipped_weights_in_the_default_network_give_the_readmes_test_loss(untouched):
+    """VAE() as model.py writes it is the shipped network, and with the shipped weights it gives the
+    README's test negative ELBO (evaluate's z draws are seeded with the training seed)."""
+    model, ckpt = checkpoint.load_model(SHIPPED)
+    assert checkpoint.model_config(ckpt) == VAEConfig()
+    shapes = {name: t.shape for name, t in VAE().state_dict().items()}
+    assert {name: t.shape for name, t in ckpt["model"].items()} == shapes
+    x = data.to_float(data.load_mnist(MNIST_DIR)["test_images"])
+    loss = mean_neg_elbo(model, x, seed=ckpt["config"]["seed"])["loss"]
+    assert loss == pytest.approx(91.752, abs=1e-3)
 
 
 def test_every_command_names_the_shipped_model_when_none_is_trained_here(tmp_path, untouched):
