@@ -386,7 +386,7 @@ def run_evaluate(args) -> int:
     # a bad checkpoint is named before the data is read
     path, model, ckpt = open_model(args, pick_device(args.device))
     latent_map = checked(path, evaluate.latent_map_of, ckpt)
-    mnist = load_data(args.data_dir)
+    mnist = load_data(args.data_dir, sets=("test",))  # all that evaluate reads
     metrics = evaluate.evaluate(
         model,
         ckpt | {"latent_map": latent_map},
