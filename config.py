@@ -1,7 +1,8 @@
 """Every setting of a run, each written once: TrainConfig (how a run trains) and VAEConfig (the
 network: VAE's own arguments). A field holds a setting's default, its range or choices and its help
 text; the flags and --help (main.py) read them, and so does a checkpoint's stored config
-(checkpoint.py), which is rebuilt and checked with them before anything long starts.
+(checkpoint.py), which is rebuilt and checked with them before anything long starts. Last, what
+"auto" means on this machine: the device, the training arithmetic and the float settings.
 """
 
 from __future__ import annotations
