@@ -242,8 +242,14 @@ def tensors(value):
 
 def check_format(ckpt, path: Path) -> None:
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    use_instead = "pass the best.pt or last.pt that `python main.py` wrote"
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise CheckpointError(
+            f"{path}: a plain state_dict (weights without the settings that rebuild their model), "
+            f"not a vae-mnist checkpoint; {use_instead}"
+        )
     if not isinstance(fmt, str) or not fmt.startswith("vae-mnist/"):
-        raise CheckpointError(f"{path}: not a vae-mnist checkpoint (format {fmt!r})")
+        raise CheckpointError(f"{path}: not a vae-mnist checkpoint (format {fmt!r}); {use_instead}")
     if fmt != FORMAT:
         raise CheckpointError(
             f"{path}: checkpoint format {fmt!r}, but this code reads {FORMAT!r}; train a new one "
