@@ -7,226 +7,256 @@ traceback, a hang or a wrong exit status would show; further variants of the sam
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
+import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import helpers
 import pytest
 import torch
-from helpers import (
-    assert_one_line_error,
-    copy_run,
-    needs_mnist,
-    run_cli,
-    run_main,
-    train_args,
-    unreadable_data,
-)
+from helpers import assert_one_line_error, copy_run, needs_mnist, run_cli, run_main, train_args
+from helpers import unreadable_data as nodata
 from PIL import Image
 
+import anomaly
 import checkpoint
+import commands
+import demo
+import evaluate
+import main
+from config import TrainConfig, VAEConfig
 
-CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+
+def cli(user: bool, argv: list, cwd: Path, **kw) -> tuple[int, str, str]:
+    """`python main.py argv` as a user runs it (user) or main.main(argv) in this process."""
+    return run_cli(argv, cwd, **kw) if user else run_main(argv, cwd)
 
 
-@pytest.mark.parametrize(
-    "user,argv,words",
-    # user: run as a user runs it (argparse's check, and a check of the flags together), else in
-    # process
-    [
-        (True, "--batch-size x", ["--batch-size", "got x"]),
-        (True, "evalute", ["unknown command 'evalute'", "evaluate, sample"]),
-        (
-            False,
-            "--no-progress sample",
-            ["unrecognized arguments: sample", "python main.py sample"],
-        ),
-        (False, "--epoch 1", ["unrecognized arguments: --epoch 1"]),  # not taken for --epochs
-        (False, "--resume --replace", ["--replace", "--resume", "only one of them"]),
-        (
-            True,
-            "--hidden-dim 16384 --fc-layers 16",
-            ["weights", "50,000,000", "--hidden-dim", "--fc-layers"],
-        ),
-        (False, "--lr nan", ["--lr", "got nan"]),
-        (False, f"sample --seed {2**64}", ["--seed", str(2**64)]),
-        (False, "score --method magic", ["--method", "magic"]),
-        (False, "evaluate --iwae-k 100000000", ["--iwae-k", "1 to 10,000"]),
-        (False, "sample --n 1000000000", ["--n", "1 to 1,024"]),
-        (False, "score --samples 100000", ["--samples", "1 to 1,000"]),
-        (False, "--batch-size 100000", ["--batch-size", "1 to 4,096"]),
-        (False, "--latent-dim 5000", ["--latent-dim", "1 to 1,024", "5000"]),
-        pytest.param(False, "--device cuda", ["--device cuda", "no CUDA GPU"], marks=CUDA),
-    ],
-)
-def test_bad_flag_is_one_line_before_the_data_is_read_and_creates_nothing(
-    tmp_path, user, argv, words
-):
-    nodata = unreadable_data(tmp_path / "data")
-    code, out, err = (run_cli if user else run_main)(
-        argv.split() + ["--data-dir", nodata], tmp_path
-    )
+def listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# user (a subprocess) or in process | flags | what the line must hold, each after a |
+BAD_FLAGS = """\
+user | --batch-size x | --batch-size | got x
+user | evalute | unknown command 'evalute' | evaluate, sample
+proc | --no-progress sample | unrecognized arguments: sample | python main.py sample
+proc | --epoch 1 | unrecognized arguments: --epoch 1
+proc | --resume --replace | --replace | --resume | only one of them
+user | --hidden-dim 16384 --fc-layers 16 | weights | 50,000,000 | --hidden-dim | --fc-layers
+proc | --lr nan | --lr | got nan
+proc | sample --seed 18446744073709551616 | --seed | 18446744073709551616
+proc | score --method magic | --method | magic
+proc | evaluate --iwae-k 100000000 | --iwae-k | 1 to 10,000
+proc | sample --n 1000000000 | --n | 1 to 1,024
+proc | score --samples 100000 | --samples | 1 to 1,000
+proc | --batch-size 100000 | --batch-size | 1 to 4,096
+proc | --latent-dim 5000 | --latent-dim | 1 to 1,024 | 5000
+proc | --device cuda | --device cuda | no CUDA GPU"""
+
+
+@pytest.mark.parametrize("case", BAD_FLAGS.splitlines())
+def test_bad_flag_is_one_line_before_the_data_is_read_and_creates_nothing(tmp_path, case):
+    user, argv, *words = case.split(" | ")
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    argv = argv.split() + ["--data-dir", nodata(tmp_path / "data")]
+    code, out, err = cli(user == "user", argv, tmp_path)
     assert_one_line_error(code, err, *words)
     assert err.count("choose") <= 1, err  # one piece of advice, not the same twice in other words
-    assert "train-images" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert "train-images" not in err and listing(tmp_path) == ["data"]
 
 
-@pytest.mark.parametrize(
-    "command,flag,under",
-    [([], "--checkpoint-dir", False), ([], "--image-dir", True)]
-    + [
-        (["evaluate"], "--image-dir", False),
-        (["sample"], "--image-dir", True),
-        (["score"], "--image-dir", False),
-    ],
-)
-def test_output_folder_that_is_a_file_is_named_before_anything_is_loaded(
-    tmp_path, command, flag, under
-):
-    """Named before the data is read (train) or the checkpoint loaded (evaluate, sample, score: it
-    does not exist); the default folders that could be made are not made. The first case runs as a
-    user runs it."""
-    (tmp_path / "taken").write_text("a file")
-    target = tmp_path / "taken" / "sub" if under else tmp_path / "taken"
-    folder = unreadable_data(tmp_path / "data")
-    argv = (
-        command
-        + [flag, target, "--data-dir", folder]
-        + (["--checkpoint", tmp_path / "no.pt"] if command else [])
-    )
-    code, out, err = (run_main if command or under else run_cli)(argv, tmp_path)
-    assert_one_line_error(
-        code, err, f"{flag} {target}", f"{tmp_path / 'taken'} is a file, not a folder"
-    )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "taken"]
-    assert (tmp_path / "taken").read_text() == "a file"
+# the command each path flag is given to; PATH is replaced by the path
+PATH_FLAGS = {
+    "--image-dir": ["sample", "--image-dir", "PATH"],
+    "--checkpoint": ["sample", "--checkpoint", "PATH"],
+    "--checkpoint-dir": ["--checkpoint-dir", "PATH", "--data-dir", "data"],
+    "--data-dir": ["--data-dir", "PATH", "--checkpoint-dir", "ckpt"],
+    "--resume": ["--resume", "PATH", "--data-dir", "data"],
+    "--output-dir": ["evaluate", "--output-dir", "PATH", "--data-dir", "data"],
+}
+# a path the OS refuses, under tmp_path, and what the line must say
+REFUSED = {
+    "long": ("x" * 300, ["is 300 bytes long", "more than the 255"]),
+    "loop": ("loop/sub", ["a symbolic link in it loops"]),
+    "file": ("taken/sub", ["taken is a file, not a folder"]),
+    "denied": ("locked/sub", ["permission denied: you may not enter", "locked"]),
+    "dangling": ("dangling/sub", ["dangling is a symbolic link to nowhere, which does not exist"]),
+}
+
+
+def refused_paths(folder: Path) -> None:
+    """REFUSED's paths in folder (links to itself and to nothing, a file, mode 000), and no data."""
+    (folder / "loop").symlink_to("loop")
+    (folder / "dangling").symlink_to("nowhere")
+    (folder / "taken").write_text("a file")
+    (folder / "locked").mkdir(mode=0)
+    nodata(folder / "data")
+
+
+def path_argv(flag: str, reason: str, folder: Path) -> list[str]:
+    return [str(folder / REFUSED[reason][0]) if a == "PATH" else a for a in PATH_FLAGS[flag]]
+
+
+@pytest.mark.parametrize("reason", ["long", "loop", "file", "dangling"])
+@pytest.mark.parametrize("flag", PATH_FLAGS)
+def test_a_path_the_os_refuses_is_one_line_naming_it_before_any_work(tmp_path, flag, reason):
+    """Before the (unreadable) data is read or a checkpoint loaded, and nothing is made."""
+    refused_paths(tmp_path)
+    user = (flag, reason) in {("--image-dir", "long"), ("--checkpoint-dir", "file")}
+    code, out, err = cli(user, path_argv(flag, reason, tmp_path), tmp_path)
+    assert_one_line_error(code, err, flag, str(tmp_path / REFUSED[reason][0]), *REFUSED[reason][1])
+    assert listing(tmp_path) == ["dangling", "data", "locked", "loop", "taken"]
+    assert (tmp_path / "taken").read_text() == "a file" and "using" not in out
+
+
+DRIVER = """import json, sys
+sys.path[:0] = sys.argv[1:]
+import helpers
+print(json.dumps([helpers.run_main(argv) for argv in json.load(sys.stdin)]))"""
+
+
+def without_root_override() -> None:
+    """preexec_fn: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so that mode bits bind root."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0):  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def as_a_plain_user(argvs: list[list[str]], cwd: Path) -> list[tuple[int, str, str]]:
+    """main.main(argv) for each argv in one child that folders' permissions bind (as root too)."""
+    kw = {"preexec_fn": without_root_override} if os.geteuid() == 0 else {}
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", DRIVER, str(helpers.ROOT), str(helpers.ROOT / "tests")],
+            input=json.dumps([[str(a) for a in argv] for argv in argvs]),
+            capture_output=True, text=True, cwd=cwd, timeout=120, **kw,
+        )  # fmt: skip
+    except subprocess.SubprocessError as exc:
+        pytest.skip(f"cannot drop root's override capability here ({exc})")
+    assert child.returncode == 0, child.stderr
+    return json.loads(child.stdout)
+
+
+def test_a_folder_the_user_may_not_enter_is_named_for_every_path_flag(tmp_path):
+    refused_paths(tmp_path)
+    argvs = [path_argv(flag, "denied", tmp_path) for flag in PATH_FLAGS]
+    for flag, (code, out, err) in zip(PATH_FLAGS, as_a_plain_user(argvs, tmp_path)):
+        denied = f"{tmp_path / 'locked' / 'sub'}: permission denied: you may not enter"
+        assert_one_line_error(code, err, flag, denied, f"{tmp_path / 'locked'}; pass a")
+    assert listing(tmp_path) == ["dangling", "data", "locked", "loop", "taken"]
 
 
 def bad_checkpoint(kind: str, tmp_path: Path, request) -> tuple[Path, list[str]]:
-    """A checkpoint path of the given kind and what its refusal must say; the last two edit a copy
-    of the shared run."""
+    """A checkpoint path of this kind and what its refusal must say."""
+    path = tmp_path / "bad.pt"
     if kind == "missing":
         return tmp_path / "nope.pt", ["no such checkpoint"]
     if kind == "folder":
         (tmp_path / "models").mkdir()
         return tmp_path / "models", ["is a folder", "best.pt or last.pt"]
     if kind == "text":
-        (tmp_path / "notes.pt").write_text("not a checkpoint\n")
-        return tmp_path / "notes.pt", ["not a checkpoint"]
+        path.write_text("not a checkpoint\n")
+        return path, ["not a checkpoint"]
+    weights = torch.nn.Linear(2, 2)
+    if kind == "torchscript":
+        with warnings.catch_warnings():  # torch.jit is deprecated, and still what people have
+            warnings.simplefilter("ignore")
+            torch.jit.save(torch.jit.script(weights), path)
+        return path, ["a TorchScript model (torch.jit.save)", "best.pt or last.pt"]
+    if kind in ("legacy", "state dict"):
+        torch.save(weights.state_dict(), path, _use_new_zipfile_serialization=kind == "state dict")
+        return path, ["torch.save's legacy (non-zip) format" if kind == "legacy" else "state_dict"]
     path = copy_run(request.getfixturevalue("trained"), tmp_path) / "last.pt"
     ckpt = torch.load(path, weights_only=True)
     if kind == "bad value":  # checksum renewed: the range check must catch it
         ckpt["config"]["lr"] = -1.0
         helpers.resave(ckpt, path)
         return path, ["config lr must be a number", "got -1.0"]
-    # one weight changed, the checksum left as it was
-    ckpt["model"]["encoder.0.weight"].view(-1)[0] += 1.0
+    ckpt["model"]["encoder.0.weight"].view(-1)[0] += 1.0  # the checksum left as it was
     torch.save(ckpt, path)
     return path, ["do not match its checksum"]
 
 
-# the others in process
-AS_A_USER = {("evaluate", "changed weight"), ("score", "text"), ("--resume", "bad value")}
+CHECKPOINT_CASES = """\
+user | evaluate | changed weight
+proc | evaluate | missing
+proc | sample | bad value
+user | score | text
+proc | reconstruct | folder
+proc | demo | missing
+user | --resume | bad value
+proc | --resume | folder
+user | sample | torchscript
+proc | evaluate | legacy
+proc | --resume | state dict"""
 
 
-@pytest.mark.parametrize(
-    "command,kind",
-    [
-        ("evaluate", "changed weight"),
-        ("evaluate", "missing"),
-        ("sample", "bad value"),
-        ("score", "text"),
-    ]
-    + [
-        ("reconstruct", "folder"),
-        ("demo", "missing"),
-        ("--resume", "bad value"),
-        ("--resume", "folder"),
-    ],
-)
-def test_unusable_checkpoint_is_one_line_naming_it_and_nothing_is_written(
-    tmp_path, request, command, kind
-):
+@pytest.mark.parametrize("case", CHECKPOINT_CASES.splitlines())
+def test_unusable_checkpoint_is_one_line_naming_it_and_nothing_is_written(tmp_path, request, case):
+    user, command, kind = case.split(" | ")
     path, words = bad_checkpoint(kind, tmp_path, request)
-    nodata, picture = (
-        unreadable_data(tmp_path / "data"),
-        helpers.digit(tmp_path / "pics" / "zero.png"),
-    )
+    picture, img = helpers.digit(tmp_path / "pics" / "zero.png"), tmp_path / "img"
+    data = ["--data-dir", nodata(tmp_path / "data")]
     argv = {
-        "--resume": ["--resume", path, "--data-dir", nodata, "--image-dir", tmp_path / "img"],
+        "--resume": ["--resume", path, *data, "--image-dir", img],
         "demo": ["demo", "--checkpoint", path, "--port", "0"],
-        "reconstruct": [
-            "reconstruct",
-            picture,
-            "--checkpoint",
-            path,
-            "--image-dir",
-            tmp_path / "img",
-        ],
-    }.get(
-        command,
-        [command, "--checkpoint", path, "--data-dir", nodata, "--image-dir", tmp_path / "img"],
-    )
+        "sample": ["sample", "--checkpoint", path, "--image-dir", img],
+        "reconstruct": ["reconstruct", picture, "--checkpoint", path, "--image-dir", img],
+    }.get(command, [command, "--checkpoint", path, *data, "--image-dir", img])
     before = helpers.snapshot(tmp_path)
-    code, out, err = (run_cli if (command, kind) in AS_A_USER else run_main)(argv, tmp_path)
+    code, out, err = cli(user == "user", argv, tmp_path)
     flag = "--resume" if command == "--resume" else "--checkpoint"
     assert_one_line_error(code, err, str(path), *words)
-    assert kind not in ("missing", "folder") or flag in err
-    assert helpers.snapshot(tmp_path) == before and not (tmp_path / "img").exists()
+    assert kind not in ("missing", "folder", "torchscript") or flag in err
+    assert helpers.snapshot(tmp_path) == before and not img.exists()
 
 
 @needs_mnist
+@pytest.mark.parametrize("held", ["best.pt and last.pt", "best.pt"])
 def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_before_anything_is_read(
-    trained, tmp_path
+    trained, tmp_path, held
 ):
+    """Only best.pt (a kill in the first save of last.pt): it, and --resume, name its --resume."""
     folder = copy_run(trained, tmp_path)
-    before = helpers.snapshot(folder)
-    code, out, err = run_main(
-        train_args(tmp_path) + ["--data-dir", unreadable_data(tmp_path / "data")], tmp_path
-    )
-    words = [
-        f"{folder} already holds a run (best.pt and last.pt)",
-        "--resume",
-        "another --checkpoint-dir",
-        "--replace",
-    ]
-    assert_one_line_error(code, err, *words)
-    assert helpers.snapshot(folder) == before and sorted(
-        p.name for p in folder.iterdir()
-    ) == sorted(before)
-    assert not (tmp_path / "img").exists()
+    if held == "best.pt":
+        (folder / "last.pt").unlink()
+    before, data = helpers.snapshot(folder), ["--data-dir", nodata(tmp_path / "data")]
+    code, out, err = run_main(train_args(tmp_path) + data, tmp_path)
+    resume = "--resume" if held != "best.pt" else f"--resume {folder / 'best.pt'}"
+    words = [f"{folder} already holds a run ({held}); continue it with {resume},", "--replace"]
+    assert_one_line_error(code, err, *words, "another --checkpoint-dir")
+    if held == "best.pt":
+        code, out, err = run_cli(["--resume", "--checkpoint-dir", folder, *data], tmp_path)
+        assert_one_line_error(code, err, f"{folder / 'last.pt'}: no such checkpoint", resume)
+    assert helpers.snapshot(folder) == before and not (tmp_path / "img").exists()
+
+
+TOO_FEW = {
+    "--subset 5": (5, 5000),
+    "--val-size 1": (59999, 1),
+    "--exclude-digit 3 --val-size 100": (53779, 90),
+}
 
 
 @needs_mnist
-@pytest.mark.parametrize(
-    "flags,train,val",
-    [
-        ("--subset 5", 5, 5000),
-        ("--val-size 1", 59999, 1),
-        ("--exclude-digit 3 --val-size 100", 53779, 90),
-    ],
-)
-def test_too_few_training_or_validation_images_are_named_before_any_folder_is_made(
-    tmp_path, flags, train, val
-):
-    # without train_args' --subset
-    code, out, err = run_main(train_args(tmp_path)[4:] + flags.split(), tmp_path)
-    assert_one_line_error(
-        code,
-        err,
-        f"train on {train} images and validate on {val}",
-        "at least 100",
-        flags.split()[0],
-    )
-    assert (
-        "training on" not in out
-        and not (tmp_path / "ckpt").exists()
-        and not (tmp_path / "img").exists()
-    )
+@pytest.mark.parametrize("flags", TOO_FEW)
+def test_too_few_training_or_validation_images_are_named_before_any_folder_is_made(tmp_path, flags):
+    train, val = TOO_FEW[flags]
+    code, out, err = run_main(train_args(tmp_path)[4:] + flags.split(), tmp_path)  # no --subset
+    words = [f"train on {train} images and validate on {val}", "at least 100", flags.split()[0]]
+    assert_one_line_error(code, err, *words)
+    assert "training on" not in out and listing(tmp_path) == []
 
 
 # the first file a run saves, the last it deletes
@@ -234,7 +264,7 @@ def test_too_few_training_or_validation_images_are_named_before_any_folder_is_ma
 def test_a_folder_named_best_pt_is_named_as_a_folder(tmp_path, name):
     (tmp_path / "ckpt" / name).mkdir(parents=True)
     (tmp_path / "ckpt" / name / "mine.txt").write_text("mine")
-    argv = train_args(tmp_path) + ["--replace", "--data-dir", unreadable_data(tmp_path / "data")]
+    argv = train_args(tmp_path) + ["--replace", "--data-dir", nodata(tmp_path / "data")]
     code, out, err = run_main(argv, tmp_path)
     assert_one_line_error(code, err, f"{tmp_path / 'ckpt' / name} is a folder, not a file")
     assert helpers.snapshot(tmp_path / "ckpt") == {f"{name}/mine.txt": b"mine"}
@@ -244,12 +274,11 @@ def test_a_folder_named_best_pt_is_named_as_a_folder(tmp_path, name):
 def test_replace_deletes_the_earlier_run_and_sighup_stops_the_new_one_like_ctrl_c(
     trained, tmp_path
 ):
-    """A copy of the shared run, then a new run into its folder with --replace and another
-    --latent-dim, sent SIGHUP (a closed terminal) once its first epoch is saved."""
+    """A new run into a copy of the shared one, sent SIGHUP after its first epoch. The printed
+    command repeats every flag given that a resumed run takes (the parser's, but the settings)."""
     folder = copy_run(trained, tmp_path)
-    proc = helpers.start_cli(
-        train_args(tmp_path, epochs=10) + ["--replace", "--latent-dim", "6"], cwd=tmp_path
-    )
+    argv = train_args(tmp_path, epochs=10) + ["--replace", "--latent-dim", "6", "--device", "cpu"]
+    proc = helpers.start_cli(argv, cwd=tmp_path)
     helpers.read_until(proc, "epoch   1/10")
     proc.send_signal(signal.SIGHUP)
     code, out, err = helpers.finish(proc, timeout=120)
@@ -258,19 +287,24 @@ def test_replace_deletes_the_earlier_run_and_sighup_stops_the_new_one_like_ctrl_
     assert [h["epoch"] for h in last["history"]] == list(range(1, last["epoch"] + 1))
     assert checkpoint.load(folder / "best.pt")["config"]["latent_dim"] == 6
     assert not (folder / "metrics.json").exists()  # the earlier run's evaluation went with it
-    assert code == 128 + signal.SIGHUP and "Traceback" not in err, err
-    assert "SIGHUP" in err and f"python main.py --resume {folder / 'last.pt'}" in err, err
-    assert (
-        last["epoch"] >= 1
-        and f"stopped in epoch {last['epoch'] + 1}; {folder / 'last.pt'} holds" in err
-    ), err
+    assert code == 128 + signal.SIGHUP and "Traceback" not in err and "SIGHUP" in err, err
+    assert f"stopped in epoch {last['epoch'] + 1}; {folder / 'last.pt'} holds" in err, err
+    printed = shlex.split(err.split("Resume with:\n")[1])
+    parser = main.build_parsers()["train"]
+    resumed, original = parser.parse_args(printed[2:]), parser.parse_args(argv)
+    assert resumed.resume == str(folder / "last.pt") and "--latent-dim" not in printed, printed
+    for name in ("epochs", "data_dir", "image_dir", "device", "iwae_k", "progress"):
+        assert getattr(resumed, name) == getattr(original, name), (name, printed)
+    settings = {"--" + f.name.replace("_", "-") for f in fields(TrainConfig) + fields(VAEConfig)}
+    others = {s for a in parser._actions for s in a.option_strings if s.startswith("--")} - settings
+    resumable = {*commands.RESUME_FLAGS, *commands.SWITCHES} - {"--epochs"}
+    assert others - {"--help", "--resume", "--replace", "--checkpoint-dir"} == resumable
 
 
 @pytest.mark.parametrize("kind", ["symbolic link", "dangling symbolic link", "hard link", "fifo"])
 def test_a_lock_file_that_is_not_a_plain_file_of_its_own_is_refused(tmp_path, kind):
-    """Even a run that a later check would refuse (--subset 5: too few images) stops at the lock,
-    writing nothing through it, not even its time; a FIFO does not make it wait (that case runs as a
-    user runs it)."""
+    """Even a run a later check refuses (--subset 5) stops at the lock, writing nothing through it,
+    not even its time; a FIFO (as a user runs it) does not make it wait."""
     target, lock = tmp_path / "precious.txt", tmp_path / "ckpt" / ".lock"
     lock.parent.mkdir()
     if kind == "fifo":
@@ -280,103 +314,111 @@ def test_a_lock_file_that_is_not_a_plain_file_of_its_own_is_refused(tmp_path, ki
             target.write_text("precious\n")
             os.utime(target, (1_000_000, 1_000_000))
         (lock.hardlink_to if kind == "hard link" else lock.symlink_to)(target)
-    argv = train_args(tmp_path) + [
-        "--subset",
-        "5",
-        "--data-dir",
-        unreadable_data(tmp_path / "data"),
-    ]
-    code, out, err = (
-        run_cli(argv, tmp_path, timeout=60) if kind == "fifo" else run_main(argv, tmp_path)
-    )
+    argv = train_args(tmp_path) + ["--subset", "5", "--data-dir", nodata(tmp_path / "data")]
+    code, out, err = cli(kind == "fifo", argv, tmp_path, timeout=60)
     words = {"hard link": "a hard link", "fifo": "not a plain file"}.get(kind, "is a symbolic link")
     assert_one_line_error(code, err, str(lock), words)
-    assert sorted(p.name for p in lock.parent.iterdir()) == [".lock"] and lock.is_symlink() == (
-        "symbolic" in kind
-    )
+    assert listing(lock.parent) == [".lock"] and lock.is_symlink() == ("symbolic" in kind)
     if kind in ("symbolic link", "hard link"):
         assert target.read_text() == "precious\n" and target.stat().st_mtime == 1_000_000
     else:
         assert not target.exists()  # nothing was created through a dangling link
 
 
+def redirected(fd: int, target: str | None):
+    """preexec_fn: the child's descriptor fd closed (target None, as `>&-` does) or onto target."""
+
+    def redirect() -> None:
+        if target is None:
+            os.close(fd)
+        else:
+            os.dup2(os.open(target, os.O_WRONLY), fd)
+
+    return redirect
+
+
+FULL = "note: stdout cannot be written (No space left on device); going on without it\n"
+
+
+@pytest.mark.parametrize("fd,target", [(1, "/dev/full"), (1, None), (2, None), (2, "pipe")])
+def test_a_full_or_closed_output_stream_loses_no_work_and_keeps_the_exit_status(
+    tmp_path, fd, target
+):
+    """`sample > /dev/full`, `sample >&-`: a whole picture, exit 0. `reconstruct` of a bad and a
+    good file, `2>&-` or stderr's reader gone: the good one is written, exit 2. No traceback."""
+    (tmp_path / "notes.txt").write_text("not a picture")
+    argv = ["sample", "--n", "4"] if fd == 1 else ["reconstruct", tmp_path / "notes.txt"]
+    argv += [helpers.digit(tmp_path / "zero.png")] if fd == 2 else []
+    closes = {} if target == "pipe" else {"preexec_fn": redirected(fd, target)}
+    proc = helpers.start_cli(argv + ["--image-dir", tmp_path / "img"], tmp_path, **closes)
+    if target == "pipe":
+        proc.stderr.close()
+    code, out, err = helpers.finish(proc)
+    assert code == (0 if fd == 1 else 2) and "Traceback" not in out + (err or ""), out
+    if fd == 1:
+        assert out == "" and err == (FULL if target else ""), err
+        Image.open(tmp_path / "img" / "samples.png").verify()
+    else:
+        assert f"{tmp_path / 'zero.png'}: combined score" in out, out
+        assert (tmp_path / "img" / "reconstructed_zero.png").is_file()
+
+
+@needs_mnist
+def test_latent_dim_1_trains_with_a_full_log_then_resumes_and_evaluates(tmp_path, monkeypatch):
+    """--latent-dim 1 trains (`> /dev/full`: it goes on and saves) with a one-dimensional latent
+    map, resumes and evaluates; the demo's map of it is JSON a browser reads (no NaN)."""
+    argv = train_args(tmp_path, epochs=1, subset=200) + ["--latent-dim", "1", "--val-size", "500"]
+    code, out, err = run_cli(argv, tmp_path, preexec_fn=redirected(1, "/dev/full"))
+    assert code == 0 and err == FULL, err
+    folder, use = tmp_path / "ckpt", ["--data-dir", helpers.MNIST_DIR, "--iwae-k", "1"]
+    space = evaluate.latent_map_of(checkpoint.load(folder / "best.pt"))
+    assert space["axes"].shape == (1, 2) and space["points"][:, 0].std() > 0.5
+    assert not space["axes"][:, 1].any() and (folder / "metrics.json").is_file()
+    full = commands.load_data  # from here on, the first 500 test images (the training set whole)
+    cut = {k: v[:500] if k.startswith("test") else v for k, v in full(helpers.MNIST_DIR).items()}
+    monkeypatch.setattr(commands, "load_data", lambda *args, **kwargs: cut)
+    code, out, err = run_main(["--resume", folder / "last.pt", "--epochs", "2", *use], tmp_path)
+    assert code == 0 and checkpoint.load(folder / "last.pt")["epoch"] == 2, err
+    code, out, err = run_main(["evaluate", "--checkpoint", folder / "best.pt", *use], tmp_path)
+    assert code == 0 and "active units" in out, err
+    model, ckpt = checkpoint.load_model(folder / "best.pt")
+    page = demo.Demo(model, anomaly.reference_of(ckpt), evaluate.latent_map_of(ckpt))
+    json.dumps(page.map_and_sliders(), allow_nan=False)
+
+
 @needs_mnist
 def test_training_and_sample_go_on_when_stdout_is_closed_and_leave_git_status_clean(
     trained, tmp_path
 ):
-    """A clone of the repository with the working tree's changes to tracked files committed in it.
-    In it, with the default folders: the shared run (copied into models_mnist) is continued by one
-    epoch, its stdout closed after the first line as `| head -1` does, then `sample` likewise. Its
-    best_val_loss is set below any loss, so that the epoch leaves best.pt (with its stored anomaly
-    reference) as it is and the final evaluation stays short."""
-    root, repo = helpers.ROOT, tmp_path / "repo"
-    subprocess.run(["git", "clone", "-q", str(root), str(repo)], check=True)
-    diff = subprocess.run(
-        ["git", "-C", root, "diff", "HEAD", "--binary"], check=True, capture_output=True
-    ).stdout
-    if diff:
-        git = ["git", "-C", repo, "-c", "user.name=test", "-c", "user.email=test@example.com"]
-        subprocess.run(git + ["apply", "--index", "-"], input=diff, check=True)
-        subprocess.run(git + ["commit", "-qm", "the working tree"], check=True)
+    """With the default folders: the shared run (copied into models_mnist, its best_val_loss below
+    any loss, so that best.pt stays and the evaluation is short) continued by one epoch, its stdout
+    closed after the first line as `| head -1` does, then `sample` likewise. The repository's
+    .gitignore ignores all they write, so a clone's `git status` stays clean."""
+    (tmp_path / "models_mnist").mkdir()
     for name in ("best.pt", "last.pt", "metrics.json"):
-        shutil.copy(trained.ckpt_dir / name, repo / "models_mnist" / name)
-    last = torch.load(repo / "models_mnist" / "last.pt", weights_only=True)
-    helpers.resave(last | {"best_val_loss": 1e-9}, repo / "models_mnist" / "last.pt")
-    results, resume = (
-        [],
-        ["--resume", "--epochs", "3", "--data-dir", helpers.MNIST_DIR, "--iwae-k", "1"],
-    )
+        shutil.copy(trained.ckpt_dir / name, tmp_path / "models_mnist" / name)
+    last = torch.load(tmp_path / "models_mnist" / "last.pt", weights_only=True)
+    helpers.resave(last | {"best_val_loss": 1e-9}, tmp_path / "models_mnist" / "last.pt")
+    resume = ["--resume", "--epochs", "3", "--data-dir", helpers.MNIST_DIR, "--iwae-k", "1"]
+    results = []
     for argv in (resume, ["sample", "--n", "4"]):
-        proc = helpers.start_cli(argv, cwd=repo)
+        proc = helpers.start_cli(argv, cwd=tmp_path)
         first = proc.stdout.readline()
         proc.stdout.close()
-        code, _, err = helpers.finish(proc)
-        results.append((code, first, err))
-    (code, first, err), (sample_code, sample_first, sample_err) = results
+        results.append((*helpers.finish(proc)[::2], first))
+    (code, err, first), (sample_code, sample_err, sample_first) = results
     assert code == 0 and first == "resuming from epoch 2\n" and "Traceback" not in err, first + err
     assert "Exception ignored" not in err and "BrokenPipe" not in err, err
-    # every epoch saved
-    assert checkpoint.load(repo / "models_mnist" / "last.pt", resume=True)["epoch"] == 3
-    # and the final evaluation ran to its end
-    assert (repo / "images" / "loss_curves.png").is_file()
-    # and sample names the model trained here
-    assert sample_code == 0 and sample_err == "", sample_err
-    assert sample_first.startswith(
-        "using models_mnist/best.pt: a model trained here, epoch 2 of 2 on the first 2,000 "
-    )
-    status = subprocess.run(
-        ["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True
-    )
-    assert status.stdout == "", status.stdout
-
-
-@needs_mnist
-def test_an_error_line_to_a_closed_stderr_does_not_stop_the_other_files(trained, tmp_path):
-    (tmp_path / "notes.txt").write_text("not a picture")
-    picture = helpers.digit(tmp_path / "zero.png")
-    argv = [
-        "reconstruct",
-        tmp_path / "notes.txt",
-        picture,
-        "--checkpoint",
-        trained.ckpt_dir / "best.pt",
-    ]
-    proc = helpers.start_cli(argv + ["--image-dir", tmp_path / "img"], cwd=tmp_path)
-    proc.stderr.close()
-    code, out, _ = helpers.finish(proc)
-    # not 1 or 120: a traceback nobody can read
-    assert code == 2 and f"{picture}: combined score" in out, out
-    assert (tmp_path / "img" / "reconstructed_zero.png").is_file()
-
-
-def without_root_override() -> None:
-    """preexec_fn: as root, drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the child's bounding
-    set, so that python starts without them and a folder's mode bits bind it as they bind any user.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):
-        if libc.prctl(24, cap, 0, 0, 0):  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+    assert "\r" not in err and "it/s" not in err, err  # stderr is no terminal: no progress bars
+    # every epoch saved, and the final evaluation ran to its end
+    assert checkpoint.load(tmp_path / "models_mnist" / "last.pt", resume=True)["epoch"] == 3
+    assert (tmp_path / "images" / "loss_curves.png").is_file()
+    assert sample_code == 0 and sample_err == "", sample_err  # and sample names the model here
+    assert sample_first.startswith("using models_mnist/best.pt: a model trained here, epoch 2 of 2")
+    written = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()]
+    git = ["git", "-C", helpers.ROOT, "check-ignore", "--no-index", "--stdin"]
+    ignored = subprocess.run(git, input="\n".join(written), capture_output=True, text=True).stdout
+    assert sorted(ignored.split()) == sorted(written) and "images/samples.png" in written
 
 
 @needs_mnist
@@ -386,32 +428,21 @@ def without_root_override() -> None:
 def test_a_read_only_checkpoint_folder_needs_output_dir(
     trained, tmp_path, monkeypatch, command, name
 ):
-    """The checkpoint folder is made read-only (mode 555) for a child that cannot override it (a
-    real user, or root without its override capability): refused before the data is read; with
-    --output-dir the folder is not in the way (the unreadable data is the next thing named). The
-    whole command with --output-dir then runs in process, on the first 500 test images: its file is
-    written there, and nothing beside the checkpoint."""
+    """A checkpoint folder of mode 555, for a child it binds: refused before the data is read; with
+    --output-dir not in the way (the unreadable data is named next). The whole command then runs in
+    process on the first 500 test images: its file goes there, and nothing beside the checkpoint."""
     folder = copy_run(trained, tmp_path)
     folder.chmod(0o555)
     before = helpers.snapshot(folder)
-    kw = {"preexec_fn": without_root_override} if os.geteuid() == 0 else {}
-    use = [
-        command,
-        "--checkpoint",
-        folder / "best.pt",
-        "--image-dir",
-        tmp_path / "img",
-        "--no-progress",
-    ]
+    use = [command, "--checkpoint", folder / "best.pt", "--image-dir", tmp_path / "img"]
     use += ["--iwae-k", "1"] if command == "evaluate" else ["--method", "elbo", "--samples", "1"]
-    nodata, elsewhere = unreadable_data(tmp_path / "data"), ["--output-dir", tmp_path / "out"]
-    try:
-        code, out, err = run_cli(use + ["--data-dir", nodata], tmp_path, **kw)
-    except subprocess.SubprocessError as exc:
-        pytest.skip(f"cannot drop root's override capability here ({exc})")
-    assert_one_line_error(code, err, str(folder), "cannot write", f"--output-dir FOLDER for {name}")
-    code, out, err = run_cli(use + ["--data-dir", nodata, *elsewhere], tmp_path, **kw)
-    assert_one_line_error(code, err, str(nodata / "train-images-idx3-ubyte"))
+    data, elsewhere = ["--data-dir", nodata(tmp_path / "data")], ["--output-dir", tmp_path / "out"]
+    refused, passed = as_a_plain_user([use + data, use + data + elsewhere], tmp_path)
+    assert_one_line_error(
+        *refused[::2], str(folder), "cannot write", f"--output-dir FOLDER for {name}"
+    )
+    first = "t10k-images" if command == "evaluate" else "train-images"  # what evaluate reads: test
+    assert_one_line_error(*passed[::2], str(tmp_path / "data" / f"{first}-idx3-ubyte"))
     helpers.first_test_images(monkeypatch)
     code, out, err = run_main(use + ["--data-dir", helpers.MNIST_DIR, *elsewhere], tmp_path)
     assert code == 0, err
@@ -419,51 +450,95 @@ def test_a_read_only_checkpoint_folder_needs_output_dir(
 
 
 @needs_mnist
+def test_evaluate_reads_only_the_test_files_and_writes_no_metrics_beside_a_replaced_checkpoint(
+    trained, tmp_path
+):
+    """A new best.pt saved meanwhile (a `--replace` run): no metrics.json of the old one beside it.
+    The data folder holds only the two test files, all that evaluate reads."""
+    folder, data = copy_run(trained, tmp_path), tmp_path / "data"
+    (folder / "metrics.json").unlink()
+    data.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (data / name).symlink_to(Path(helpers.MNIST_DIR) / name)
+    argv = ["evaluate", "--checkpoint", folder / "best.pt", "--data-dir", data, "--iwae-k", "1"]
+    proc = helpers.start_cli(argv + ["--image-dir", tmp_path / "img"], cwd=tmp_path)
+    helpers.read_until(proc, "using ")
+    os.replace(shutil.copy(folder / "last.pt", tmp_path / "new.pt"), folder / "best.pt")
+    code, out, err = helpers.finish(proc)
+    words = [f"{folder / 'best.pt'} was replaced while it was read", "metrics.json was not written"]
+    assert_one_line_error(code, err, *words)
+    assert "active units" in out and listing(folder) == ["best.pt", "last.pt"]
+
+
+# a data file that is not one: a FIFO (as a user runs it: no hang), a folder, a link to /dev/zero
+NOT_FILES = {"fifo": os.mkfifo, "folder": os.mkdir, "device": lambda p: os.symlink("/dev/zero", p)}
+
+
+@pytest.mark.parametrize("kind", NOT_FILES)
+def test_a_data_file_that_is_not_a_regular_file_is_named_and_nothing_is_downloaded(tmp_path, kind):
+    bad = nodata(tmp_path / "data") / "train-images-idx3-ubyte"
+    bad.unlink()
+    NOT_FILES[kind](bad)
+    argv = ["--data-dir", tmp_path / "data", "--checkpoint-dir", "ckpt", "--image-dir", "img"]
+    code, out, err = cli(kind == "fifo", argv, tmp_path, timeout=60)
+    word = {"fifo": "a pipe (FIFO)", "folder": "a folder", "device": "a device"}[kind]
+    assert_one_line_error(
+        code, err, f"{bad} is {word}, not a regular file; remove it", "--data-dir"
+    )
+    assert "download" not in out and listing(tmp_path) == ["data"]
+
+
+@needs_mnist
 def test_reconstruct_gives_each_bad_file_its_own_line_and_writes_the_good_ones(trained, tmp_path):
-    """One `reconstruct` of good and bad files, as a user runs it: each bad file gets its own error
-    line (a FIFO at once and unopened: a run that waited on it would hang and fail), and the files
-    after it are still processed. Inputs of the same name stay apart, a long name is shortened, a
-    name that is not UTF-8 gets a safe one, and of an animation only the first frame is used, with a
-    note saying so."""
-    digit = helpers.digit
+    """As a user runs it: a line per bad file (a FIFO unopened), the others written; names kept
+    apart, cut, made safe; an animation's first frame; noise scored, a blank picture empty; no input
+    written over, whichever order names it (img/a.png before img/reconstructed_a.png, and after)."""
+    digit, img = helpers.digit, tmp_path / "img"
     (tmp_path / "notes.txt").write_text("not a picture")
     Image.new("L", (40, 1), 255).save(tmp_path / "thin.png")
+    Image.new("L", (50, 50), 200).save(tmp_path / "flat.png")
+    noise = torch.randint(0, 256, (60, 60), generator=torch.Generator().manual_seed(0))
+    Image.fromarray(noise.to(torch.uint8).numpy()).save(tmp_path / "noise.png")
     os.mkfifo(tmp_path / "pipe.png")
-    # not valid UTF-8
-    odd = digit(Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"))))
-    files = [
-        tmp_path / "notes.txt",
-        digit(tmp_path / "a" / "x.png"),
-        tmp_path / "pipe.png",
-        tmp_path / "thin.png",
-        odd,
+    odd = digit(Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"))))  # not UTF-8
+    mine = [
+        digit(img / n, size=(70, 90))
+        for n in ("a.png", "reconstructed_a.png", "reconstructed_b.png", "b.png")
     ]
-    files += [
-        digit(tmp_path / "b" / "x.png", size=(60, 90)),
-        digit(tmp_path / ("d" * 196 + ".png")),
-    ]
-    files += [digit(tmp_path / "moving.gif", frames=3)]
-    use = ["--checkpoint", trained.ckpt_dir / "best.pt", "--image-dir", tmp_path / "img"]
-    code, out, err = run_cli(["reconstruct", *files, *use], tmp_path, timeout=60)
+    before = {p: p.read_bytes() for p in mine}
+    files = [tmp_path / "notes.txt", digit(tmp_path / "a" / "x.png"), tmp_path / "pipe.png"]
+    files += [tmp_path / "thin.png", odd, digit(tmp_path / "b" / "x.png", size=(60, 90))]
+    files += [digit(tmp_path / ("d" * 196 + ".png")), digit(tmp_path / "moving.gif", frames=3)]
+    files += [tmp_path / "flat.png", tmp_path / "noise.png", *mine]
+    use = ["--checkpoint", trained.ckpt_dir / "best.pt", "--image-dir", img]
+    code, out, err = run_cli(["reconstruct", *files, *use], tmp_path, timeout=90)
     errors = err.splitlines()
-    # no traceback
-    assert code == 2 and len(errors) == 3 and all(line.startswith("error: ") for line in errors), (
-        err
-    )
-    assert (
-        errors[0].startswith(f"error: {files[0]}: not an image file") and str(files[3]) in errors[2]
-    ), errors
+    assert code == 2 and len(errors) == 4 and all(e.startswith("error: ") for e in errors), err
+    assert errors[0].startswith(f"error: {files[0]}: not an image file"), errors
     assert errors[1].startswith(f"error: {files[2]}: not a regular file"), errors
-    written = sorted(p.name for p in (tmp_path / "img").iterdir())
-    assert len(written) == 5 and all(
-        re.fullmatch(r"reconstructed_[A-Za-z0-9._-]+\.png", name) for name in written
+    assert str(files[3]) in errors[2] and errors[3].startswith(
+        f"error: {files[8]}: the image is empty"
+    )
+    written = sorted(set(listing(img)) - {p.name for p in mine})
+    assert len(written) == 10 and all(
+        re.fullmatch(r"reconstructed_[\w.-]+\.png", n) for n in written
     )
     assert {"reconstructed_x.png", "reconstructed_x_2.png", "reconstructed_caf_.png"} <= set(
         written
-    ), written
-    assert [len(name) < 120 for name in written if name.startswith("reconstructed_ddd")] == [
-        True
-    ], written
-    assert "caf\\udce9.png: combined score" in out and f"{files[-1]}: combined score" in out, out
-    notes = [line for line in out.splitlines() if line.startswith("note:") and "moving.gif" in line]
-    assert len(notes) == 1 and "first frame" in notes[0], out
+    )
+    assert [len(n) < 120 for n in written if n.startswith("reconstructed_ddd")] == [True], written
+    assert "caf\\udce9.png: combined score" in out and f"{files[7]}: combined score" in out, out
+    assert f"{files[9]}: combined score" in out, out
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    given = "is one of the pictures given, so it is not written over"
+    assert notes == [
+        f"note: {img / 'reconstructed_a.png'} {given}",
+        f"note: {img / 'reconstructed_b.png'} {given}",
+        f"note: {files[7]} holds 3 frames; only the first frame is used",
+    ]
+    assert {
+        p: p.read_bytes() for p in mine
+    } == before and f"wrote {img / 'reconstructed_a_2.png'}" in out
+    # noise is scored; the shipped model, trained longer, calls it very unusual
+    code, out, err = run_main(["reconstruct", files[9], "--image-dir", tmp_path / "new"], tmp_path)
+    assert code == 0 and "of test digits: very unusual; wrote" in out, out + err

@@ -1,5 +1,5 @@
 """files.py: atomic writes that fail cleanly, stale temporaries, the folder lock (a lock file that
-is not a plain file of its own, and the output-folder check, are refused end to end in
+is not a plain file of its own, and the paths the OS refuses, are refused end to end in
 tests/test_cli.py)."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from files import UserError
 FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-# writes half the temporary, then the disk is full
 def half_then_full(self, payload, *args, **kwargs):
+    """Path.write_bytes / write_text that writes half the temporary, then finds the disk full."""
     payload = payload.encode() if isinstance(payload, str) else bytes(payload)
     with open(self, "wb") as f:
         f.write(payload[: len(payload) // 2])
@@ -29,30 +29,22 @@ def half_then_full(self, payload, *args, **kwargs):
 
 
 @pytest.mark.parametrize("where", ["replace", "write"])
-@pytest.mark.parametrize(
-    "writer,payload",
-    [(files.write_bytes_atomic, b"new" * 99), (files.write_text_atomic, "new")],
-    ids=["bytes", "text"],
-)
+@pytest.mark.parametrize("payload", [b"new" * 99, "new"], ids=["bytes", "text"])
 def test_a_failing_write_keeps_the_previous_file_whole_and_says_so(
-    tmp_path, monkeypatch, where, writer, payload
+    tmp_path, monkeypatch, where, payload
 ):
-    path = tmp_path / "best.pt"
+    path, writer = tmp_path / "best.pt", files.write_bytes_atomic
+    if isinstance(payload, str):
+        writer = files.write_text_atomic
     path.write_bytes(b"the previous checkpoint\x00\xff")
     write = Path, "write_bytes" if isinstance(payload, bytes) else "write_text", half_then_full
     monkeypatch.setattr(*(os, "replace", Mock(side_effect=FULL)) if where == "replace" else write)
     with pytest.raises(UserError) as err:
         writer(payload, path)
-    message = str(err.value)
-    assert (
-        str(path) in message
-        and "the previous best.pt is untouched" in message
-        and "disk space" in message
-    )
-    # no .tmp
-    assert path.read_bytes() == b"the previous checkpoint\x00\xff" and os.listdir(tmp_path) == [
-        "best.pt"
-    ]
+    assert f"cannot write {path} (" in str(err.value), err.value
+    assert "the previous best.pt is untouched. Free some disk space" in str(err.value), err.value
+    assert path.read_bytes() == b"the previous checkpoint\x00\xff"  # and no .tmp:
+    assert os.listdir(tmp_path) == ["best.pt"]
     with pytest.raises(UserError, match="nothing was written"):
         writer(payload, tmp_path / "new.json")
     assert os.listdir(tmp_path) == ["best.pt"]
@@ -71,31 +63,23 @@ def test_an_interrupted_write_leaves_no_temporary_and_a_good_write_replaces_the_
     assert os.listdir(tmp_path) == ["m.json"] and (tmp_path / "m.json").read_text() == "new"
     umask = os.umask(0o022)
     os.umask(umask)
-    # as a plain write makes it, not 0600
-    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     (tmp_path / "m.json").unlink()
     (tmp_path / "m.json").mkdir()  # a folder in place of the target is named
-    with pytest.raises(UserError) as err:
+    with pytest.raises(UserError, match="m.json is a folder, not a file"):
         files.write_text_atomic("{}", tmp_path / "m.json")
-    assert str(err.value).startswith(f"{tmp_path / 'm.json'} is a folder, not a file")
     assert os.listdir(tmp_path) == ["m.json"] and os.listdir(tmp_path / "m.json") == []
 
 
 def test_remove_stale_temporaries_removes_only_those_of_dead_writers(tmp_path):
-    dead = int(
-        subprocess.run(
-            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
-        ).stdout
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
     )
-    stale = [
-        tmp_path / f".best.pt.{dead}.k3j_9xq2.tmp",
-        tmp_path / f".metrics.json.{dead}.abcdefgh.tmp",
-    ]
+    dead = int(ended.stdout)
+    stale = [tmp_path / f".best.pt.{dead}.k3j_9xq2.tmp", tmp_path / f".m.json.{dead}.abcdefgh.tmp"]
     live = tmp_path / f".last.pt.{os.getpid()}.a1b2c3d4.tmp"
-    users = [
-        tmp_path / n
-        for n in ("best.pt", ".notes.tmp", f".x.{dead}.short.tmp", f"best.pt.{dead}.abcdefgh.tmp")
-    ]
+    names = ("best.pt", ".notes.tmp", f".x.{dead}.short.tmp", f"best.pt.{dead}.abcdefgh.tmp")
+    users = [tmp_path / n for n in names]
     for p in [*stale, live, *users]:
         p.write_text("x")
     (tmp_path / f".dir.{dead}.abcdefgh.tmp").mkdir()  # not a file: left alone
@@ -105,8 +89,9 @@ def test_remove_stale_temporaries_removes_only_those_of_dead_writers(tmp_path):
     )
 
 
-HOLDER = "import sys; sys.path.insert(0, sys.argv[1]); import files\nwith files.lock_folder(sys.argv[2]):\n"
-HOLDER += "    print('held', flush=True); sys.stdin.read()"
+HOLDER = """import sys; sys.path.insert(0, sys.argv[1]); import files
+with files.lock_folder(sys.argv[2]):
+    print('held', flush=True); sys.stdin.read()"""
 
 
 def test_a_second_process_is_refused_naming_the_holder_and_the_lock_file_goes_with_the_run(
@@ -125,8 +110,7 @@ def test_a_second_process_is_refused_naming_the_holder_and_the_lock_file_goes_wi
         )
     finally:
         holder.communicate("", timeout=30)  # stdin closed: the holder's body ends
-    # the lock file went when the body ended
-    assert holder.returncode == 0 and os.listdir(folder) == []
+    assert holder.returncode == 0 and os.listdir(folder) == []  # the lock file went with the run
 
 
 def test_a_failing_body_removes_the_lock_file_and_the_folders_made_for_it(tmp_path):
@@ -140,3 +124,19 @@ def test_a_failing_body_removes_the_lock_file_and_the_folders_made_for_it(tmp_pa
         with files.lock_folder(tmp_path / "kept"):
             raise KeyboardInterrupt
     assert os.listdir(tmp_path / "kept") == ["notes.txt"]
+
+
+def test_describing_writes_only_while_its_source_is_the_version_read(tmp_path):
+    """What evaluate and score do beside a checkpoint that a training run may replace meanwhile."""
+    source, written = tmp_path / "best.pt", tmp_path / "metrics.json"
+    source.write_text("epoch 6")
+    seen = files.identity(source)
+    with files.describing(source, seen, written):
+        files.write_text_atomic("{}", written)
+    assert written.read_text() == "{}"
+    written.unlink()
+    with pytest.raises(UserError, match="best.pt was replaced while it was read"):
+        with files.describing(source, seen, written):
+            files.write_bytes_atomic(b"epoch 1", source)  # a new version lands as the reader writes
+            files.write_text_atomic("{}", written)
+    assert os.listdir(tmp_path) == ["best.pt"]
