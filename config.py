@@ -227,7 +227,8 @@ def float_settings():
     """While the body runs: denormal floats flushed to zero (x86 CPUs are ~100x slower on them; late
     epochs ran 1.5x slower) and TF32 products on CUDA; the process's own settings are restored."""
     flushing = (torch.full((1,), 1e-30) * 1e-10).item() == 0  # torch has no getter for it
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    cudnn = torch.backends.cudnn.allow_tf32
     torch.set_flush_denormal(True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
