@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data import TEST_IMAGES
 from files import write_text_atomic
+from mnist_files import TEST_IMAGES
 from model import VAE, check_images, kl_per_dim, neg_elbo_terms, reparameterize
 
 METHODS = ("combined", "complexity", "knn", "elbo")

@@ -32,6 +32,7 @@ import data
 import demo
 import evaluate
 import files
+import mnist_files
 import prepare
 import train
 import utils
@@ -70,7 +71,7 @@ def load_data(data_dir: str, sets=("train", "test")) -> dict[str, torch.Tensor]:
     """MNIST's `sets` from --data-dir, downloaded there first when files are missing."""
     try:
         return data.load_mnist(data_dir, download=True, sets=sets)
-    except data.DataError as err:  # each one ends with how to supply a folder
+    except mnist_files.DataError as err:  # each one ends with how to supply a folder
         raise UserError(f"{err} as --data-dir") from None
 
 
@@ -359,7 +360,7 @@ def final_evaluation(
         print("fitting the anomaly reference (local pixel model, training codes, validation statistics)")
         evaluate.finish_run(best, mnist, device, progress=args.progress)
     model, ckpt = checkpoint.load_model(best, device)
-    print(f"training done; evaluating {best} on the {data.TEST_IMAGES:,} test images", flush=True)
+    print(f"training done; evaluating {best} on the {mnist_files.TEST_IMAGES:,} test images", flush=True)
     evaluate.evaluate(
         model,
         ckpt,
@@ -513,7 +514,7 @@ def test_set_scores(args, path: Path, model, ckpt: dict, reference: dict | None)
 
     def test_images() -> torch.Tensor:
         print(
-            f"scoring the {data.TEST_IMAGES:,} test digits for comparison (`python main.py score "
+            f"scoring the {mnist_files.TEST_IMAGES:,} test digits for comparison (`python main.py score "
             f"--method {args.method}` keeps them in anomaly_scores.csv)"
         )
         device = next(model.parameters()).device

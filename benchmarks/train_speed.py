@@ -40,6 +40,7 @@ import config as settings  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import main as cli  # noqa: E402
+import mnist_files  # noqa: E402
 import train  # noqa: E402
 from benchmarks.common import add_data_dir, parser, positive_int, run, sync  # noqa: E402
 from commands import pick_device, pick_precision  # noqa: E402
@@ -106,7 +107,7 @@ def torchvision_root(data_dir: str, tmp: Path) -> str:
     data_dir's files."""
     raw = tmp / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name, path in data.find_mnist_files(data_dir).items():
+    for name, path in mnist_files.find_mnist_files(data_dir).items():
         if path is None:
             raise UserError(f"{data_dir}: missing {name}")
         payload = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()

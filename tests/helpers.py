@@ -4,7 +4,9 @@ runs of main.py in this process or, as a user runs it, in a subprocess."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -17,8 +19,8 @@ from PIL import Image, ImageDraw
 
 import checkpoint
 import commands
-import data
 import main
+import mnist_files
 from model import VAE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +94,7 @@ def unreadable_data(folder: Path) -> Path:
     nothing is downloaded. A check that passes only before the data is read shows its own message
     instead."""
     folder.mkdir(parents=True)
-    for name in data.MNIST_FILES:
+    for name in mnist_files.MNIST_FILES:
         (folder / name).write_bytes(b"")
     return folder
 
@@ -211,3 +213,45 @@ def first_test_images(monkeypatch, n: int = 500) -> None:
         return {k: v[:n] for k, v in full(data_dir, **kwargs).items()}
 
     monkeypatch.setattr(commands, "load_data", first)
+
+
+# a child that runs main.main for each argv read as JSON and prints each (code, out, err)
+DRIVER = """import json, sys
+sys.path[:0] = sys.argv[1:]
+import helpers
+print(json.dumps([helpers.run_main(argv) for argv in json.load(sys.stdin)]))"""
+
+
+def without_root_override() -> None:
+    """preexec_fn: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so that mode bits bind root."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0):  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def as_a_plain_user(argvs: list[list[str]], cwd: Path) -> list[tuple[int, str, str]]:
+    """main.main(argv) for each argv in one child that folders' permissions bind (as root too)."""
+    kw = {"preexec_fn": without_root_override} if os.geteuid() == 0 else {}
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", DRIVER, str(ROOT), str(ROOT / "tests")],
+            input=json.dumps([[str(a) for a in argv] for argv in argvs]),
+            capture_output=True, text=True, cwd=cwd, timeout=120, **kw,
+        )  # fmt: skip
+    except subprocess.SubprocessError as exc:
+        pytest.skip(f"cannot drop root's override capability here ({exc})")
+    assert child.returncode == 0, child.stderr
+    return json.loads(child.stdout)
+
+
+def redirected(fd: int, target: str | None):
+    """preexec_fn: the child's descriptor fd closed (target None, as `>&-` does) or onto target."""
+
+    def redirect() -> None:
+        if target is None:
+            os.close(fd)
+        else:
+            os.dup2(os.open(target, os.O_WRONLY), fd)
+
+    return redirect

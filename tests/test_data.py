@@ -21,12 +21,13 @@ from helpers import MNIST_DIR, needs_mnist
 
 import commands
 import data
+import mnist_files
 from files import UserError
 
 # IDX, the MNIST container: a big-endian 4-byte magic number (2051 for 3-d uint8 images, 2049 for
 # 1-d uint8 labels), a big-endian 4-byte size per dimension, then the uint8 values in C order
 IMAGES, LABELS = (2051, (60000, 28, 28)), (2049, (60000,))
-FILE_NAMES = tuple(data.MNIST_FILES)
+FILE_NAMES = tuple(mnist_files.MNIST_FILES)
 
 
 def idx_bytes(array: np.ndarray, magic: int | None = None, dims: tuple | None = None) -> bytes:
@@ -60,10 +61,10 @@ def tiny_mnist(folder: Path) -> dict[str, tuple[Path, np.ndarray]]:
 
 def refused(path: Path, spec=IMAGES, md5=None) -> str:
     """read_idx's DataError for `path`: one line naming the file and how to supply MNIST."""
-    with pytest.raises(data.DataError) as err:
-        data.read_idx(path, *spec, md5)
+    with pytest.raises(mnist_files.DataError) as err:
+        mnist_files.read_idx(path, *spec, md5)
     message = str(err.value)
-    assert message.startswith(f"{path}: ") and message.endswith(data.HOW_TO_FIX), message
+    assert message.startswith(f"{path}: ") and message.endswith(mnist_files.HOW_TO_FIX), message
     assert "\n" not in message and "--" not in message, message  # no flag: this is the library
     return message
 
@@ -74,7 +75,7 @@ def test_read_idx_checks_the_md5_of_the_uncompressed_content(tmp_path, gz):
     path = tmp_path / ("t10k-images-idx3-ubyte" + (".gz" if gz else ""))
     write_idx(path, images, gz=gz)
     content_md5 = hashlib.md5(idx_bytes(images)).hexdigest()  # computed here, from the encoding
-    assert np.array_equal(data.read_idx(path, *IMAGES, md5=content_md5), images)
+    assert np.array_equal(mnist_files.read_idx(path, *IMAGES, md5=content_md5), images)
     assert "md5 mismatch" in refused(path, md5=hashlib.md5(idx_bytes(images) + b"x").hexdigest())
     if gz:  # the md5 of the .gz bytes is not the content's
         assert "md5 mismatch" in refused(path, md5=hashlib.md5(path.read_bytes()).hexdigest())
@@ -125,18 +126,18 @@ def test_read_idx_stops_a_gzip_bomb_and_a_huge_raw_file_at_the_canonical_size(tm
         assert "larger than the 60,008 bytes" in message and peak < 2_000_000, (message, peak)
     labels = np.random.default_rng(3).integers(0, 10, 60000, np.uint8)  # the canonical size is fine
     write_idx(tmp_path / "exact.gz", labels)
-    assert np.array_equal(data.read_idx(tmp_path / "exact.gz", *LABELS, md5=None), labels)
+    assert np.array_equal(mnist_files.read_idx(tmp_path / "exact.gz", *LABELS, md5=None), labels)
 
 
 def test_find_mnist_files_in_the_folder_and_in_torchvisions_layout(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     places = [tmp_path / "train-images-idx3-ubyte.gz", tmp_path / "train-labels.idx1-ubyte"]
     places += [raw / "t10k-images.idx3-ubyte.gz", raw / "t10k-labels-idx1-ubyte"]
-    assert data.find_mnist_files(tmp_path) == dict.fromkeys(FILE_NAMES)
+    assert mnist_files.find_mnist_files(tmp_path) == dict.fromkeys(FILE_NAMES)
     for path in places:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
-    assert data.find_mnist_files(tmp_path) == dict(zip(FILE_NAMES, places))
+    assert mnist_files.find_mnist_files(tmp_path) == dict(zip(FILE_NAMES, places))
 
 
 @pytest.mark.parametrize("absent", [FILE_NAMES, FILE_NAMES[3:], FILE_NAMES[::2]])
@@ -210,9 +211,9 @@ def mirror(tmp_path, monkeypatch):
     url = f"http://127.0.0.1:{server.server_port}/"
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [url])
     monkeypatch.setattr(torchvision.datasets.MNIST, "resources", resources)
-    for name, (magic, shape, _) in data.MNIST_FILES.items():
+    for name, (magic, shape, _) in mnist_files.MNIST_FILES.items():
         content_md5 = hashlib.md5(idx_bytes(written[name][1])).hexdigest()
-        monkeypatch.setitem(data.MNIST_FILES, name, (magic, shape, content_md5))
+        monkeypatch.setitem(mnist_files.MNIST_FILES, name, (magic, shape, content_md5))
     yield written
     server.shutdown()
     server.server_close()
@@ -221,7 +222,7 @@ def mirror(tmp_path, monkeypatch):
 def test_load_mnist_downloads_missing_files_where_it_finds_them_and_loads_them(tmp_path, mirror):
     folder = tmp_path / "data"
     loaded = data.load_mnist(folder, download=True)
-    assert set(data.find_mnist_files(folder).values()) <= set((folder / "MNIST" / "raw").iterdir())
+    assert set(mnist_files.find_mnist_files(folder).values()) <= set((folder / "MNIST" / "raw").iterdir())
     for key, name in zip(loaded, FILE_NAMES):
         assert torch.equal(loaded[key], torch.from_numpy(mirror[name][1]).to(loaded[key].dtype))
     assert loaded["test_labels"].dtype == torch.int64
@@ -237,14 +238,14 @@ def test_a_download_that_fails_half_way_names_the_files_still_missing(tmp_path, 
     for name in FILE_NAMES[2:]:  # the mirror answers 404, or a proxy's error page
         served = mirror[name][0]
         served.unlink() if how == "absent" else served.write_bytes(b"<html>502 Bad Gateway</html>")
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(mnist_files.DataError) as err:
         data.load_mnist(tmp_path / "data", download=True)
     assert [name for name in FILE_NAMES if name in str(err.value)] == list(FILE_NAMES[2:])
     assert str(err.value).endswith("or pass a folder that holds all four files"), err.value
-    found = data.find_mnist_files(tmp_path / "data")
+    found = mnist_files.find_mnist_files(tmp_path / "data")
     assert {found[name].parent for name in FILE_NAMES[:2]} == {tmp_path / "data" / "MNIST" / "raw"}
     # nothing rejected is kept as if it were MNIST
-    assert data.missing_files(tmp_path / "data") == list(FILE_NAMES[2:])
+    assert mnist_files.missing_files(tmp_path / "data") == list(FILE_NAMES[2:])
 
 
 def test_an_unreachable_mirror_is_one_line_that_names_the_files_and_leaves_no_folders(
@@ -256,7 +257,7 @@ def test_an_unreachable_mirror_is_one_line_that_names_the_files_and_leaves_no_fo
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [f"http://127.0.0.1:{port}/"])
     (tmp_path / "mine").mkdir()
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(mnist_files.DataError) as err:
         data.load_mnist(tmp_path / "mine", download=True)
     message = str(err.value)
     assert message.startswith(f"MNIST is not in {tmp_path / 'mine'}, and the download failed (")
@@ -272,7 +273,7 @@ def test_an_unreachable_mirror_is_one_line_that_names_the_files_and_leaves_no_fo
 def test_the_real_data_set_loads_checked():
     mnist = data.load_mnist(MNIST_DIR)
     assert list(mnist) == ["train_images", "train_labels", "test_images", "test_labels"]
-    shapes = [(60000, 28, 28), (60000,), (data.TEST_IMAGES, 28, 28), (data.TEST_IMAGES,)]
+    shapes = [(60000, 28, 28), (60000,), (mnist_files.TEST_IMAGES, 28, 28), (mnist_files.TEST_IMAGES,)]
     assert [tuple(v.shape) for v in mnist.values()] == shapes
     assert mnist["train_labels"].bincount().tolist()[:2] == [5923, 6742]  # published class counts
     assert mnist["train_images"].double().mean().item() / 255 == pytest.approx(0.1307, abs=1e-4)
