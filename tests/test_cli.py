@@ -6,7 +6,6 @@ traceback, a hang or a wrong exit status would show; further variants of the sam
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -14,7 +13,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -22,7 +20,16 @@ from pathlib import Path
 import helpers
 import pytest
 import torch
-from helpers import assert_one_line_error, copy_run, needs_mnist, run_cli, run_main, train_args
+from helpers import (
+    as_a_plain_user,
+    assert_one_line_error,
+    copy_run,
+    needs_mnist,
+    redirected,
+    run_cli,
+    run_main,
+    train_args,
+)
 from helpers import unreadable_data as nodata
 from PIL import Image
 
@@ -117,35 +124,6 @@ def test_a_path_the_os_refuses_is_one_line_naming_it_before_any_work(tmp_path, f
     assert_one_line_error(code, err, flag, str(tmp_path / REFUSED[reason][0]), *REFUSED[reason][1])
     assert listing(tmp_path) == ["dangling", "data", "locked", "loop", "taken"]
     assert (tmp_path / "taken").read_text() == "a file" and "using" not in out
-
-
-DRIVER = """import json, sys
-sys.path[:0] = sys.argv[1:]
-import helpers
-print(json.dumps([helpers.run_main(argv) for argv in json.load(sys.stdin)]))"""
-
-
-def without_root_override() -> None:
-    """preexec_fn: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so that mode bits bind root."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):
-        if libc.prctl(24, cap, 0, 0, 0):  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
-def as_a_plain_user(argvs: list[list[str]], cwd: Path) -> list[tuple[int, str, str]]:
-    """main.main(argv) for each argv in one child that folders' permissions bind (as root too)."""
-    kw = {"preexec_fn": without_root_override} if os.geteuid() == 0 else {}
-    try:
-        child = subprocess.run(
-            [sys.executable, "-c", DRIVER, str(helpers.ROOT), str(helpers.ROOT / "tests")],
-            input=json.dumps([[str(a) for a in argv] for argv in argvs]),
-            capture_output=True, text=True, cwd=cwd, timeout=120, **kw,
-        )  # fmt: skip
-    except subprocess.SubprocessError as exc:
-        pytest.skip(f"cannot drop root's override capability here ({exc})")
-    assert child.returncode == 0, child.stderr
-    return json.loads(child.stdout)
 
 
 def test_a_folder_the_user_may_not_enter_is_named_for_every_path_flag(tmp_path):
@@ -323,18 +301,6 @@ def test_a_lock_file_that_is_not_a_plain_file_of_its_own_is_refused(tmp_path, ki
         assert target.read_text() == "precious\n" and target.stat().st_mtime == 1_000_000
     else:
         assert not target.exists()  # nothing was created through a dangling link
-
-
-def redirected(fd: int, target: str | None):
-    """preexec_fn: the child's descriptor fd closed (target None, as `>&-` does) or onto target."""
-
-    def redirect() -> None:
-        if target is None:
-            os.close(fd)
-        else:
-            os.dup2(os.open(target, os.O_WRONLY), fd)
-
-    return redirect
 
 
 FULL = "note: stdout cannot be written (No space left on device); going on without it\n"
