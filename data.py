@@ -21,6 +21,8 @@ from mnist_files import (
 
 # binarize: the one fixed draw of the evaluation images, the same for every seed and device
 BINARIZE_SEED = 0
+# fewest training and validation images: fewer make the validation loss and the calibration noise
+MIN_IMAGES = 100
 
 
 def load_mnist(folder: str | os.PathLike = "data", download: bool = False, sets=("train", "test")):
@@ -52,12 +54,17 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch
 
 def run_split(labels: torch.Tensor, val_size: int, seed: int, exclude_digit=None, subset=None):
     """A run's (train, validation) indices into the training images: the seeded split, without the
-    held-out digit, the training part cut to its first `subset` images."""
+    held-out digit, the training part cut to its first `subset` images. ValueError when either part
+    has fewer than MIN_IMAGES."""
     train_idx, val_idx = split_indices(len(labels), val_size, seed)
     if exclude_digit is not None:
         keep = labels != exclude_digit
         train_idx, val_idx = train_idx[keep[train_idx]], val_idx[keep[val_idx]]
-    return train_idx[:subset], val_idx
+    train_idx = train_idx[:subset]
+    if min(len(train_idx), len(val_idx)) < MIN_IMAGES:
+        sizes = f"train on {len(train_idx)} images and validate on {len(val_idx)}"
+        raise ValueError(f"this run would {sizes}; each needs at least {MIN_IMAGES}")
+    return train_idx, val_idx
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

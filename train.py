@@ -1,10 +1,6 @@
 """Train the VAE. Read it top to bottom: the step (a batch becomes one Adam update), the run, one
-epoch, validation and the checkpoints, then train(), the whole run. The command line and a notebook
-make the same calls:
-
-    run = train.start(TrainConfig(epochs=1), VAEConfig(), data.load_mnist("data"), "models_mnist")
-    train.train(run)
-"""
+epoch, validation and the checkpoints, then train(), the whole run: `train.train(train.start(...))`
+is what the command line and a notebook call (README, "Use it from Python")."""
 
 from __future__ import annotations
 
@@ -27,8 +23,6 @@ from model import VAE, mean_neg_elbo, neg_elbo_terms, on_device
 
 # steps between reads of the running loss (progress bar, NaN check): one host sync each
 CHECK_EVERY = 100
-# fewest training and validation images: fewer make the validation loss and the calibration noise
-MIN_IMAGES = 100
 LOWER_LR = "Start a new run with a lower lr (this run: {lr:g})"
 
 
@@ -107,14 +101,12 @@ class Run:
 def start(config, model_config, mnist: dict, folder, device="auto", resume=None) -> Run:
     """A run set up from its settings, MNIST as data.load_mnist returns it (split here) and a folder
     for its checkpoints; `resume`: a checkpoint from checkpoint.load(path, resume=True) to continue.
-    ValueError: a device or precision not here, or under MIN_IMAGES images to train or validate."""
+    ValueError: a device or precision not here, or under data.MIN_IMAGES to train or validate."""
     device = pick_device(str(device))
+    folder = Path(folder)
     config = replace(config, precision=resolve_precision(config.precision, device))
     split = (config.val_size, config.seed, config.exclude_digit, config.subset)
     train_idx, val_idx = data.run_split(mnist["train_labels"], *split)
-    if min(len(train_idx), len(val_idx)) < MIN_IMAGES:
-        sizes = f"train on {len(train_idx)} images and validate on {len(val_idx)}"
-        raise ValueError(f"this run would {sizes}; each needs at least {MIN_IMAGES}")
     torch.manual_seed(config.seed)
     model = on_device(VAE(**asdict(model_config)), device)
     fused = device.type in ("cpu", "cuda")  # one Adam kernel over all weights
@@ -126,12 +118,10 @@ def start(config, model_config, mnist: dict, folder, device="auto", resume=None)
     for offset, gen in enumerate(generators.values()):
         gen.manual_seed(config.seed + offset)
     val_x = data.eval_images(mnist["train_images"][val_idx], config.binarize, device)
-    average = None
-    if config.ema:  # a running average of the weights (and BatchNorm's statistics)
-        averaging = functools.partial(ema_with_warmup, decay=config.ema)
-        average = AveragedModel(model, multi_avg_fn=averaging, use_buffers=True)
+    # ema: a running average of the weights (and of BatchNorm's statistics) is validated and saved
+    averaging = functools.partial(ema_with_warmup, decay=config.ema)
+    average = AveragedModel(model, multi_avg_fn=averaging, use_buffers=True) if config.ema else None
     train_x = mnist["train_images"][train_idx].to(device)
-    folder = Path(folder)
     run = Run(config, model_config, model, optimizer, average, generators, train_x, val_x, folder)
     if resume is not None:
         restore(run, resume, device)
@@ -145,7 +135,7 @@ def restore(run: Run, ckpt: dict, device: torch.device) -> None:
     run.epoch = ckpt["epoch"]
     run.best_val_loss = ckpt["best_val_loss"]
     run.history = ckpt["history"]
-    if run.average:  # the average's weights, and its update count (where its decay ramp stands)
+    if run.average:  # the average's weights and update count (where its decay ramp stands)
         run.average.module.load_state_dict(ckpt["model"])
         run.average.n_averaged.fill_(run.epoch * run.batches_per_epoch)
     saved_on = ckpt["rng"]["device"]
@@ -179,9 +169,8 @@ def train_epoch(run: Run, epoch: int, should_stop: Callable[[], bool], show_prog
         if "binarize" in gens:
             x = data.binarize(x, gens["binarize"])
         weight = kl_weight(config, at)
-        bce, kl = train_step(
-            run.model, run.optimizer, run.average, x, gens["noise"], weight, config.precision
-        )
+        step = (run.model, run.optimizer, run.average, x, gens["noise"], weight, config.precision)
+        bce, kl = train_step(*step)
         sums += torch.stack([bce, kl])
         step_losses[done] = bce + kl
         done += 1
@@ -237,8 +226,8 @@ def save(run: Run, improved: bool) -> None:
     if run.average:
         progress["train_weights"] = run.model.state_dict()
     config = checkpoint.config_dict(run.config, run.model_config)
-    weights = run.evaluated.state_dict()
-    ckpt = checkpoint.build(config, weights, run.optimizer.state_dict(), progress)
+    optimizer = run.optimizer.state_dict()
+    ckpt = checkpoint.build(config, run.evaluated.state_dict(), optimizer, progress)
     if improved:
         checkpoint.save(ckpt, run.folder / "best.pt")
     checkpoint.save(ckpt, run.folder / "last.pt")

@@ -154,16 +154,20 @@ def test_load_mnist_names_exactly_the_missing_files_and_no_flag(tmp_path, absent
 
 
 def test_run_split_is_a_seeded_partition_without_the_held_out_digit_cut_to_the_subset():
-    labels = torch.arange(1000) % 10
-    train, val = data.run_split(labels, val_size=100, seed=3)
-    assert len(val) == 100 and sorted(train.tolist() + val.tolist()) == list(range(1000))
-    same, other = data.run_split(labels, 100, seed=3)[1], data.run_split(labels, 100, seed=4)[1]
+    labels = torch.arange(2000) % 10
+    train, val = data.run_split(labels, val_size=200, seed=3)
+    assert len(val) == 200 and sorted(train.tolist() + val.tolist()) == list(range(2000))
+    same, other = data.run_split(labels, 200, seed=3)[1], data.run_split(labels, 200, seed=4)[1]
     assert torch.equal(same, val) and not torch.equal(other, val)
     # drawn at random
-    assert not torch.equal(val, torch.arange(100)) and not torch.equal(val, torch.arange(900, 1000))
-    train7, val7 = data.run_split(labels, 100, seed=3, exclude_digit=7, subset=50)
+    assert not torch.equal(val, torch.arange(200)) and not torch.equal(
+        val, torch.arange(1800, 2000)
+    )
+    train7, val7 = data.run_split(labels, 200, seed=3, exclude_digit=7, subset=150)
     assert set(val7.tolist()) == {i for i in val.tolist() if i % 10 != 7}  # the same split, no 7
-    assert train7.tolist() == [i for i in train.tolist() if i % 10 != 7][:50]  # the first 50 left
+    assert train7.tolist() == [i for i in train.tolist() if i % 10 != 7][:150]  # the first 150 left
+    with pytest.raises(ValueError, match="train on 99 images and validate on 200; each needs"):
+        data.run_split(labels, 200, seed=3, subset=99)
 
 
 def test_to_float_scales_a_copy_and_refuses_what_is_not_uint8_images():
@@ -222,7 +226,9 @@ def mirror(tmp_path, monkeypatch):
 def test_load_mnist_downloads_missing_files_where_it_finds_them_and_loads_them(tmp_path, mirror):
     folder = tmp_path / "data"
     loaded = data.load_mnist(folder, download=True)
-    assert set(mnist_files.find_mnist_files(folder).values()) <= set((folder / "MNIST" / "raw").iterdir())
+    assert set(mnist_files.find_mnist_files(folder).values()) <= set(
+        (folder / "MNIST" / "raw").iterdir()
+    )
     for key, name in zip(loaded, FILE_NAMES):
         assert torch.equal(loaded[key], torch.from_numpy(mirror[name][1]).to(loaded[key].dtype))
     assert loaded["test_labels"].dtype == torch.int64
@@ -273,7 +279,12 @@ def test_an_unreachable_mirror_is_one_line_that_names_the_files_and_leaves_no_fo
 def test_the_real_data_set_loads_checked():
     mnist = data.load_mnist(MNIST_DIR)
     assert list(mnist) == ["train_images", "train_labels", "test_images", "test_labels"]
-    shapes = [(60000, 28, 28), (60000,), (mnist_files.TEST_IMAGES, 28, 28), (mnist_files.TEST_IMAGES,)]
+    shapes = [
+        (60000, 28, 28),
+        (60000,),
+        (mnist_files.TEST_IMAGES, 28, 28),
+        (mnist_files.TEST_IMAGES,),
+    ]
     assert [tuple(v.shape) for v in mnist.values()] == shapes
     assert mnist["train_labels"].bincount().tolist()[:2] == [5923, 6742]  # published class counts
     assert mnist["train_images"].double().mean().item() / 255 == pytest.approx(0.1307, abs=1e-4)
