@@ -430,6 +430,20 @@ def describe(path: str | os.PathLike, ckpt: dict) -> str:
     )
 
 
+def run_history(path: Path, ckpt: dict) -> list[dict]:
+    """The whole run's per-epoch history: best.pt stops at its own epoch, so prefer the same run's
+    last.pt."""
+    mine, last = ckpt.get("history", []), path.parent / "last.pt"
+    if path.name == "last.pt" or not last.is_file():
+        return mine
+    try:
+        other = load(last)
+    except CheckpointError:
+        return mine
+    same_run = other["config"] == ckpt["config"] and other["history"][: len(mine)] == mine
+    return other["history"] if same_run else mine
+
+
 # ----------------------------------------------------------------------------- writing
 
 

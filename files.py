@@ -7,6 +7,7 @@ The ground floor of the project: it imports nothing of it, and everything may im
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import stat
@@ -193,6 +194,47 @@ def identity(path: str | os.PathLike) -> tuple | None:
     except OSError:
         return None
     return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def output_names(names: list[str], image_dir: Path) -> list[Path]:
+    """reconstructed_<name>.png for each input: letters, digits, '.', '-' and '_' only (a name of
+    any bytes gives a safe one), distinct even for inputs of the same name in different folders (a
+    counter is added), short enough for any file system (long names are cut, with a hash to keep
+    them apart), and never one of the inputs themselves (a counter is added, with a note)."""
+    outs, taken = [], {"image"}  # reconstructed_image.png is evaluate's picture of test digits
+    inputs = {file_id(name) for name in names} - {None}
+    for name in names:
+        raw = os.fsencode(Path(name).stem)
+        stem = re.sub(r"[^\w.-]", "_", raw.decode(errors="replace")).lstrip(".") or "picture"
+        if len(stem.encode()) > 100:
+            stem = (
+                stem.encode()[:80].decode(errors="ignore")
+                + "-"
+                + hashlib.sha256(raw).hexdigest()[:8]
+            )
+        unique, n = stem, 1
+        while True:
+            out = image_dir / f"reconstructed_{unique}.png"
+            given = file_id(out) in inputs
+            if given:
+                print(f"note: {out} is one of the pictures given, so it is not written over")
+            # case-insensitive: names that differ in case are one file on macOS
+            if unique.lower() not in taken and not given:
+                break
+            n += 1
+            unique = f"{stem}_{n}"
+        taken.add(unique.lower())
+        outs.append(image_dir / f"reconstructed_{unique}.png")
+    return outs
+
+
+def file_id(path: str | os.PathLike) -> tuple[int, int] | None:
+    """Which file `path` is (device and inode), however it is spelled or linked; None if none."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
 
 
 @contextmanager

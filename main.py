@@ -24,10 +24,12 @@ from dataclasses import fields
 import anomaly
 import checkpoint
 import commands
+import train_command
 from config import TrainConfig, VAEConfig, float_settings, range_text, span_text
 from files import UserError
 
 COMMANDS = ("train", "evaluate", "sample", "score", "reconstruct", "demo")
+HANDLERS = {"train": train_command.run_train} | commands.HANDLERS  # what each command does
 
 
 class Parser(argparse.ArgumentParser):
@@ -337,7 +339,7 @@ def hold_closed_descriptors() -> None:
 
 def interrupted(signum: int, frame) -> None:
     """SIGTERM and SIGHUP outside training end the command as Ctrl-C does."""
-    raise commands.Interrupted(signum)
+    raise train_command.Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,13 +363,13 @@ def main(argv: list[str] | None = None) -> int:
         # every command flushes denormals (evaluation too: 1.35x slower without) and uses TF32 on
         # CUDA; the process's own settings come back when main() returns
         with float_settings():
-            return commands.HANDLERS[command](args)
+            return HANDLERS[command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # Ctrl-C, or a SIGTERM or SIGHUP, where training is not there to stop
     except KeyboardInterrupt as stop:
-        for s in commands.STOP_SIGNALS:
+        for s in train_command.STOP_SIGNALS:
             signal.signal(s, signal.SIG_IGN)  # stopping: a further signal would only break the exit
         print("\ninterrupted", file=sys.stderr)
         return 128 + getattr(stop, "signum", signal.SIGINT)
@@ -380,6 +382,6 @@ if __name__ == "__main__":
     sys.stdout.other = sys.stderr  # a stderr that fails is not told on stdout, which may be data
     # a file name that is not valid UTF-8 prints, escaped
     sys.stdout.reconfigure(errors="backslashreplace")
-    for s in commands.STOP_SIGNALS[1:]:
+    for s in train_command.STOP_SIGNALS[1:]:
         signal.signal(s, interrupted)
     sys.exit(main())

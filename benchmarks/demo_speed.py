@@ -28,7 +28,7 @@ import checkpoint  # noqa: E402
 import demo  # noqa: E402
 import prepare  # noqa: E402
 from benchmarks.common import parser, positive_int, run  # noqa: E402
-from commands import pick_device  # noqa: E402
+from config import pick_device  # noqa: E402
 from files import UserError  # noqa: E402
 
 

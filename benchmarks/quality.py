@@ -29,7 +29,7 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import main as cli  # noqa: E402
 from benchmarks.common import add_data_dir, parser, positive_int, run  # noqa: E402
-from commands import pick_device  # noqa: E402
+from config import pick_device  # noqa: E402
 from files import UserError  # noqa: E402
 
 

@@ -43,8 +43,7 @@ import main as cli  # noqa: E402
 import mnist_files  # noqa: E402
 import train  # noqa: E402
 from benchmarks.common import add_data_dir, parser, positive_int, run, sync  # noqa: E402
-from commands import pick_device, pick_precision  # noqa: E402
-from config import TrainConfig, VAEConfig  # noqa: E402
+from config import TrainConfig, VAEConfig, pick_device, resolve_precision  # noqa: E402  # noqa: E402
 from files import UserError  # noqa: E402
 from model import VAE, mean_neg_elbo, neg_elbo_terms  # noqa: E402
 
@@ -270,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch: {torch.__version__}")
     print(f"threads: {torch.get_num_threads()}")
     print(f"batch_size: {args.batch_size}")
-    precision = pick_precision(args.precision, device)
+    precision = resolve_precision(args.precision, device)
     print(f"precision: {precision}")
     mnist = data.load_mnist(args.data_dir)
     print(f"model: {config}")

@@ -24,8 +24,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.common import parser, positive_int, run, sync  # noqa: E402
-from commands import pick_device  # noqa: E402
-from config import VAEConfig  # noqa: E402
+from config import (
+    VAEConfig,  # noqa: E402
+    pick_device,  # noqa: E402
+)
 
 
 def places(config: VAEConfig) -> list[tuple[int, int, int]]:

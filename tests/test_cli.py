@@ -36,6 +36,7 @@ import checkpoint
 import commands
 import evaluate
 import main
+import train_command
 from config import TrainConfig, VAEConfig
 
 
@@ -272,7 +273,7 @@ def test_replace_deletes_the_earlier_run_and_sighup_stops_the_new_one_like_ctrl_
         assert getattr(resumed, name) == getattr(original, name), (name, printed)
     settings = {"--" + f.name.replace("_", "-") for f in fields(TrainConfig) + fields(VAEConfig)}
     others = {s for a in parser._actions for s in a.option_strings if s.startswith("--")} - settings
-    resumable = {*commands.RESUME_FLAGS, *commands.SWITCHES} - {"--epochs"}
+    resumable = {*train_command.RESUME_FLAGS, *train_command.SWITCHES} - {"--epochs"}
     assert others - {"--help", "--resume", "--replace", "--checkpoint-dir"} == resumable
 
 

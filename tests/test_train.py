@@ -18,11 +18,11 @@ from helpers import MNIST_DIR, copy_run, needs_mnist, run_main, snapshot, start_
 from PIL import Image
 
 import checkpoint
-import commands
 import config
 import data
 import evaluate
 import train
+import train_command
 from config import TrainConfig, VAEConfig
 from model import on_device
 
@@ -66,7 +66,7 @@ def evaluations(monkeypatch, cheap_evaluation) -> list[dict]:
 @pytest.fixture
 def own_signals():
     """For a command run in this process that a signal stops: it leaves the stop signals ignored."""
-    handlers = {s: signal.getsignal(s) for s in commands.STOP_SIGNALS}
+    handlers = {s: signal.getsignal(s) for s in train_command.STOP_SIGNALS}
     yield
     for s, handler in handlers.items():
         signal.signal(s, handler)
