@@ -174,17 +174,9 @@ def run_score(args) -> int:
             anomaly.write_csv(csv_path, source=source, labels=labels, scores=s)
         written.append(csv_path)
     print_summary(s, labels, args, path=path, held_out=ckpt["config"]["exclude_digit"])
-    order = torch.argsort(s)
-    sections = []
-    for title, idx in (
-        ("16 most anomalous test digits (highest score)", order.flip(0)[:16]),
-        ("16 most typical test digits (lowest score)", order[:16]),
-    ):
-        xb = x[idx.to(device)]
-        captions = [f"{int(labels[i])}: {s[i]:.1f}" for i in idx]
-        sections.append((title, xb.cpu(), model.reconstruct(xb).cpu(), captions))
+    title = f"anomaly score: {args.method}"
+    figure = evaluate.anomaly_figure(model, x, labels, s, title=title)
     picture = Path(args.image_dir) / "anomalies.png"
-    figure = utils.plot_anomalies(sections, title=f"anomaly score: {args.method}")
     written.append(utils.save_figure(figure, picture))
     print("wrote " + " and ".join(map(str, written)))
     return 0

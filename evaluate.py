@@ -81,6 +81,7 @@ def test_metrics(
 
 def print_metrics(m: dict) -> None:
     top = sorted(range(len(m["kl_per_dim"])), key=lambda d: -m["kl_per_dim"][d])[:5]
+    dims = m["latent_dim"]
     rows = [
         ("negative ELBO (test loss)", f"{m['test_loss']:.3f}"),
         ("  reconstruction (bce)", f"{m['test_bce']:.3f}"),
@@ -88,7 +89,7 @@ def print_metrics(m: dict) -> None:
         (f"IWAE bound on -log p(x), k={m['iwae_k']}", f"{m['test_iwae_nll']:.3f}"),
         ("bce floor (pixel entropy of the data)", f"{m['bce_floor']:.3f}"),
         ("bce above the floor", f"{m['bce_above_floor']:.3f}"),
-        (f"active units (Var[mu] > {ACTIVE_VARIANCE})", f"{m['active_units']} of {m['latent_dim']}"),
+        (f"active units (Var[mu] > {ACTIVE_VARIANCE})", f"{m['active_units']} of {dims}"),
         ("largest KL per dimension", ", ".join(f"z{d}: {m['kl_per_dim'][d]:.2f}" for d in top)),
     ]
     where = f"checkpoint {m['checkpoint']} (epoch {m['epoch']}), seed {m['seed']}"
@@ -234,6 +235,22 @@ def draw_pictures(
     sweep = [f"{v:+.1f}" for v in values.tolist()]
     figures["latent_traversal.png"] = utils.plot_rows(rows, names, title, column_labels=sweep)
     return [utils.save_figure(fig, Path(image_dir) / name) for name, fig in figures.items()]
+
+
+@torch.inference_mode()
+def anomaly_figure(model: VAE, x, labels, scores, title: str, n: int = 16, what="test digits"):
+    """The n highest-scoring (strangest) and the n lowest-scoring (most typical) of images x, each
+    above its reconstruction and captioned with its label and score."""
+    order = scores.cpu().argsort()
+    sections = []
+    for heading, picked in (
+        (f"{n} most anomalous {what} (highest score)", order.flip(0)[:n]),
+        (f"{n} most typical {what} (lowest score)", order[:n]),
+    ):
+        images = x[picked.to(x.device)]
+        captions = [f"{int(labels[i])}: {scores[i]:.1f}" for i in picked]
+        sections.append((heading, images.cpu(), model.reconstruct(images).cpu(), captions))
+    return utils.plot_anomalies(sections, title=title)
 
 
 # ----------------------------------------------------------------------------- the whole evaluation

@@ -38,9 +38,10 @@ def test_notebook_runs_in_a_jupyter_kernel_and_keeps_the_inline_backend(
     outputs = [o for c in nb.cells for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert outputs[-1].data["text/plain"] == INLINE  # the backend the kernel started with
-    for cell in cells:  # each utils.plot_* call shows one picture
+    for cell in cells:  # each call that draws (utils.plot_*, evaluate.anomaly_figure) shows it
         shown = [o for o in cell.outputs if "image/png" in o.get("data", {})]
-        assert len(shown) == cell.source.count("utils.plot_"), cell.source
+        drawn = cell.source.count("utils.plot_") + cell.source.count("anomaly_figure(")
+        assert len(shown) == drawn, cell.source
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert f"{folder / 'best.pt'}: a model trained here, epoch 2 of 2" in text
     assert "epoch 2, best validation loss" in text and "mean score by digit" in text
