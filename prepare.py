@@ -158,12 +158,25 @@ def prepare_digit(gray: torch.Tensor) -> torch.Tensor:
     model input, made as MNIST was (see to_ink and mnist_like). ImageError if it is not such a
     picture or holds no digit."""
     gray = checked(gray)
+    if is_mnist_digit(gray):  # prepared again, it would be resampled: taken as it is
+        return gray[None]
     ink = to_ink(shrink(gray, WORK_SIDE))
     if ink is None:
         raise ImageError(
             "the image is empty, all one colour or plain paper, so there is no digit to find"
         )
     return mnist_like(ink)[None]
+
+
+def is_mnist_digit(gray: torch.Tensor) -> bool:
+    """Whether a picture is already made as MNIST's digits were: 28x28, light ink on a black
+    background, its centre of mass on the centre pixel (13.5 to 14.5, as in every MNIST image)."""
+    mass = gray.sum()
+    if gray.shape != (28, 28) or gray.median() > 0 or mass == 0:
+        return False
+    rows = (gray.sum(1) * torch.arange(28.0)).sum() / mass
+    cols = (gray.sum(0) * torch.arange(28.0)).sum() / mass
+    return bool(13 <= rows <= 15 and 13 <= cols <= 15)
 
 
 def checked(gray) -> torch.Tensor:

@@ -23,6 +23,8 @@ from helpers import (
 import anomaly
 import checkpoint
 import data
+import demo
+import evaluate
 import prepare
 from config import VAEConfig
 from model import VAE, mean_neg_elbo
@@ -154,3 +156,20 @@ def test_demo_serves_the_shipped_checkpoint_and_says_so(tmp_path, untouched):
         proc.send_signal(signal.SIGINT)
         code, out, err = helpers.finish(proc, timeout=60)
     assert code == 0 and "Traceback" not in err, err
+
+
+@needs_mnist
+def test_test_image_0_scores_the_same_alone_in_a_batch_in_the_csv_and_in_the_demo(
+    tmp_path, monkeypatch
+):
+    helpers.first_test_images(monkeypatch, n=100)
+    code, _, err = run_main(["score", "--data-dir", MNIST_DIR, "--output-dir", tmp_path], tmp_path)
+    assert code == 0, err
+    in_csv = float((tmp_path / "anomaly_scores.csv").read_text().splitlines()[1].split(",")[2])
+    model, ckpt = checkpoint.load_model(SHIPPED)
+    reference = anomaly.reference_of(ckpt)
+    x = data.to_float(data.load_mnist(MNIST_DIR, sets=("test",))["test_images"][:64])
+    scores = [anomaly.score(model, x[:n], reference=reference)[0].item() for n in (1, 8, 64)]
+    page = demo.Demo(model, reference, evaluate.latent_map_of(ckpt), binarize=False)
+    in_demo = page.digit(x[0, 0])["score"]
+    assert max(scores + [in_demo, in_csv]) - min(scores + [in_demo, in_csv]) < 1e-4
