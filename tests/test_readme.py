@@ -3,7 +3,9 @@ with the same settings ends: bit-identical weights and anomaly reference, the sa
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 
 import pytest
 import torch
@@ -53,3 +55,19 @@ def test_readme_blocks_run_and_train_as_the_command_line_does(user_folder):
         assert all(torch.equal(a, b) for a, b in zip(python_tensors, cli_tensors)), key
     metrics = json.loads((user_folder / "models_mnist" / "cli" / "metrics.json").read_text())
     assert {k: ns["metrics"][k] for k in FIGURES} == {k: metrics[k] for k in FIGURES}
+
+
+def test_the_readme_table_of_the_vae_names_the_lines_the_code_has():
+    table = README.split("<!-- vae-path:", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"`(\w+\.py)` (\d+)-(\d+): ((?:`\w+`(?:, )?)+) \| (\d+) \|", table)
+    assert len(rows) == 6
+    for path, start, end, names, count in rows:
+        tree = ast.parse((ROOT / path).read_text())
+        nodes = {n.name: n for n in tree.body if hasattr(n, "name")}
+        names = re.findall(r"`(\w+)`", names)
+        first, last = nodes[names[0]], nodes[names[-1]]
+        begins = min([first.lineno] + [d.lineno for d in first.decorator_list])
+        assert (begins, last.end_lineno) == (int(start), int(end)), (path, names)
+        assert int(count) == int(end) - int(start) + 1
+    total = int(README.split("**The VAE in ", 1)[1].split(" ", 1)[0])
+    assert total == sum(int(row[4]) for row in rows)
