@@ -59,8 +59,8 @@ class TrainConfig:
         1,
         0,
         2**63 - 1,
-        help="seed of weights, validation split, shuffling and noise; on one machine and device "
-        "the same seed gives the same run",
+        help="seed of weights, validation split, shuffling and noise; on one machine and device, "
+        "the same seed and number of threads (OMP_NUM_THREADS) give the same run",
     )
     val_size: int = setting(
         5000, 1, 59_999, help="training images held out for validation, which picks best.pt"
