@@ -340,7 +340,8 @@ def test_latent_dim_1_trains_with_a_full_log_then_resumes_and_evaluates(tmp_path
     assert not space["axes"][:, 1].any() and (folder / "metrics.json").is_file()
     full = commands.load_data  # from here on, the first 500 test images (the training set whole)
     cut = {k: v[:500] if k.startswith("test") else v for k, v in full(helpers.MNIST_DIR).items()}
-    monkeypatch.setattr(commands, "load_data", lambda *args, **kwargs: cut)
+    for module in (commands, train_command):
+        monkeypatch.setattr(module, "load_data", lambda *args, **kwargs: cut)
     code, out, err = run_main(["--resume", folder / "last.pt", "--epochs", "2", *use], tmp_path)
     assert code == 0 and checkpoint.load(folder / "last.pt")["epoch"] == 2, err
     code, out, err = run_main(["evaluate", "--checkpoint", folder / "best.pt", *use], tmp_path)
@@ -503,3 +504,10 @@ def test_reconstruct_gives_each_bad_file_its_own_line_and_writes_the_good_ones(t
     # noise is scored; the shipped model, trained longer, calls it very unusual
     code, out, err = run_main(["reconstruct", files[9], "--image-dir", tmp_path / "new"], tmp_path)
     assert code == 0 and "of test digits: very unusual; wrote" in out, out + err
+
+
+@pytest.mark.parametrize("command", ["sample", "demo"])
+def test_help_lists_only_the_flags_a_command_uses(command):
+    code, out, err = run_cli([command, "--help"])
+    unused = ["--data-dir", "--progress"] + (["--image-dir"] if command == "demo" else [])
+    assert code == 0 and "--checkpoint" in out and not [f for f in unused if f in out], out + err
