@@ -101,6 +101,24 @@ def print_metrics(m: dict) -> None:
 # ----------------------------------------------------------------------------- the latent map
 
 
+def discriminant_directions(codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The (up to) two directions that best separate the labels' codes, best first, (D, <= 2):
+    Fisher's linear discriminant, between @ a = lambda * within @ a."""
+    within = torch.zeros(codes.shape[1], codes.shape[1], dtype=torch.float64)
+    between = torch.zeros_like(within)
+    for d in labels.unique():
+        group = codes[labels == d]
+        centred, offset = group - group.mean(0), group.mean(0) - codes.mean(0)
+        within += centred.T @ centred
+        between += len(group) * torch.outer(offset, offset)
+    # solved through the Cholesky factor of within (ridge-regularised; the tiny floor keeps codes
+    # that never vary solvable)
+    ridge = (1e-6 * within.diagonal().mean() + 1e-12) * torch.eye(len(within), dtype=torch.float64)
+    inv = torch.linalg.inv(torch.linalg.cholesky(within + ridge))
+    _, vectors = torch.linalg.eigh(inv @ between @ inv.T)
+    return inv.T @ vectors[:, -min(2, codes.shape[1]) :].flip(1)  # the largest eigenvalues
+
+
 @torch.inference_mode()
 def latent_map(model: VAE, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """A 2-D map of the latent space: the two directions that best separate the digits (Fisher's
@@ -119,23 +137,9 @@ def latent_map(model: VAE, x: torch.Tensor, labels: torch.Tensor) -> dict[str, t
     if active.sum() < 2:  # a collapsed or untrained model: its (up to) two most varied dimensions
         most_varied = spread.topk(min(2, len(spread))).indices
         active = torch.zeros_like(active).index_fill_(0, most_varied, True)
-    used = mu[:, active]
-    within = torch.zeros(used.shape[1], used.shape[1], dtype=torch.float64)
-    between = torch.zeros_like(within)
-    for d in labels.unique():
-        codes = used[labels == d]
-        centred, offset = codes - codes.mean(0), codes.mean(0) - used.mean(0)
-        within += centred.T @ centred
-        between += len(codes) * torch.outer(offset, offset)
-    # solve between @ a = lambda * within @ a through the Cholesky factor of within
-    # (ridge-regularised; the tiny floor keeps codes that never vary solvable)
-    ridge = (1e-6 * within.diagonal().mean() + 1e-12) * torch.eye(len(within), dtype=torch.float64)
-    inv = torch.linalg.inv(torch.linalg.cholesky(within + ridge))
-    _, vectors = torch.linalg.eigh(inv @ between @ inv.T)
     axes = torch.zeros(mu.shape[1], 2, dtype=torch.float64)
-    # the (up to) two largest eigenvalues, largest first; 0 on unused dims
-    n_axes = min(2, used.shape[1])
-    axes[active, :n_axes] = inv.T @ vectors[:, -n_axes:].flip(1)
+    directions = discriminant_directions(mu[:, active], labels)
+    axes[active, : directions.shape[1]] = directions  # 0 on unused dims
     # unit spread along each axis (an axis of zeros stays zeros)
     axes = axes / ((mu - mean) @ axes).std(0).clamp_min(1e-12)
     points = ((mu - mean) @ axes)[:MAP_POINTS]
