@@ -177,6 +177,29 @@ def check_archive(path: Path, flag: str) -> int:
         raise CheckpointError(
             f"{path}: not a regular file; pass {flag} PATH of a vae-mnist checkpoint"
         )
+    records = archive_records(path, flag)
+    total = sum(r.file_size for r in records)
+    pickled = sum(r.file_size for r in records if r.filename.endswith(".pkl"))
+    if any(r.compress_type != zipfile.ZIP_STORED for r in records) or total > path.stat().st_size:
+        raise CheckpointError(
+            f"{path}: holds compressed records, which torch.save never writes; refused unread"
+        )
+    if total > MAX_BYTES:
+        raise CheckpointError(
+            f"{path}: {total:,} bytes of data, more than a checkpoint of the largest model this "
+            f"program trains holds ({MAX_BYTES:,}); refused unread"
+        )
+    if pickled > MAX_PICKLE_BYTES:
+        raise CheckpointError(
+            f"{path}: its pickled structure is {pickled:,} bytes, more than the "
+            f"{MAX_PICKLE_BYTES:,} a checkpoint needs; refused unread"
+        )
+    return sum(r.file_size for r in records if "/data/" in r.filename)
+
+
+def archive_records(path: Path, flag: str) -> list[zipfile.ZipInfo]:
+    """The records of the zip archive torch.save writes; a file that is not one (unreadable, in
+    torch.save's legacy format, not a zip) or a TorchScript model is named as what it is."""
     use_instead = f"pass {flag} PATH of a best.pt or last.pt that `python main.py` wrote"
     try:
         with zipfile.ZipFile(path) as archive:
@@ -197,23 +220,7 @@ def check_archive(path: Path, flag: str) -> int:
             f"{path}: a TorchScript model (torch.jit.save), not a checkpoint: it holds no settings "
             f"to rebuild this program's model from; {use_instead}"
         )
-    total = sum(r.file_size for r in records)
-    pickled = sum(r.file_size for r in records if r.filename.endswith(".pkl"))
-    if any(r.compress_type != zipfile.ZIP_STORED for r in records) or total > path.stat().st_size:
-        raise CheckpointError(
-            f"{path}: holds compressed records, which torch.save never writes; refused unread"
-        )
-    if total > MAX_BYTES:
-        raise CheckpointError(
-            f"{path}: {total:,} bytes of data, more than a checkpoint of the largest model this "
-            f"program trains holds ({MAX_BYTES:,}); refused unread"
-        )
-    if pickled > MAX_PICKLE_BYTES:
-        raise CheckpointError(
-            f"{path}: its pickled structure is {pickled:,} bytes, more than the "
-            f"{MAX_PICKLE_BYTES:,} a checkpoint needs; refused unread"
-        )
-    return sum(r.file_size for r in records if "/data/" in r.filename)
+    return records
 
 
 # how every file of torch.save's legacy format begins: pickle protocol 2, then its magic number
