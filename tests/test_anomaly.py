@@ -189,13 +189,12 @@ def test_foreign_images_score_higher_and_the_stored_test_scores_give_percentiles
         assert anomaly.score(
             model, foreign, samples=4, reference=reference
         ).median() > torch.quantile(s_digits, 0.95)
-    stored = reference["test_scores"]
-    assert len(stored) == 10000 and torch.equal(stored, stored.sort().values)
-    first = anomaly.score(model, digits[:50], reference=reference)
-    assert all(
-        torch.isclose(stored, s, atol=1e-4).any() for s in first
-    )  # the stored scores, as given
-    assert anomaly.percentile(stored, stored[2499].item()) == pytest.approx(25.0, abs=0.5)
+    # a run on 2,000 images stores a seeded share of the test digits' scores, sorted
+    stored, n = reference["test_scores"], len(reference["test_scores"])
+    assert anomaly.MIN_TEST_SCORES <= n < 10000 and torch.equal(stored, stored.sort().values)
+    every = anomaly.score(model, digits, reference=reference)
+    assert all(torch.isclose(every, s, atol=1e-4).any() for s in stored[::20])  # test digits' own
+    assert anomaly.percentile(stored, stored[n // 4 - 1].item()) == pytest.approx(25.0, abs=0.5)
     assert anomaly.percentile(stored, stored.max().item()) == 100.0
     assert anomaly.percentile(stored, stored.min().item() - 1) == 0
 
