@@ -84,14 +84,15 @@ def checked(path: Path, check, ckpt: dict):
         return check(ckpt)
 
 
-def fallback_reference(ckpt: dict, model, mnist: dict | None, data_dir: str, device) -> dict:
+def fallback_reference(ckpt: dict, model, data_dir: str, device) -> dict:
     """For a checkpoint whose training stopped before storing its anomaly reference: one fitted now
-    from its own training and validation images."""
+    from its own training and validation images (the only time score and reconstruct read them)."""
     print(
         "note: this checkpoint holds no anomaly reference (its training did not finish); "
         "fitting one now"
     )
-    train_x, val_x, _ = evaluate.run_images(ckpt, mnist or load_data(data_dir), device)
+    mnist = load_data(data_dir, sets=("train",))
+    train_x, val_x, _ = evaluate.run_images(ckpt, mnist, device)
     return anomaly.fit_reference(model, train_x, val_x)
 
 
@@ -156,13 +157,11 @@ def run_score(args) -> int:
     device = pick_device(args.device)
     path, model, ckpt = open_model(args, device)
     reference = checked(path, anomaly.reference_of, ckpt)
-    mnist = load_data(args.data_dir)
-    x, labels = (
-        evaluate.test_images(mnist, ckpt["config"]["binarize"], device),
-        mnist["test_labels"],
-    )
+    mnist = load_data(args.data_dir, sets=("test",))
+    x = evaluate.test_images(mnist, ckpt["config"]["binarize"], device)
+    labels = mnist["test_labels"]
     if args.method != "elbo" and reference is None:
-        reference = fallback_reference(ckpt, model, mnist, args.data_dir, device)
+        reference = fallback_reference(ckpt, model, args.data_dir, device)
     bar = f"scoring the {len(x):,} test digits ({args.method})" if args.progress else ""
     s = anomaly.score(
         model, x, args.method, args.samples, args.seed, reference=reference, progress=bar
@@ -214,7 +213,7 @@ def run_reconstruct(args) -> int:
     path, model, ckpt = open_model(args, device)
     reference = checked(path, anomaly.reference_of, ckpt)
     if args.method != "elbo" and reference is None:
-        reference = fallback_reference(ckpt, model, None, args.data_dir, device)
+        reference = fallback_reference(ckpt, model, args.data_dir, device)
     test_scores = test_set_scores(args, path, model, ckpt, reference)
     failed = 0
     for file, out in zip(args.files, files.output_names(args.files, Path(args.image_dir))):
@@ -236,7 +235,8 @@ def test_set_scores(args, path: Path, model, ckpt: dict, reference: dict | None)
             f"--method {args.method}` keeps them in anomaly_scores.csv)"
         )
         device = next(model.parameters()).device
-        return evaluate.test_images(load_data(args.data_dir), ckpt["config"]["binarize"], device)
+        mnist = load_data(args.data_dir, sets=("test",))
+        return evaluate.test_images(mnist, ckpt["config"]["binarize"], device)
 
     bar = "scoring the test digits" if args.progress else ""
     return anomaly.test_scores(

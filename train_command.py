@@ -13,12 +13,12 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import checkpoint
+import commands
 import config
 import evaluate
 import files
 import mnist_files
 import train
-from commands import load_data, pick_device
 from config import VAEConfig
 from files import UserError
 
@@ -50,10 +50,10 @@ def run_train(args) -> int:
     with files.lock_folder(folder, "training run"):  # held before anything in the folder is read
         files.remove_stale_temporaries(folder)
         train_config, model_config, resume = resolve_settings(args, resumed_from)
-        device = pick_device(args.device)
+        device = commands.pick_device(args.device)
         precision = pick_precision(train_config.precision, device, resumed=resume is not None)
         train_config = replace(train_config, precision=precision)
-        mnist = load_data(args.data_dir)
+        mnist = commands.load_data(args.data_dir)
         if resume is not None and not (best := best_checkpoint(folder, resumed_from)).is_file():
             print(f"note: {best} is missing, so the next epoch's weights will become best.pt")
             resume["best_val_loss"] = math.inf

@@ -65,9 +65,9 @@ def foreign_sets(test_x: torch.Tensor) -> dict[str, torch.Tensor]:
 def all_methods(model: VAE, x: torch.Tensor, reference: dict) -> dict[str, torch.Tensor]:
     """Every method's scores of x, from one pass over its parts (anomaly.score computes the same,
     one method at a time)."""
-    gen = torch.Generator().manual_seed(0)
+    noise = anomaly.score_noise(anomaly.SCORE_SAMPLES, model.latent_dim, anomaly.SCORE_SEED)
     parts = [
-        anomaly.score_parts(model, x[i : i + 1000], reference, samples=10, gen=gen)
+        anomaly.score_parts(model, x[i : i + 1000], reference, noise)
         for i in range(0, len(x), 1000)
     ]
     parts = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
