@@ -1,12 +1,16 @@
 """Anomaly scores: how unlike the training digits an image is (higher = stranger), the reference
 they compare against, and the test digits' scores that turn a score into a percentile. The methods:
 
-    elbo        the negative ELBO in nats: what the model fails to explain. Flags badly written digits, but ranks
+    elbo        the negative ELBO in nats: what the model fails to explain. Flags badly written
+                digits, but ranks
                 simple images (a 1, a blank page) as typical whatever the model learned.
-    complexity  the negative ELBO minus LOCAL_WEIGHT times the nats a local pixel model needs (a likelihood ratio
-                against a model of stroke texture): what remains is what the VAE finds unlike a digit.
+    complexity  the negative ELBO minus LOCAL_WEIGHT times the nats a local pixel model needs (a
+                likelihood ratio
+                against a model of stroke texture): what remains is what the VAE finds unlike a
+                digit.
     knn         mean distance of the image's code to its KNN_K nearest codes of training images.
-    combined    complexity and knn on one scale, guarded by elbo (see combine): the default, best on held-out digits.
+    combined    complexity and knn on one scale, guarded by elbo (see combine): the default, best on
+                held-out digits.
 
 All but elbo need the reference the model was trained with (fit_reference), which its checkpoint
 holds. In a notebook: `anomaly.score(model, images, reference=anomaly.reference_of(ckpt))` with
@@ -60,7 +64,8 @@ MIN_TEST_SCORES = 1_000
 
 
 def score_noise(samples: int, latent_dim: int, seed: int, device="cpu") -> torch.Tensor:
-    """The z noise every image is scored with: `samples` standard normal draws (samples, latent_dim),
+    """The z noise every image is scored with: `samples` standard normal draws (samples,
+    latent_dim),
     the same for every image, so that a score is a function of the image alone, never of the other
     images in its batch. Drawn on the CPU, so every device scores with the same draws."""
     gen = torch.Generator().manual_seed(seed)
@@ -175,8 +180,7 @@ def posterior_means(model: VAE, x: torch.Tensor, chunk: int = ENCODE_CHUNK) -> t
     return torch.cat([model.encode(x[i : i + chunk])[0] for i in range(0, len(x), chunk)])
 
 
-# ----------------------------------------------------------------------------- the reference a
-# model is scored against
+# ---------------------------------------------------------- the reference a model is scored against
 
 
 def fit_reference(
@@ -278,8 +282,7 @@ def percentile(test_scores: torch.Tensor, value: float) -> float:
     return 100.0 * (test_scores <= value).double().mean().item()
 
 
-# ----------------------------------------------------------------------------- the test set's
-# scores, with provenance
+# ----------------------------------------------------------- the test set's scores, with provenance
 
 
 def provenance(checkpoint_path: str | Path, method: str, samples: int, seed: int) -> dict[str, str]:
@@ -317,7 +320,9 @@ def read_csv_scores(path: Path, source: dict[str, str]) -> torch.Tensor | None:
         return None
     try:
         rows = list(csv.DictReader(io.StringIO(path.read_text())))
-        if len(rows) != TEST_IMAGES or any({k: row.get(k) for k in source} != source for row in rows):
+        if len(rows) != TEST_IMAGES or any(
+            {k: row.get(k) for k in source} != source for row in rows
+        ):
             return None
         return torch.tensor([float(row["score"]) for row in rows])
     except (
@@ -331,8 +336,7 @@ def read_csv_scores(path: Path, source: dict[str, str]) -> torch.Tensor | None:
         return None
 
 
-# ----------------------------------------------------------------------------- the reference a
-# checkpoint carries
+# --------------------------------------------------------------- the reference a checkpoint carries
 
 
 def reference_for_run(
@@ -370,7 +374,11 @@ def test_scores(
     function returning the float test images, called only in that last case."""
     method = method or DEFAULT_METHOD
     stored = (reference or {}).get("test_scores")
-    if (method, samples, seed) == (DEFAULT_METHOD, SCORE_SAMPLES, SCORE_SEED) and stored is not None:
+    if (method, samples, seed) == (
+        DEFAULT_METHOD,
+        SCORE_SAMPLES,
+        SCORE_SEED,
+    ) and stored is not None:
         return stored
     source = provenance(path, method=method, samples=samples, seed=seed)
     cached = read_csv_scores(Path(path).parent / "anomaly_scores.csv", source)
@@ -435,7 +443,7 @@ def is_mean_and_std(v) -> bool:
     )
 
 
-# ----------------------------------------------------------------------------- one wording of a score
+# ------------------------------------------------------------------------- one wording of a score
 
 # from these percentiles of the test digits' scores on, a score is unusual and very unusual
 VERDICT_PERCENTILES = (90, 99)

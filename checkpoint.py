@@ -392,8 +392,7 @@ def is_adam_state(opt, shapes: list[torch.Size]) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------- which checkpoint,
-# and what it is
+# ----------------------------------------------------------------- which checkpoint, and what it is
 
 
 def for_use(path: str | os.PathLike) -> Path:

@@ -31,8 +31,7 @@ import prepare
 import utils
 from files import UserError
 
-# ----------------------------------------------------------------------------- shared by the
-# commands
+# --------------------------------------------------------------------------- shared by the commands
 
 
 def pick_device(name: str) -> torch.device:
@@ -144,8 +143,7 @@ def run_sample(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- score and
-# reconstruct
+# ---------------------------------------------------------------------------- score and reconstruct
 
 
 def run_score(args) -> int:

@@ -258,8 +258,7 @@ def describing(source: str | os.PathLike, seen: tuple | None, written: str | os.
         raise UserError(message)
 
 
-# ----------------------------------------------------------------------------- temporaries left by
-# a killed writer
+# -------------------------------------------------------------- temporaries left by a killed writer
 
 # .{name}.{pid}.{mkstemp's 8 random characters}.tmp
 TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[a-z0-9_]{8}\.tmp")
@@ -291,8 +290,7 @@ def process_running(pid: int) -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------- one training run per
-# folder
+# ---------------------------------------------------------------------- one training run per folder
 
 
 @contextmanager

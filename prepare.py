@@ -149,8 +149,7 @@ def flatten_alpha(img):
     return img.convert("L")
 
 
-# ----------------------------------------------------------------------------- from picture to
-# model input
+# ---------------------------------------------------------------------- from picture to model input
 
 
 def prepare_digit(gray: torch.Tensor) -> torch.Tensor:
@@ -402,8 +401,7 @@ def mnist_like(ink: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# ----------------------------------------------------------------------------- how large the ink
-# is drawn
+# ----------------------------------------------------------------------- how large the ink is drawn
 
 # MNIST's strokes are thin: at its 20-px size, the ink (above half intensity) of 99.9% of the
 # training digits vanishes within 4 erosions by a 3x3 square, and none needs more than 5. A blob (a

@@ -5,7 +5,8 @@ was trained on.
 
 Each RUN_DIR holds best.pt of a run trained with `--exclude-digit D`. For every method of
 anomaly.score it prints the AUROC of telling digit D apart from the other digits on two sets:
-  selection  the run's validation images (negatives) against its training-split images of digit D (positives, never
+  selection  the run's validation images (negatives) against its training-split images of digit D
+             (positives, never
              trained on): the set methods and their settings are chosen on;
   test       the 10,000 test images: digit D against the rest, reported once a method is chosen.
 and, against the test digits other than D, for out-of-distribution sets built here: uniform noise,
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-images",
         type=cli.number(int, 100, 10**9),
         metavar="N",
-        help="score only the first N images of each set, at least 100: a quick check (default: all)",
+        help="score only the first N images of each set, at least 100: a quick check "
+        "(default: all)",
     )
     args = p.parse_args(argv)
     n = args.max_images
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             ).bool()
             print(f"digit_{digit}_{method}_selection_auroc: {anomaly.auroc(scores, is_unseen):.4f}")
             print(
-                f"digit_{digit}_{method}_test_auroc: {anomaly.auroc(on_test[method], test_labels == digit):.4f}"
+                f"digit_{digit}_{method}_test_auroc: "
+                f"{anomaly.auroc(on_test[method], test_labels == digit):.4f}"
             )
         seen = test_labels != digit  # the foreign images against the test digits the model knows
         for name, images in foreign.items():

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         recon, mu, logvar = model(test_x, torch.Generator().manual_seed(1))
         test_loss = loss_function(recon, test_x, mu, logvar).item() / len(test_x)
     print(
-        f"model: pytorch/examples vae (MLP 784-400-20), {sum(p.numel() for p in model.parameters()):,} parameters"
+        "model: pytorch/examples vae (MLP 784-400-20), "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters"
     )
     print(f"epochs: {args.epochs}")
     print(f"batch_size: {args.batch_size}")

@@ -1,7 +1,8 @@
 """Phone photos of digits on paper: prepared by prepare.py, how close do they come to the digit
 MNIST has?
 
-    python benchmarks/photos.py [--split test] [--n 20] [--seed 0] [--data-dir DIR] [--checkpoint FILE]
+    python benchmarks/photos.py [--split test] [--n 20] [--seed 0] [--data-dir DIR] [--checkpoint
+    FILE]
 
 N digits of the split (a seeded draw) are each made into a synthetic photo: the digit upscaled onto
 a larger sheet off its centre and turned a few degrees, dark ink on light paper, lit by a gradient
@@ -10,9 +11,11 @@ bytes as a file would be and prepared with prepare.prepare_digit. The table comp
 digits, the mean anomaly percentile (combined score, among the 10,000 test digits) and the mean
 absolute pixel difference from the clean digit as MNIST has it:
   clean           the digit as MNIST has it;
-  clean, redrawn  the clean digit upsampled 10x, dark on white, prepared (the demo's and a clean scan's case);
+  clean, redrawn  the clean digit upsampled 10x, dark on white, prepared (the demo's and a clean
+                  scan's case);
   photo           the photo, prepared;
-  photo, plain    the photo, prepared the plain way (the border's median as background, a linear stretch), for
+  photo, plain    the photo, prepared the plain way (the border's median as background, a linear
+                  stretch), for
                   comparison.
 Tune on --split train; the test digits are for the report. Prints figures, asserts nothing.
 """
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     gap = statistics.mean(rank["photo"]) - statistics.mean(rank["clean"])
     print(f"photos_minus_clean: {gap:+.1f} percentile points")
     print(
-        f"prepare_digit per photo: {statistics.median(times):.0f} ms median ({torch.get_num_threads()} thread)"
+        f"prepare_digit per photo: {statistics.median(times):.0f} ms median "
+        f"({torch.get_num_threads()} thread)"
     )
     if args.per_digit:
         print("digit  label  " + "  ".join(f"{name:>14}" for name in sets) + "  |photo - clean|")

@@ -2,7 +2,8 @@
 the test set.
 
     python benchmarks/quality.py --data-dir ../shared/mnist [main.py training flags ...]
-    python benchmarks/quality.py --data-dir ../shared/mnist --reuse models_mnist   # measure a finished run instead
+    python benchmarks/quality.py --data-dir ../shared/mnist --reuse models_mnist   # measure a
+    finished run instead
 
 Any flag main.py's training takes (--latent-dim, --hidden-dim, --binarize, ...) is passed through;
 the budget is main.py's defaults (BCE + KL, Adam 1e-3, batch 64, 20 epochs) unless you override it.
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args, train_flags = p.parse_known_args(argv)
     if args.reuse and train_flags:
         p.error(
-            f"unrecognized arguments: {' '.join(train_flags)} (training flags do nothing with --reuse)"
+            f"unrecognized arguments: {' '.join(train_flags)} "
+            "(training flags do nothing with --reuse)"
         )
     # main.py's own check of its flags, before anything runs
     cli.build_parsers()["train"].parse_args(train_flags)
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             ckpt_dir, wall = Path(args.reuse), None
             if not (ckpt_dir / "last.pt").is_file() or not (ckpt_dir / "best.pt").is_file():
                 raise UserError(
-                    f"--reuse {ckpt_dir}: not a finished run's folder (it holds best.pt and last.pt)"
+                    f"--reuse {ckpt_dir}: not a finished run's folder "
+                    "(it holds best.pt and last.pt)"
                 )
         else:
             ckpt_dir = Path(args.keep or f"{tmp}/ckpt")
@@ -139,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         f"seconds_per_epoch: {statistics.mean(seconds):.1f} (training steps only, mean over epochs)"
     )
     if wall is not None:
-        what = f"python main.py wall clock: data, {last['epoch']} epochs, validation, final evaluation, pictures"
+        what = (
+            f"python main.py wall clock: data, {last['epoch']} epochs, validation, "
+            "final evaluation, pictures"
+        )
         print(f"full_run_minutes: {wall / 60:.2f} ({what})")
     print(f"iwae_seconds: {iwae_seconds:.0f}")
     return 0

@@ -1,18 +1,24 @@
 """Training speed of the project's loop against a naive PyTorch loop, with FLOPs and MFU.
 
-    python benchmarks/train_speed.py --data-dir ../shared/mnist [--full-run] [main.py model flags, --ema]
+    python benchmarks/train_speed.py --data-dir ../shared/mnist [--full-run] [main.py model flags,
+    --ema]
 
 Prints one `name: value` line per figure, so runs can be compared. Everything runs in one process on
 the current device with the default model at batch 64 (or the one main.py's model flags and --ema
 describe, e.g. `--hidden-dim 512 --out-conv 0 --ema 0` for the model docs/model-selection.md started
 from):
-  - the project's training step (in-memory uint8 data, channels-last, fused Adam, no per-step host sync, and bf16
+  - the project's training step (in-memory uint8 data, channels-last, fused Adam, no per-step host
+    sync, and bf16
     autocast where main.py's --precision auto picks it),
-  - a naive baseline as pytorch/examples writes it: torchvision datasets.MNIST + ToTensor + DataLoader(shuffle=True),
+  - a naive baseline as pytorch/examples writes it: torchvision datasets.MNIST + ToTensor +
+    DataLoader(shuffle=True),
     the same model and loss, default Adam, loss.item() every step,
-  - model FLOPs per image (forward + backward) from torch.utils.flop_counter, achieved GFLOP/s, and MFU against
-    the fp32 matmul peak measured here on the spot (as nanoGPT reports MFU); with bf16, also against the bf16 peak,
-  - evaluation throughput, and the time of a full default run (measured with --full-run, else extrapolated).
+  - model FLOPs per image (forward + backward) from torch.utils.flop_counter, achieved GFLOP/s, and
+    MFU against
+    the fp32 matmul peak measured here on the spot (as nanoGPT reports MFU); with bf16, also against
+    the bf16 peak,
+  - evaluation throughput, and the time of a full default run (measured with --full-run, else
+    extrapolated).
 The project's loop is set up by train.start and stepped by train.train_step, as `python main.py`
 trains.
 """
@@ -223,13 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         "--matmul-size",
         type=positive_int(16_384),
         default=2048,
-        help="side of the square matmul whose best rate is the peak for MFU; 2N is tried too (default: 2048)",
+        help="side of the square matmul whose best rate is the peak for MFU; 2N is tried too "
+        "(default: 2048)",
     )
     p.add_argument(
         "--eval-images",
         type=positive_int(10_000),
         default=1000,
-        help="test images whose IWAE evaluation (k=100) is timed and extrapolated to 10,000 (default: 1000)",
+        help="test images whose IWAE evaluation (k=100) is timed and extrapolated to 10,000 "
+        "(default: 1000)",
     )
     p.add_argument(
         "--no-baseline",
@@ -245,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--init",
         metavar="CKPT",
-        help="start both loops from this checkpoint's weights and Adam state (steady-state training, where "
+        help="start both loops from this checkpoint's weights and Adam state "
+        "(steady-state training, where "
         "denormals have built up) instead of fresh weights",
     )
     p.add_argument(
@@ -257,14 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     init = checkpoint.load(args.init, flag="--init") if args.init else None
     if init is not None and "optimizer" not in init:
         raise UserError(
-            f"--init {args.init}: holds no Adam state (a trimmed file); pass a run's best.pt or last.pt"
+            f"--init {args.init}: holds no Adam state (a trimmed file); "
+            "pass a run's best.pt or last.pt"
         )
     config, ema = model_settings(args, model_flags, init)
 
     device = pick_device(args.device)
     torch.set_flush_denormal(True)  # as train.train does; off again for the naive loop below
     print(
-        f"device: {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}"
+        f"device: {device}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}"
     )
     print(f"torch: {torch.__version__}")
     print(f"threads: {torch.get_num_threads()}")
@@ -339,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"project_mfu_percent: {100 * flops_per_image * project_ips / 1e9 / peak:.1f}")
     if peak_bf16:
         print(
-            f"project_mfu_percent_of_bf16_peak: {100 * flops_per_image * project_ips / 1e9 / peak_bf16:.1f}"
+            "project_mfu_percent_of_bf16_peak: "
+            f"{100 * flops_per_image * project_ips / 1e9 / peak_bf16:.1f}"
         )
 
     # --- the naive loop ---
@@ -368,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
 
     epoch_seconds = 55000 / project_ips + 5000 / len(test_x) * eval_seconds
     print(
-        f"epoch_seconds: {epoch_seconds:.1f} (extrapolated: 55,000 training steps' images at the measured rate "
+        f"epoch_seconds: {epoch_seconds:.1f} "
+        "(extrapolated: 55,000 training steps' images at the measured rate "
         "+ validation)"
     )
     full = (20 * epoch_seconds + final_eval_seconds) / 60

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in layers:
             print(f"{name}_{place}_ms: {median[name]:.3f}")
         print(
-            f"upsample_conv_over_transposed_{place}: {median['upsample_conv'] / median['transposed_conv']:.2f}"
+            f"upsample_conv_over_transposed_{place}: "
+            f"{median['upsample_conv'] / median['transposed_conv']:.2f}"
         )
     return 0
 

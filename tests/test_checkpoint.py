@@ -245,8 +245,7 @@ def test_a_training_state_is_checked_only_for_resume(tmp_path, ckpt):
     assert "start a new run without --resume" in message, message  # the advice whole, not cut off
 
 
-# ----------------------------------------------------------------------------- hostile sizes, and
-# the memory they take
+# ---------------------------------------------------------- hostile sizes, and the memory they take
 
 
 def write_archive(path: Path, pickled: bytes, deflated: int = 0) -> None:
