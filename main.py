@@ -258,6 +258,11 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
         "seed of the evaluation's z samples (default: the checkpoint's training seed)",
     )
     add_common(parsers["sample"], data=False)
+    # accepted, as they always were, but not listed: sample reads no data and shows no progress
+    parsers["sample"].add_argument("--data-dir", help=argparse.SUPPRESS)
+    parsers["sample"].add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS
+    )
     add_number(parsers["sample"], "--n", 1, 1024, default=64, help="number of digits")
     add_seed(parsers["sample"], 0, "seed of the z draws (default: 0)")
     parsers["reconstruct"].add_argument(
