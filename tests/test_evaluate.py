@@ -1,5 +1,4 @@
-"""`evaluate` and `sample`: honest metrics (the bound below the ELBO, active units, the data's
-entropy), legible pictures, progress on long work, and the latent map."""
+"""`evaluate` and `sample`: honest metrics, legible pictures, progress bars, the latent map."""
 
 from __future__ import annotations
 
@@ -17,9 +16,7 @@ import data
 import evaluate
 from model import iwae_log_weights, iwae_nll, mean_neg_elbo
 
-PICTURES = (
-    "reconstructed_image samples loss_curves interpolation latent_space latent_traversal".split()
-)
+PICTURES = "reconstructed_image samples loss_curves interpolation latent_space latent_traversal"
 
 
 def assert_real_picture(path) -> None:
@@ -36,35 +33,19 @@ def test_evaluate_agrees_with_the_end_of_training_says_what_it_computes_and_writ
     at_training = json.loads((trained.ckpt_dir / "metrics.json").read_text())
     folder = copy_run(trained, tmp_path)
     (folder / "metrics.json").unlink()
-    argv = [
-        "evaluate",
-        "--checkpoint",
-        folder / "best.pt",
-        "--data-dir",
-        MNIST_DIR,
-        "--image-dir",
-        tmp_path / "img",
-    ]
+    best, img = folder / "best.pt", tmp_path / "img"
+    argv = ["evaluate", "--checkpoint", best, "--data-dir", MNIST_DIR, "--image-dir", img]
     code, out, err = run_main(argv + ["--iwae-k", "2", "--progress"])
-    assert code == 0, err
-    assert out.startswith(f"using {folder / 'best.pt'}: a model trained here, epoch 2 of 2")
+    assert code == 0 and out.startswith(f"using {best}: a model trained here, epoch 2 of 2"), err
     metrics = json.loads((folder / "metrics.json").read_text())
-    for key in (
-        "test_loss",
-        "test_bce",
-        "test_kl",
-        "test_iwae_nll",
-        "iwae_k",
-        "bce_floor",
-        "active_units",
-        "seed",
-    ):
+    same = "test_loss test_bce test_kl test_iwae_nll iwae_k bce_floor active_units seed"
+    for key in same.split():
         assert metrics[key] == at_training[key], key
     assert "IWAE bound" in out and "active units" in out and "bce floor" in out
     # the long part shows a progress bar when asked (stderr here is no terminal)
     assert "IWAE bound (k=2) on 10,000 test images" in err
-    for name in PICTURES:
-        assert_real_picture(tmp_path / "img" / f"{name}.png")
+    for name in PICTURES.split():
+        assert_real_picture(img / f"{name}.png")
     m = at_training  # consistent, finite figures
     for key in ("test_loss", "test_bce", "test_kl", "test_iwae_nll", "bce_floor", "seconds"):
         assert isinstance(m[key], float) and math.isfinite(m[key]), key
@@ -72,18 +53,14 @@ def test_evaluate_agrees_with_the_end_of_training_says_what_it_computes_and_writ
     assert f"{m['test_loss']:.3f}" in trained.output  # what the end of training printed
     assert len(m["kl_per_dim"]) == m["latent_dim"] and all(v >= 0 for v in m["kl_per_dim"])
     assert m["test_loss"] == pytest.approx(m["test_bce"] + m["test_kl"])
-    # no model does better than the data's own pixel entropy, and after 2 epochs it beats p = 1/2
-    # (784 ln 2 nats)
+    # no model beats the pixels' own entropy; after 2 epochs it beats p = 1/2 (784 ln 2 nats)
     assert m["bce_floor"] < m["test_bce"] < m["test_loss"] < 784 * math.log(2) and m["test_kl"] > 0
-    # k = 2 importance samples: a tighter bound than the ELBO
-    assert m["test_iwae_nll"] < m["test_loss"]
-    # the same analytic KL, summed otherwise
+    assert m["test_iwae_nll"] < m["test_loss"]  # k = 2 samples: a tighter bound than the ELBO
     assert sum(m["kl_per_dim"]) == pytest.approx(m["test_kl"], rel=1e-5)
-    # the floor is the test images' pixel entropy
     x = data.to_float(data.load_mnist(MNIST_DIR)["test_images"])
     p = x.double().clamp(1e-12, 1 - 1e-12)
     entropy = -(p * p.log() + (1 - p) * (1 - p).log()).flatten(1).sum(1).mean().item()
-    assert m["bce_floor"] == pytest.approx(entropy, rel=1e-6)
+    assert m["bce_floor"] == pytest.approx(entropy, rel=1e-6)  # the pixels' entropy
 
 
 @needs_mnist
@@ -91,11 +68,8 @@ def test_iwae_bound_is_below_the_elbo_and_tightens_with_k(trained):
     model, _ = checkpoint.load_model(trained.ckpt_dir / "best.pt")
     x = data.to_float(data.load_mnist(MNIST_DIR)["test_images"][:300])
     elbo = mean_neg_elbo(model, x, seed=3)["loss"]
-    bounds = {
-        k: evaluate.test_metrics(model, x, k, seed=3)[0]["test_iwae_nll"] for k in (1, 10, 100)
-    }
-    # k=1 estimates the negative ELBO itself: equal up to the sampling noise of two independent
-    # estimates
+    bounds = {k: evaluate.test_metrics(model, x, k, 3)[0]["test_iwae_nll"] for k in (1, 10, 100)}
+    # k=1 estimates the negative ELBO: equal up to the noise of two independent estimates
     single = iwae_nll(iwae_log_weights(model, x, 1, torch.Generator().manual_seed(11)))
     assert abs(bounds[1] - elbo) < 4 * math.sqrt(2) * single.std().item() / math.sqrt(len(x))
     assert bounds[10] < bounds[1] and bounds[100] < bounds[10] + 0.05 and bounds[100] < elbo
@@ -113,35 +87,28 @@ def test_active_units_count_only_the_dimensions_the_encoder_uses():
 
 
 def test_binarized_evaluation_images_are_one_fixed_draw_whatever_the_global_seed():
-    images = torch.randint(
-        0, 256, (50, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-    )
+    gen = torch.Generator().manual_seed(0)
+    mnist = {"test_images": torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8, generator=gen)}
     torch.manual_seed(1)
-    a = evaluate.test_images({"test_images": images}, True, torch.device("cpu"))
+    a = evaluate.test_images(mnist, True, torch.device("cpu"))
     torch.manual_seed(2)
-    b = evaluate.test_images({"test_images": images}, True, torch.device("cpu"))
+    b = evaluate.test_images(mnist, True, torch.device("cpu"))
     assert torch.equal(a, b) and set(a.unique().tolist()) == {0.0, 1.0}
-    plain = evaluate.test_images({"test_images": images}, False, torch.device("cpu"))
-    # a Bernoulli draw of the intensities, not a threshold
-    assert abs(a.mean().item() - plain.mean().item()) < 0.01
+    plain = evaluate.test_images(mnist, False, torch.device("cpu"))
+    assert abs(a.mean().item() - plain.mean().item()) < 0.01  # a Bernoulli draw, no threshold
 
 
 def test_latent_map_finds_the_directions_that_separate_the_digits_and_keeps_to_the_active_ones():
-    """Where a wide direction carries no label and a narrow one does, the map's first axis is the
-    narrow one. A near-constant dimension that happens to tell the digits apart (the encoder leaks a
-    little there, as in the shipped model) would win a discriminant over all of them: the map keeps
-    to the active ones (Var > 0.01), where moving changes the digit."""
+    """The first axis is a narrow labelled direction over a wide unlabelled one; an inactive one
+    (Var < 0.01) that separates the digits better is left out."""
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(600) % 3
     codes = torch.randn(600, 4, generator=g)
     codes[:, 0] *= 10  # wide, and says nothing about the digit
     codes[:, 2] += 3 * labels  # narrower, and tells the digits apart
 
-    class Codes:  # stands in for the model: the "images" are the codes
-        def encode(self, x):
-            return x, None
-
-    space = evaluate.latent_map(Codes(), codes, labels)
+    codes_as_model = type("Codes", (), {"encode": lambda self, x: (x, None)})()  # images are codes
+    space = evaluate.latent_map(codes_as_model, codes, labels)
     first = space["axes"][:, 0].abs()
     assert first[2] > 5 * first[[0, 1, 3]].max()
     points = (codes - space["mean"]) @ space["axes"]
@@ -151,37 +118,21 @@ def test_latent_map_finds_the_directions_that_separate_the_digits_and_keeps_to_t
     assert evaluate.latent_map_of({"config": {"latent_dim": 4}, "latent_map": space}) is space
     with pytest.raises(ValueError, match="latent map is malformed"):
         evaluate.latent_map_of({"config": {"latent_dim": 5}, "latent_map": space})
-    # Var ~ 1e-4: inactive, yet separates better
-    codes[:, 3] = 0.01 * labels + 0.001 * torch.randn(600, generator=g)
-    axes = evaluate.latent_map(Codes(), codes, labels)["axes"]
+    codes[:, 3] = 0.01 * labels + 0.001 * torch.randn(600, generator=g)  # Var ~ 1e-4
+    axes = evaluate.latent_map(codes_as_model, codes, labels)["axes"]
     assert axes[3].abs().max() == 0 and axes[2, 0].abs() > 5 * axes[[0, 1], 0].abs().max()
 
 
 @needs_mnist
 def test_a_weights_only_checkpoint_is_evaluated_and_sampled(trained, tmp_path):
-    """A file with only format, config and model (saved from a notebook, say) works like any other."""
-    best = torch.load(trained.ckpt_dir / "best.pt", weights_only=True)
-    resave({k: best[k] for k in ("format", "config", "model")}, tmp_path / "mine.pt")
-    argv = [
-        "evaluate",
-        "--checkpoint",
-        tmp_path / "mine.pt",
-        "--data-dir",
-        MNIST_DIR,
-        "--image-dir",
-        tmp_path / "img",
-    ]
-    code, out, err = run_main(argv + ["--iwae-k", "1", "--no-progress"])
-    assert code == 0, err
-    # no bar
-    assert (
-        "a model with no training history" in out
-        and "(epoch None)" in out
-        and "IWAE bound" not in err
-    )
+    """A file of only format, config and model (saved from a notebook) works like any other."""
+    best, mine = torch.load(trained.ckpt_dir / "best.pt", weights_only=True), tmp_path / "mine.pt"
+    resave({k: best[k] for k in ("format", "config", "model")}, mine)
+    argv = ["evaluate", "--checkpoint", mine, "--data-dir", MNIST_DIR, "--iwae-k", "1"]
+    code, out, err = run_main(argv + ["--image-dir", tmp_path / "img", "--no-progress"])
+    assert code == 0 and "a model with no training history" in out and "(epoch None)" in out, err
+    assert "IWAE bound" not in err  # no bar
     assert json.loads((tmp_path / "metrics.json").read_text())["epoch"] is None
-    code, out, err = run_main(
-        ["sample", "--checkpoint", tmp_path / "mine.pt", "--n", "16", "--image-dir", tmp_path]
-    )
+    code, out, err = run_main(["sample", "--checkpoint", mine, "--n", 16, "--image-dir", tmp_path])
     assert code == 0, err
     assert_real_picture(tmp_path / "samples.png")
