@@ -2,15 +2,14 @@
 they compare against, and the test digits' scores that turn a score into a percentile. The methods:
 
     elbo        the negative ELBO in nats: what the model fails to explain. Flags badly written
-                digits, but ranks
-                simple images (a 1, a blank page) as typical whatever the model learned.
+                digits, but ranks simple images (a 1, a blank page) as typical whatever the model
+                learned.
     complexity  the negative ELBO minus LOCAL_WEIGHT times the nats a local pixel model needs (a
-                likelihood ratio
-                against a model of stroke texture): what remains is what the VAE finds unlike a
-                digit.
+                likelihood ratio against a model of stroke texture): what remains is what the VAE
+                finds unlike a digit.
     knn         mean distance of the image's code to its KNN_K nearest codes of training images.
-    combined    complexity and knn on one scale, guarded by elbo (see combine): the default, best on
-                held-out digits.
+    combined    complexity and knn on one scale, guarded by elbo (see combine): the default, best
+                on held-out digits.
 
 All but elbo need the reference the model was trained with (fit_reference), which its checkpoint
 holds. In a notebook: `anomaly.score(model, images, reference=anomaly.reference_of(ckpt))` with
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from config import float_settings
 from files import write_text_atomic
 from mnist_files import TEST_IMAGES
 from model import VAE, check_images, kl_per_dim, neg_elbo_terms, reparameterize
@@ -64,19 +64,18 @@ MIN_TEST_SCORES = 1_000
 
 
 def score_noise(samples: int, latent_dim: int, seed: int, device="cpu") -> torch.Tensor:
-    """The z noise every image is scored with: `samples` standard normal draws (samples,
-    latent_dim),
-    the same for every image, so that a score is a function of the image alone, never of the other
-    images in its batch. Drawn on the CPU, so every device scores with the same draws."""
+    """The z noise every image is scored with: `samples` standard normal draws, (samples,
+    latent_dim), the same for every image, so that a score is a function of the image alone, never
+    of the other images in its batch. Drawn on the CPU, so every device scores with the same
+    draws."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(samples, latent_dim, generator=gen).to(device)
 
 
 @torch.inference_mode()
-def neg_elbo_per_image(model: VAE, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Each image's negative ELBO in nats, its reconstruction term averaged over the z draws
-    mu + sigma * noise[s] (the KL is exact)."""
-    mu, logvar = model.encode(x)
+def neg_elbo_per_image(model: VAE, x, mu, logvar, noise: torch.Tensor) -> torch.Tensor:
+    """Each image's negative ELBO in nats, given its posterior (mu, logvar): the reconstruction
+    term averaged over the z draws mu + sigma * noise[s], the KL exact."""
     bce = torch.zeros(len(x), device=x.device)
     for eps in noise:
         z = reparameterize(mu, logvar, eps=eps.expand_as(mu))
@@ -122,9 +121,8 @@ def fit_local_model(
         local = LocalPixelModel().to(images.device)
         opt = torch.optim.Adam(local.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(seed)
-        for _ in tqdm(
-            range(steps), "anomaly reference: fitting the local pixel model", disable=not progress
-        ):
+        desc = "anomaly reference: fitting the local pixel model"
+        for _ in tqdm(range(steps), desc=desc, disable=not progress):
             x = images[torch.randint(len(images), (64,), generator=gen).to(images.device)].clone()
             loss = local.nll(x).mean()
             opt.zero_grad()
@@ -139,12 +137,12 @@ def score_parts(
 ) -> dict[str, torch.Tensor]:
     """The raw scores of a batch: elbo (nats), and with a reference, complexity (nats) and knn
     (latent distance). `noise` is score_noise's draws."""
-    parts = {"elbo": neg_elbo_per_image(model, x, noise)}
+    mu, logvar = model.encode(x, check_values=False)  # checked once, at the door of score
+    parts = {"elbo": neg_elbo_per_image(model, x, mu, logvar, noise)}
     if reference is not None:
         local = LocalPixelModel().to(x.device)
         local.load_state_dict(reference["local_model"])
         parts["complexity"] = parts["elbo"] - reference["local_weight"] * local.nll(x)
-        mu, _ = model.encode(x)
         codes = reference["codes"].to(x.device)
         # each distance computed on its own (not through a matrix product, whose rounding depends
         # on the batch), so that an image's score does not depend on the images beside it
@@ -175,14 +173,20 @@ def combine(parts: dict[str, torch.Tensor], calibration: dict[str, list[float]])
 
 
 @torch.inference_mode()
-def posterior_means(model: VAE, x: torch.Tensor, chunk: int = ENCODE_CHUNK) -> torch.Tensor:
-    """The posterior means of many images, encoded `chunk` at a time to bound the memory."""
-    return torch.cat([model.encode(x[i : i + chunk])[0] for i in range(0, len(x), chunk)])
+def posterior(model: VAE, x: torch.Tensor, chunk: int = ENCODE_CHUNK):
+    """(mu, logvar) of many images, encoded `chunk` at a time to bound the memory."""
+    stats = [model.encode(x[i : i + chunk]) for i in range(0, len(x), chunk)]
+    return torch.cat([mu for mu, _ in stats]), torch.cat([logvar for _, logvar in stats])
+
+
+def posterior_means(model: VAE, x: torch.Tensor) -> torch.Tensor:
+    return posterior(model, x)[0]
 
 
 # ---------------------------------------------------------- the reference a model is scored against
 
 
+@float_settings()
 def fit_reference(
     model: VAE,
     train_x: torch.Tensor,
@@ -218,6 +222,7 @@ def fit_reference(
     return reference
 
 
+@float_settings()  # as training and evaluation run
 def score(
     model: VAE,
     images: torch.Tensor,

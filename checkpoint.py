@@ -7,6 +7,7 @@ weights_only=True):
     format             "vae-mnist/3"
     checksum           sha256 of everything else (checksum below): a damaged file is refused
     config             every setting of the run: TrainConfig's and VAEConfig's fields, plain values
+                       (precision as the run trained: "fp32" or "bf16", never "auto")
     model              state_dict of the weights to use (with --ema, the weight average)
     train_weights      state_dict of the weights Adam trains (only with --ema)
     optimizer          Adam's state_dict
@@ -16,9 +17,9 @@ weights_only=True):
     rng                the generators' states at the end of that epoch, and their device type
     versions           torch, torchvision, python
     anomaly_reference  (best.pt, once training has ended) what anomaly scores compare against
-                       (anomaly.py)
+                       (anomaly.py), with test_scores: the test digits' sorted scores
     latent_map         (likewise) the 2-D map of the latent space that the pictures and the demo
-                       draw (evaluate.py)
+                       draw, with kl_per_dim: the test digits' mean KL per dimension (evaluate.py)
 
 Loading checks the file before anything is copied: its records (stored, not compressed: torch.load
 would inflate a few kB into gigabytes) and size, every tensor's bytes against the bytes stored, the
@@ -90,7 +91,7 @@ class CheckpointError(UserError):
 # ----------------------------------------------------------------------------- reading
 
 
-def load(path: str | os.PathLike, flag: str = "--checkpoint", resume: bool = False) -> dict:
+def load(path: str | os.PathLike, flag: str | None = None, resume: bool = False) -> dict:
     """Load and check a checkpoint, its tensors on the CPU; with `resume`, also the training state
     --resume needs. No arbitrary object is ever unpickled (weights_only=True). `flag` names the
     option that gave the path."""
@@ -117,7 +118,7 @@ def load(path: str | os.PathLike, flag: str = "--checkpoint", resume: bool = Fal
 
 
 def load_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu", flag: str = "--checkpoint"
+    path: str | os.PathLike, device: str | torch.device = "cpu", flag: str | None = None
 ) -> tuple[VAE, dict]:
     """The model a checkpoint describes, on `device`, in eval mode, and the checked checkpoint
     itself (its tensors on the CPU: only the model moves)."""
@@ -159,7 +160,13 @@ def refused(path: Path):
         ) from None
 
 
-def check_archive(path: Path, flag: str) -> int:
+def passing(flag: str | None) -> str:
+    """How a message asks for another file: by the flag that gave the path (the command line names
+    it), else by the path a caller passes."""
+    return f"pass {flag} PATH of" if flag else "pass the path of"
+
+
+def check_archive(path: Path, flag: str | None) -> int:
     """The file is a zip archive as torch.save writes one: records stored uncompressed, no larger
     than the file and MAX_BYTES. Returns how many bytes of tensor data it stores. A path the OS
     refuses, a TorchScript model and a file in torch.save's legacy format are named as what they
@@ -167,15 +174,15 @@ def check_archive(path: Path, flag: str) -> int:
     files.check_path(path, flag)
     if path.is_dir():
         raise CheckpointError(
-            f"{path} is a folder; pass {flag} the checkpoint file in it (best.pt or last.pt)"
+            f"{path} is a folder; {passing(flag)} the checkpoint file in it (best.pt or last.pt)"
         )
     if not path.exists():
         raise CheckpointError(
-            f"{path}: no such checkpoint; train one with `python main.py` or pass {flag} PATH"
+            f"{path}: no such checkpoint; train one with `python main.py` or {passing(flag)} one"
         )
     if not path.is_file():
         raise CheckpointError(
-            f"{path}: not a regular file; pass {flag} PATH of a vae-mnist checkpoint"
+            f"{path}: not a regular file; {passing(flag)} a vae-mnist checkpoint"
         )
     records = archive_records(path, flag)
     total = sum(r.file_size for r in records)
@@ -197,10 +204,10 @@ def check_archive(path: Path, flag: str) -> int:
     return sum(r.file_size for r in records if "/data/" in r.filename)
 
 
-def archive_records(path: Path, flag: str) -> list[zipfile.ZipInfo]:
+def archive_records(path: Path, flag: str | None) -> list[zipfile.ZipInfo]:
     """The records of the zip archive torch.save writes; a file that is not one (unreadable, in
     torch.save's legacy format, not a zip) or a TorchScript model is named as what it is."""
-    use_instead = f"pass {flag} PATH of a best.pt or last.pt that `python main.py` wrote"
+    use_instead = f"{passing(flag)} a best.pt or last.pt that `python main.py` wrote"
     try:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()

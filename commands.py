@@ -55,7 +55,7 @@ def open_model(args, device: torch.device) -> tuple[Path, torch.nn.Module, dict]
     `device`, with one line saying which it is: a two-epoch smoke test never passes for the real
     model unnoticed."""
     path = checkpoint.for_use(args.checkpoint)
-    model, ckpt = checkpoint.load_model(path, device)
+    model, ckpt = checkpoint.load_model(path, device, flag="--checkpoint")
     print(f"using {checkpoint.describe(path, ckpt)}", flush=True)
     return path, model, ckpt
 
@@ -93,9 +93,6 @@ def fallback_reference(ckpt: dict, model, data_dir: str, device) -> dict:
     mnist = load_data(data_dir, sets=("train",))
     train_x, val_x, _ = evaluate.run_images(ckpt, mnist, device)
     return anomaly.fit_reference(model, train_x, val_x)
-
-
-# ----------------------------------------------------------------------------- train
 
 
 # ----------------------------------------------------------------------------- evaluate and sample

@@ -71,6 +71,8 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 images (B, 28, 28) -> a new float32 tensor (B, 1, 28, 28) in [0, 1]; `images` is never
     changed. Float images are refused (ValueError), as is any other shape: scaling them again would
     make them 255 times too dark."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"to_float takes uint8 images (B, 28, 28), got {type(images).__name__}")
     if images.dtype != torch.uint8 or images.shape[1:] != (28, 28):
         got = f"{images.dtype} {tuple(images.shape)}"
         raise ValueError(f"to_float takes uint8 images (B, 28, 28), got {got}")

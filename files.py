@@ -1,5 +1,6 @@
-"""Files, safely: atomic writes, the checkpoint folder's lock, stale temporaries, and the user-error
-type.
+"""Files, safely: atomic writes, the checkpoint folder's lock, stale temporaries, the user-error
+type, paths the OS would refuse (check_path), output names that never overwrite an input, and
+writing a file that describes another only while that one is unchanged (describing).
 
 The ground floor of the project: it imports nothing of it, and everything may import it.
 """

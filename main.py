@@ -1,5 +1,5 @@
 """Train, evaluate and use a convolutional VAE on MNIST: the command line. This file reads the
-flags; commands.py does what each command says.
+flags; train_command.py does what `python main.py` says, commands.py what the others say.
 
     python main.py                      train with the defaults (20 epochs), evaluate, draw pictures
     python main.py evaluate             test-set metrics and pictures for a checkpoint
@@ -25,7 +25,7 @@ import anomaly
 import checkpoint
 import commands
 import train_command
-from config import TrainConfig, VAEConfig, float_settings, range_text, span_text
+from config import TrainConfig, VAEConfig, range_text, span_text
 from files import UserError
 
 COMMANDS = ("train", "evaluate", "sample", "score", "reconstruct", "demo")
@@ -258,7 +258,8 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
         "seed of the evaluation's z samples (default: the checkpoint's training seed)",
     )
     add_common(parsers["sample"], data=False)
-    # accepted, as they always were, but not listed: sample reads no data and shows no progress
+    # accepted, so that scripts passing them keep working, but not listed: sample reads no data and
+    # shows no progress
     parsers["sample"].add_argument("--data-dir", help=argparse.SUPPRESS)
     parsers["sample"].add_argument(
         "--progress", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS
@@ -365,10 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "progress", False) is None:  # the one place the default is resolved
         args.progress = sys.stderr.isatty()
     try:
-        # every command flushes denormals (evaluation too: 1.35x slower without) and uses TF32 on
-        # CUDA; the process's own settings come back when main() returns
-        with float_settings():
-            return HANDLERS[command](args)
+        return HANDLERS[command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -195,6 +195,8 @@ def mean_neg_elbo(model: VAE, x: torch.Tensor, seed: int, batch_size: int = 250)
     """Mean negative ELBO, bce and kl per image in nats, z sampled with a seeded generator (never
     z = mu: that would not be the ELBO), in batches small enough to stay in a CPU's cache."""
     check_images(x)
+    if len(x) == 0:
+        raise ValueError("the mean negative ELBO needs at least one image, got an empty batch")
     gen = torch.Generator(device=x.device).manual_seed(seed)
     sums = torch.zeros(2, device=x.device, dtype=torch.float64)
     for i in range(0, len(x), batch_size):
@@ -211,6 +213,8 @@ def iwae_log_weights(model: VAE, x: torch.Tensor, k: int, generator=None, chunk=
     """log p(x|z) + log p(z) - log q(z|x) for k samples z ~ q(z|x) per image: a (B, k) tensor. chunk
     is about how many images a decoding pass holds (the result does not depend on it): by default
     200 off CUDA, whose ~10 MB of activations stay in a CPU's cache (docs/speed.md), else 8,192."""
+    if type(k) is not int or k < 1:
+        raise ValueError(f"k must be a whole number of at least 1, got {k!r}")
     mu, logvar = model.encode(x)
     chunk = chunk or (8192 if x.device.type == "cuda" else 200)
     batch = x.shape[0]

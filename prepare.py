@@ -169,13 +169,14 @@ def prepare_digit(gray: torch.Tensor) -> torch.Tensor:
 
 def is_mnist_digit(gray: torch.Tensor) -> bool:
     """Whether a picture is already made as MNIST's digits were: 28x28, light ink on a black
-    background, its centre of mass on the centre pixel (13.5 to 14.5, as in every MNIST image)."""
+    background, its centre of mass within a pixel of MNIST_CENTRE (every MNIST image's lies within
+    half a pixel)."""
     mass = gray.sum()
     if gray.shape != (28, 28) or gray.median() > 0 or mass == 0:
         return False
     rows = (gray.sum(1) * torch.arange(28.0)).sum() / mass
     cols = (gray.sum(0) * torch.arange(28.0)).sum() / mass
-    return bool(13 <= rows <= 15 and 13 <= cols <= 15)
+    return bool(abs(rows - MNIST_CENTRE) <= 1 and abs(cols - MNIST_CENTRE) <= 1)
 
 
 def checked(gray) -> torch.Tensor:

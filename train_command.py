@@ -86,9 +86,9 @@ def run_files(args) -> tuple[Path, Path | None]:
             "pass only one of them"
         )
     if not args.resume:
-        return Path(args.checkpoint_dir or "models_mnist"), None
+        return Path(args.checkpoint_dir or checkpoint.DEFAULT.parent), None
     resumed_from = (
-        Path(args.checkpoint_dir or "models_mnist") / "last.pt"
+        Path(args.checkpoint_dir or checkpoint.DEFAULT.parent) / "last.pt"
         if args.resume is True
         else Path(args.resume)
     )

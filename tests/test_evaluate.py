@@ -107,7 +107,7 @@ def test_latent_map_finds_the_directions_that_separate_the_digits_and_keeps_to_t
     codes[:, 0] *= 10  # wide, and says nothing about the digit
     codes[:, 2] += 3 * labels  # narrower, and tells the digits apart
 
-    codes_as_model = type("Codes", (), {"encode": lambda self, x: (x, None)})()  # images are codes
+    codes_as_model = type("Codes", (), {"encode": lambda self, x: (x, x)})()  # images are codes
     space = evaluate.latent_map(codes_as_model, codes, labels)
     first = space["axes"][:, 0].abs()
     assert first[2] > 5 * first[[0, 1, 3]].max()
