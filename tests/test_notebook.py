@@ -7,7 +7,6 @@ import pytest
 from helpers import MNIST_DIR, ROOT, copy_run, needs_mnist
 
 NOTEBOOK = ROOT / "notebooks" / "explore.ipynb"
-INLINE = "'module://matplotlib_inline.backend_inline'"
 
 
 def code_cells(nbformat):
@@ -25,8 +24,7 @@ def test_notebook_is_stored_without_outputs_or_drawing_code_of_its_own():
 def test_notebook_runs_in_a_jupyter_kernel_and_keeps_the_inline_backend(
     trained, tmp_path, monkeypatch
 ):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    nbformat, nbclient = (pytest.importorskip(name) for name in ("nbformat", "nbclient"))
     folder = copy_run(trained, tmp_path)
     monkeypatch.setenv("VAE_CHECKPOINT", str(folder / "best.pt"))  # the kernel inherits these
     monkeypatch.setenv("MNIST_DIR", MNIST_DIR)
@@ -37,7 +35,7 @@ def test_notebook_runs_in_a_jupyter_kernel_and_keeps_the_inline_backend(
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources=resources).execute()
     outputs = [o for c in nb.cells for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert outputs[-1].data["text/plain"] == INLINE  # the backend the kernel started with
+    assert outputs[-1].data["text/plain"] == "'module://matplotlib_inline.backend_inline'"
     for cell in cells:  # each call that draws (utils.plot_*, evaluate.anomaly_figure) shows it
         shown = [o for o in cell.outputs if "image/png" in o.get("data", {})]
         drawn = cell.source.count("utils.plot_") + cell.source.count("anomaly_figure(")
@@ -50,5 +48,5 @@ def test_notebook_runs_in_a_jupyter_kernel_and_keeps_the_inline_backend(
     starts = ("combined:", "elbo:", "test digits 1-5:")
     scores = [line for line in text.splitlines() if line.strip().startswith(starts)]
     numbers = re.findall(r"-?\d+\.\d+", "\n".join(scores))
-    assert len(numbers) == 25 and all(len(n.split(".")[1]) == 2 for n in numbers)
-    assert "-0.00" not in numbers
+    assert len(numbers) == 25 and "-0.00" not in numbers, numbers
+    assert all(len(n.split(".")[1]) == 2 for n in numbers), numbers

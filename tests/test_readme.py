@@ -7,7 +7,6 @@ import ast
 import json
 import re
 
-import pytest
 import torch
 from helpers import MNIST_DIR, ROOT, needs_mnist, run_main
 from matplotlib.figure import Figure
@@ -23,18 +22,13 @@ def block(name: str) -> str:
     return after.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-@pytest.fixture
-def user_folder(tmp_path, monkeypatch):
-    """A folder laid out as a clone is: data/ holding MNIST, models_mnist/ and images/."""
-    (tmp_path / "data").symlink_to(MNIST_DIR)
-    (tmp_path / "models_mnist").mkdir()
-    (tmp_path / "images").mkdir()
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 @needs_mnist
-def test_readme_blocks_run_and_train_as_the_command_line_does(user_folder):
+def test_readme_blocks_run_and_train_as_the_command_line_does(tmp_path, monkeypatch):
+    user_folder = tmp_path  # laid out as a clone is: data/ holding MNIST, models_mnist/, images/
+    (user_folder / "data").symlink_to(MNIST_DIR)
+    (user_folder / "models_mnist").mkdir()
+    (user_folder / "images").mkdir()
+    monkeypatch.chdir(user_folder)
     ns: dict = {}
     for name in ("load", "score", "picture", "train"):
         exec(compile(block(name), f"README.md, block {name}", "exec"), ns)
@@ -42,17 +36,15 @@ def test_readme_blocks_run_and_train_as_the_command_line_does(user_folder):
     assert ns["between"].shape == (10, 1, 28, 28) and ns["samples"].shape == (16, 1, 28, 28)
     assert isinstance(ns["fig"], Figure)
     assert (user_folder / "images" / "my_reconstructions.png").stat().st_size > 0
-
-    argv = ["--epochs", "1", "--subset", "2000", "--iwae-k", "10", "--no-progress"]
-    code, _, err = run_main([*argv, "--checkpoint-dir", "models_mnist/cli"], cwd=user_folder)
+    argv = "--epochs 1 --subset 2000 --iwae-k 10 --no-progress --checkpoint-dir models_mnist/cli"
+    code, _, err = run_main(argv.split(), cwd=user_folder)
     assert code == 0, err
     from_python = checkpoint.load(user_folder / "models_mnist" / "from-python" / "best.pt")
     from_cli = checkpoint.load(user_folder / "models_mnist" / "cli" / "best.pt")
     for key in ("model", "anomaly_reference", "latent_map"):
-        python_tensors = list(checkpoint.tensors(from_python[key]))
-        cli_tensors = list(checkpoint.tensors(from_cli[key]))
-        assert len(python_tensors) == len(cli_tensors) > 0
-        assert all(torch.equal(a, b) for a, b in zip(python_tensors, cli_tensors)), key
+        tensors = [list(checkpoint.tensors(run[key])) for run in (from_python, from_cli)]
+        assert len(tensors[0]) == len(tensors[1]) > 0
+        assert all(torch.equal(a, b) for a, b in zip(*tensors)), key
     metrics = json.loads((user_folder / "models_mnist" / "cli" / "metrics.json").read_text())
     assert {k: ns["metrics"][k] for k in FIGURES} == {k: metrics[k] for k in FIGURES}
 
@@ -62,8 +54,7 @@ def test_the_readme_table_of_the_vae_names_the_lines_the_code_has():
     rows = re.findall(r"`(\w+\.py)` (\d+)-(\d+): ((?:`\w+`(?:, )?)+) \| (\d+) \|", table)
     assert len(rows) == 6
     for path, start, end, names, count in rows:
-        tree = ast.parse((ROOT / path).read_text())
-        nodes = {n.name: n for n in tree.body if hasattr(n, "name")}
+        nodes = {n.name: n for n in ast.parse((ROOT / path).read_text()).body if hasattr(n, "name")}
         names = re.findall(r"`(\w+)`", names)
         first, last = nodes[names[0]], nodes[names[-1]]
         begins = min([first.lineno] + [d.lineno for d in first.decorator_list])

@@ -1,6 +1,5 @@
-"""The shipped checkpoint, pretrained/vae-mnist.pt: small, trimmed, loadable, and what every command
-uses until a model has been trained (a trained models_mnist/best.pt wins, and says so:
-tests/test_cli.py); nothing is ever written into its folder."""
+"""pretrained/vae-mnist.pt: small, trimmed, loadable, what every command uses until a model is
+trained here (which wins: tests/test_cli.py); nothing is ever written beside it."""
 
 from __future__ import annotations
 
@@ -10,15 +9,7 @@ import urllib.request
 
 import helpers
 import pytest
-from helpers import (
-    MNIST_DIR,
-    assert_one_line_error,
-    digit,
-    needs_mnist,
-    run_main,
-    snapshot,
-    start_cli,
-)
+from helpers import MNIST_DIR, assert_one_line_error, digit, needs_mnist, run_main, snapshot
 
 import anomaly
 import checkpoint
@@ -33,35 +24,28 @@ SHIPPED = checkpoint.SHIPPED
 USING = "using pretrained/vae-mnist.pt: the shipped model, epoch 20 of 20 on 55,000 training images"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def untouched():
     """The shipped folder, checked byte for byte after the module's tests have run."""
     before = snapshot(SHIPPED.parent)
     yield
-    assert snapshot(SHIPPED.parent) == before, (
-        "something was written into or beside the shipped checkpoint"
-    )
+    assert snapshot(SHIPPED.parent) == before, "something was written beside the shipped checkpoint"
 
 
-def test_shipped_checkpoint_is_a_trimmed_default_run(untouched):
+def test_shipped_checkpoint_is_a_trimmed_default_run():
     assert SHIPPED.stat().st_size <= 6_000_000
     model, ckpt = checkpoint.load_model(SHIPPED)  # the checksum and every value are checked
     assert set(ckpt) == set(checkpoint.USE_KEYS) | {"checksum"} and not model.training
-    # a default run
-    assert ckpt["config"] == ckpt["config"] | {
-        "epochs": 20,
-        "batch_size": 64,
-        "lr": 1e-3,
-        "seed": 1,
-    }
-    assert len(anomaly.reference_of(ckpt)["test_scores"]) == 10_000 and len(ckpt["history"]) == 20
+    default_run = {"epochs": 20, "batch_size": 64, "lr": 1e-3, "seed": 1}
+    assert ckpt["config"] == ckpt["config"] | default_run and len(ckpt["history"]) == 20
+    assert len(anomaly.reference_of(ckpt)["test_scores"]) == 10_000
     assert set(ckpt["latent_map"]) == {"mean", "axes", "points", "labels", "kl_per_dim"}
 
 
 @needs_mnist
-def test_the_shipped_weights_in_the_default_network_give_the_readmes_test_loss(untouched):
-    """VAE() as model.py writes it is the shipped network, and with the shipped weights it gives the
-    README's test negative ELBO (evaluate's z draws are seeded with the training seed)."""
+def test_the_shipped_weights_in_the_default_network_give_the_readmes_test_loss():
+    """VAE() is the shipped network; its weights give the README's test negative ELBO (the z draws
+    seeded with the training seed, as evaluate does)."""
     model, ckpt = checkpoint.load_model(SHIPPED)
     assert checkpoint.model_config(ckpt) == VAEConfig()
     shapes = {name: t.shape for name, t in VAE().state_dict().items()}
@@ -71,85 +55,56 @@ def test_the_shipped_weights_in_the_default_network_give_the_readmes_test_loss(u
     assert loss == pytest.approx(91.752, abs=1e-3)
 
 
-def test_every_command_names_the_shipped_model_when_none_is_trained_here(tmp_path, untouched):
-    """In a folder with no models_mnist/best.pt and no MNIST, in process (demo and score: below):
-    one line names the shipped model; sample and reconstruct work (the stored test scores give the
-    percentile), and evaluate names it before it stops at the data."""
+def test_every_command_names_the_shipped_model_when_none_is_trained_here(tmp_path):
+    """No models_mnist/best.pt, no MNIST: sample and reconstruct work (the stored test scores give
+    the percentile); evaluate names the model, then stops at the data. demo, score: below."""
     code, out, err = run_main(["sample", "--n", "4"], tmp_path)
-    assert (
-        code == 0 and out.startswith(USING) and (tmp_path / "images" / "samples.png").is_file()
-    ), out + err
+    assert code == 0 and out.startswith(USING), out + err
+    assert (tmp_path / "images" / "samples.png").is_file()
     picture = digit(tmp_path / "zero.png")
-    code, out, err = run_main(
-        ["reconstruct", picture, "--data-dir", tmp_path / "no-data"], tmp_path
-    )
-    assert code == 0 and out.startswith(USING) and "scoring the 10,000 test digits" not in out, (
-        out + err
-    )
+    code, out, err = run_main(["reconstruct", picture, "--data-dir", tmp_path / "none"], tmp_path)
+    assert code == 0 and out.startswith(USING) and "scoring the 10,000" not in out, out + err
     model, ckpt = checkpoint.load_model(SHIPPED)
-    value = anomaly.score(
-        model, prepare.load_digit_image(picture)[1][None], reference=anomaly.reference_of(ckpt)
-    )
-    assert float(out.split("combined score ")[1].split(",")[0]) == pytest.approx(
-        value.item(), abs=0.01
-    )
-    percentile = anomaly.percentile(ckpt["anomaly_reference"]["test_scores"], value.item())
+    reference = anomaly.reference_of(ckpt)
+    value = anomaly.score(model, prepare.load_digit_image(picture)[1][None], reference=reference)
+    printed = float(out.split("combined score ")[1].split(",")[0])
+    assert printed == pytest.approx(value.item(), abs=0.01)
+    percentile = anomaly.percentile(reference["test_scores"], value.item())
     assert float(out.split("as high as ")[1].split("%")[0]) == pytest.approx(percentile, abs=0.1)
-    code, out, err = run_main(
-        ["evaluate", "--data-dir", helpers.unreadable_data(tmp_path / "data")], tmp_path
-    )
+    data_dir = helpers.unreadable_data(tmp_path / "data")
+    code, out, err = run_main(["evaluate", "--data-dir", data_dir], tmp_path)
+    assert_one_line_error(code, err, str(data_dir))
     assert out.startswith(USING), out
-    assert_one_line_error(code, err, str(tmp_path / "data"))
 
 
 @needs_mnist
-def test_evaluate_and_score_write_nothing_beside_the_shipped_checkpoint(
-    tmp_path, monkeypatch, untouched
-):
-    """In process, on the first 500 test images (where the commands write is the question here, not
-    the figures): no metrics.json or anomaly_scores.csv unless --output-dir asks for one, however
-    the shipped file is named."""
+def test_evaluate_and_score_write_nothing_beside_the_shipped_checkpoint(tmp_path, monkeypatch):
+    """In process on 500 test images: no metrics.json or anomaly_scores.csv unless --output-dir
+    asks for one, however the shipped file is named."""
     helpers.first_test_images(monkeypatch)
-    code, out, err = run_main(
-        ["evaluate", "--iwae-k", "1", "--data-dir", MNIST_DIR, "--no-progress"], tmp_path
-    )
+    argv = "evaluate --iwae-k 1 --no-progress --data-dir".split() + [MNIST_DIR]
+    code, out, err = run_main(argv, tmp_path)
     wrote = "".join(line for line in out.splitlines() if line.startswith("wrote"))
     assert code == 0 and out.startswith(USING) and "(epoch 20)" in out, out + err
     note = "metrics.json: not written beside the shipped model; --output-dir DIR writes it"
     assert "metrics.json" not in wrote and note in out
-    score = [
-        "score",
-        "--method",
-        "elbo",
-        "--samples",
-        "1",
-        "--data-dir",
-        MNIST_DIR,
-        "--no-progress",
-    ]
-    # ../../.../pretrained/vae-mnist.pt, named by the user
-    spelled_otherwise = os.path.relpath(SHIPPED, tmp_path)
+    score = "score --method elbo --samples 1 --no-progress --data-dir".split() + [MNIST_DIR]
+    spelled_otherwise = os.path.relpath(SHIPPED, tmp_path)  # ../../.../pretrained/vae-mnist.pt
     code, out, err = run_main(score + ["--checkpoint", spelled_otherwise], tmp_path)
-    assert (
-        code == 0
-        and "anomaly_scores.csv" not in out
-        and (tmp_path / "images" / "anomalies.png").is_file()
-    ), err
+    assert code == 0 and "anomaly_scores.csv" not in out, err
+    assert (tmp_path / "images" / "anomalies.png").is_file()
     code, out, err = run_main(score + ["--output-dir", tmp_path / "mine"], tmp_path)
-    assert (
-        code == 0 and out.startswith(USING) and (tmp_path / "mine" / "anomaly_scores.csv").is_file()
-    ), out + err
-    # and nothing in the working folder
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "mine"]
+    assert code == 0 and out.startswith(USING), out + err
+    assert (tmp_path / "mine" / "anomaly_scores.csv").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["images", "mine"]  # and nothing in the working folder
 
 
-def test_demo_serves_the_shipped_checkpoint_and_says_so(tmp_path, untouched):
-    proc = start_cli(["demo", "--port", "0"], cwd=tmp_path)
+def test_demo_serves_the_shipped_checkpoint_and_says_so(tmp_path):
+    proc = helpers.start_cli(["demo", "--port", "0"], cwd=tmp_path)
     try:
         first, second = proc.stdout.readline(), proc.stdout.readline()
-        assert first.startswith(USING) and second.startswith("demo ready at http://127.0.0.1:"), (
-            first + second
-        )
+        assert first.startswith(USING), first
+        assert second.startswith("demo ready at http://127.0.0.1:"), second
         answer = urllib.request.urlopen(second.split()[3] + "api/map", timeout=60).read()
         assert b'"latent_dim": 32' in answer and b'"method": "combined"' in answer
     finally:
@@ -171,5 +126,5 @@ def test_test_image_0_scores_the_same_alone_in_a_batch_in_the_csv_and_in_the_dem
     x = data.to_float(data.load_mnist(MNIST_DIR, sets=("test",))["test_images"][:64])
     scores = [anomaly.score(model, x[:n], reference=reference)[0].item() for n in (1, 8, 64)]
     page = demo.Demo(model, reference, evaluate.latent_map_of(ckpt), binarize=False)
-    in_demo = page.digit(x[0, 0])["score"]
-    assert max(scores + [in_demo, in_csv]) - min(scores + [in_demo, in_csv]) < 1e-4
+    scores += [in_csv, page.digit(x[0, 0])["score"]]
+    assert max(scores) - min(scores) < 1e-4, scores

@@ -12,7 +12,7 @@ from PIL import Image
 import utils
 
 # every plot function, in a fresh process whose backend is svg: the backend must stay svg
-DRAW_ALL = """
+DRAW_ALL = """\
 import sys, matplotlib, torch, utils
 from matplotlib.figure import Figure
 x, history = torch.rand(4, 1, 28, 28), [dict.fromkeys(["epoch", "train_loss", "train_bce",
@@ -31,11 +31,9 @@ print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
 
 def test_plots_leave_the_backend_and_pyplot_alone_and_save_whole_pngs(tmp_path):
     env = os.environ | {"MPLBACKEND": "svg", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", DRAW_ALL, str(tmp_path)], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["svg", "False"]
+    argv = [sys.executable, "-c", DRAW_ALL, str(tmp_path)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.split() == ["svg", "False"], done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.png" for i in range(7)]
     for path in tmp_path.iterdir():
         with Image.open(path) as picture:
