@@ -1,15 +1,11 @@
-"""The command line as a user meets it. A user's mistake is one line on stderr and exit status 2,
-found before long work, with nothing already saved changed. Each distinct way to fail runs at least
-once as a user runs it, `python main.py ...` in its own process (helpers.run_cli), so that a
-traceback, a hang or a wrong exit status would show; further variants of the same way run in process
-(helpers.run_main). docs/errors.md lists each case."""
+"""A user's mistake is one line on stderr, exit 2, before long work, nothing saved changed: each way
+once as `python main.py` in its own process (run_cli), variants in process. See docs/errors.md."""
 
 from __future__ import annotations
 
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import warnings
@@ -19,16 +15,7 @@ from pathlib import Path
 import helpers
 import pytest
 import torch
-from helpers import (
-    as_a_plain_user,
-    assert_one_line_error,
-    copy_run,
-    needs_mnist,
-    redirected,
-    run_cli,
-    run_main,
-    train_args,
-)
+from helpers import assert_one_line_error, copy_run, needs_mnist, run_cli, run_main, train_args
 from helpers import unreadable_data as nodata
 from PIL import Image
 
@@ -43,10 +30,6 @@ from config import TrainConfig, VAEConfig
 def cli(user: bool, argv: list, cwd: Path, **kw) -> tuple[int, str, str]:
     """`python main.py argv` as a user runs it (user) or main.main(argv) in this process."""
     return run_cli(argv, cwd, **kw) if user else run_main(argv, cwd)
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
 
 
 # user (a subprocess) or in process | flags | what the line must hold, each after a |
@@ -77,19 +60,19 @@ def test_bad_flag_is_one_line_before_the_data_is_read_and_creates_nothing(tmp_pa
     code, out, err = cli(user == "user", argv, tmp_path)
     assert_one_line_error(code, err, *words)
     assert err.count("choose") <= 1, err  # one piece of advice, not the same twice in other words
-    assert "train-images" not in err and listing(tmp_path) == ["data"]
+    assert "train-images" not in err and os.listdir(tmp_path) == ["data"]
 
 
-# the command each path flag is given to; PATH is replaced by the path
+# each path flag in a command line that uses it (PATH: the path); paths the OS refuses, under
+# tmp_path, and what the line must say of each
 PATH_FLAGS = {
-    "--image-dir": ["sample", "--image-dir", "PATH"],
-    "--checkpoint": ["sample", "--checkpoint", "PATH"],
-    "--checkpoint-dir": ["--checkpoint-dir", "PATH", "--data-dir", "data"],
-    "--data-dir": ["--data-dir", "PATH", "--checkpoint-dir", "ckpt"],
-    "--resume": ["--resume", "PATH", "--data-dir", "data"],
-    "--output-dir": ["evaluate", "--output-dir", "PATH", "--data-dir", "data"],
+    "--image-dir": "sample --image-dir PATH".split(),
+    "--checkpoint": "sample --checkpoint PATH".split(),
+    "--checkpoint-dir": "--checkpoint-dir PATH --data-dir data".split(),
+    "--data-dir": "--data-dir PATH --checkpoint-dir ckpt".split(),
+    "--resume": "--resume PATH --data-dir data".split(),
+    "--output-dir": "evaluate --output-dir PATH --data-dir data".split(),
 }
-# a path the OS refuses, under tmp_path, and what the line must say
 REFUSED = {
     "long": ("x" * 300, ["is 300 bytes long", "more than the 255"]),
     "loop": ("loop/sub", ["a symbolic link in it loops"]),
@@ -97,6 +80,7 @@ REFUSED = {
     "denied": ("locked/sub", ["permission denied: you may not enter", "locked"]),
     "dangling": ("dangling/sub", ["dangling is a symbolic link to nowhere, which does not exist"]),
 }
+MADE = ["dangling", "data", "locked", "loop", "taken"]
 
 
 def refused_paths(folder: Path) -> None:
@@ -120,81 +104,71 @@ def test_a_path_the_os_refuses_is_one_line_naming_it_before_any_work(tmp_path, f
     user = (flag, reason) in {("--image-dir", "long"), ("--checkpoint-dir", "file")}
     code, out, err = cli(user, path_argv(flag, reason, tmp_path), tmp_path)
     assert_one_line_error(code, err, flag, str(tmp_path / REFUSED[reason][0]), *REFUSED[reason][1])
-    assert listing(tmp_path) == ["dangling", "data", "locked", "loop", "taken"]
-    assert (tmp_path / "taken").read_text() == "a file" and "using" not in out
+    assert sorted(os.listdir(tmp_path)) == MADE and (tmp_path / "taken").read_text() == "a file"
+    assert "using" not in out
 
 
 def test_a_folder_the_user_may_not_enter_is_named_for_every_path_flag(tmp_path):
     refused_paths(tmp_path)
     argvs = [path_argv(flag, "denied", tmp_path) for flag in PATH_FLAGS]
-    for flag, (code, out, err) in zip(PATH_FLAGS, as_a_plain_user(argvs, tmp_path)):
-        denied = f"{tmp_path / 'locked' / 'sub'}: permission denied: you may not enter"
+    denied = f"{tmp_path / 'locked' / 'sub'}: permission denied: you may not enter"
+    for flag, (code, out, err) in zip(PATH_FLAGS, helpers.as_a_plain_user(argvs, tmp_path)):
         assert_one_line_error(code, err, flag, denied, f"{tmp_path / 'locked'}; pass a")
-    assert listing(tmp_path) == ["dangling", "data", "locked", "loop", "taken"]
+    assert sorted(os.listdir(tmp_path)) == MADE
 
 
-def bad_checkpoint(kind: str, tmp_path: Path, request) -> tuple[Path, list[str]]:
-    """A checkpoint path of this kind and what its refusal must say."""
-    path = tmp_path / "bad.pt"
-    if kind == "missing":
-        return tmp_path / "nope.pt", ["no such checkpoint"]
+def bad_checkpoint(kind: str, folder: Path, request) -> Path:
+    """A checkpoint path in folder that is of this kind."""
+    path, weights = folder / "bad.pt", torch.nn.Linear(2, 2)
     if kind == "folder":
-        (tmp_path / "models").mkdir()
-        return tmp_path / "models", ["is a folder", "best.pt or last.pt"]
-    if kind == "text":
+        path = folder / "models"
+        path.mkdir()
+    elif kind == "text":
         path.write_text("not a checkpoint\n")
-        return path, ["not a checkpoint"]
-    weights = torch.nn.Linear(2, 2)
-    if kind == "torchscript":
+    elif kind == "jit":
         with warnings.catch_warnings():  # torch.jit is deprecated, and still what people have
             warnings.simplefilter("ignore")
             torch.jit.save(torch.jit.script(weights), path)
-        return path, ["a TorchScript model (torch.jit.save)", "best.pt or last.pt"]
-    if kind in ("legacy", "state dict"):
+    elif kind in ("legacy", "state dict"):
         torch.save(weights.state_dict(), path, _use_new_zipfile_serialization=kind == "state dict")
-        return path, ["torch.save's legacy (non-zip) format" if kind == "legacy" else "state_dict"]
-    path = copy_run(request.getfixturevalue("trained"), tmp_path) / "last.pt"
-    ckpt = torch.load(path, weights_only=True)
-    if kind == "bad value":  # checksum renewed: the range check must catch it
-        ckpt["config"]["lr"] = -1.0
-        helpers.resave(ckpt, path)
-        return path, ["config lr must be a number", "got -1.0"]
-    ckpt["model"]["encoder.0.weight"].view(-1)[0] += 1.0  # the checksum left as it was
-    torch.save(ckpt, path)
-    return path, ["do not match its checksum"]
+    elif kind != "missing":
+        path = copy_run(request.getfixturevalue("trained"), folder) / "last.pt"
+        ckpt = torch.load(path, weights_only=True)
+        if kind == "bad value":  # checksum renewed: the range check must catch it
+            helpers.resave(ckpt | {"config": ckpt["config"] | {"lr": -1.0}}, path)
+        else:  # the checksum left as it was
+            ckpt["model"]["encoder.0.weight"].view(-1)[0] += 1.0
+            torch.save(ckpt, path)
+    return path
 
 
+# user or in process | command | kind of checkpoint | what the line must hold, besides its path
 CHECKPOINT_CASES = """\
-user | evaluate | changed weight
-proc | evaluate | missing
-proc | sample | bad value
-user | score | text
-proc | reconstruct | folder
-proc | demo | missing
-user | --resume | bad value
-proc | --resume | folder
-user | sample | torchscript
-proc | evaluate | legacy
-proc | --resume | state dict"""
+user | evaluate | changed weight | do not match its checksum
+proc | evaluate | missing | no such checkpoint | --checkpoint
+proc | sample | bad value | config lr must be a number | got -1.0
+user | score | text | not a checkpoint
+proc | reconstruct | folder | is a folder | best.pt or last.pt | --checkpoint
+proc | demo | missing | no such checkpoint | --checkpoint
+user | --resume | bad value | config lr must be a number | got -1.0
+proc | --resume | folder | is a folder | best.pt or last.pt | --resume
+user | sample | jit | a TorchScript model (torch.jit.save) | best.pt or last.pt | --checkpoint
+proc | evaluate | legacy | torch.save's legacy (non-zip) format
+proc | --resume | state dict | state_dict"""
 
 
 @pytest.mark.parametrize("case", CHECKPOINT_CASES.splitlines())
 def test_unusable_checkpoint_is_one_line_naming_it_and_nothing_is_written(tmp_path, request, case):
-    user, command, kind = case.split(" | ")
-    path, words = bad_checkpoint(kind, tmp_path, request)
-    picture, img = helpers.digit(tmp_path / "pics" / "zero.png"), tmp_path / "img"
-    data = ["--data-dir", nodata(tmp_path / "data")]
-    argv = {
-        "--resume": ["--resume", path, *data, "--image-dir", img],
-        "demo": ["demo", "--checkpoint", path, "--port", "0"],
-        "sample": ["sample", "--checkpoint", path, "--image-dir", img],
-        "reconstruct": ["reconstruct", picture, "--checkpoint", path, "--image-dir", img],
-    }.get(command, [command, "--checkpoint", path, *data, "--image-dir", img])
+    user, command, kind, *words = case.split(" | ")
+    path, img = bad_checkpoint(kind, tmp_path, request), tmp_path / "img"
+    picture, data = helpers.digit(tmp_path / "pics" / "0.png"), nodata(tmp_path / "data")
+    needs = {"demo": ["--port", 0], "sample": [], "reconstruct": [picture]}  # else: the data
+    flag = "--resume" if command == "--resume" else "--checkpoint"
+    argv = ([] if flag == "--resume" else [command]) + [flag, path]
+    argv += needs.get(command, ["--data-dir", data]) + ["--image-dir", img] * (command != "demo")
     before = helpers.snapshot(tmp_path)
     code, out, err = cli(user == "user", argv, tmp_path)
-    flag = "--resume" if command == "--resume" else "--checkpoint"
     assert_one_line_error(code, err, str(path), *words)
-    assert kind not in ("missing", "folder", "torchscript") or flag in err
     assert helpers.snapshot(tmp_path) == before and not img.exists()
 
 
@@ -218,25 +192,55 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_before_anything_is_r
     assert helpers.snapshot(folder) == before and not (tmp_path / "img").exists()
 
 
-TOO_FEW = {
-    "--subset 5": (5, 5000),
-    "--val-size 1": (59999, 1),
-    "--exclude-digit 3 --val-size 100": (53779, 90),
-}
+# flags | training images | validation images
+TOO_FEW = """\
+--subset 5 | 5 | 5000
+--val-size 1 | 59999 | 1
+--exclude-digit 3 --val-size 100 | 53779 | 90"""
 
 
 @needs_mnist
-@pytest.mark.parametrize("flags", TOO_FEW)
-def test_too_few_training_or_validation_images_are_named_before_any_folder_is_made(tmp_path, flags):
-    train, val = TOO_FEW[flags]
+@pytest.mark.parametrize("case", TOO_FEW.splitlines())
+def test_too_few_training_or_validation_images_are_named_before_any_folder_is_made(tmp_path, case):
+    flags, train, val = case.split(" | ")
     code, out, err = run_main(train_args(tmp_path)[4:] + flags.split(), tmp_path)  # no --subset
     words = [f"train on {train} images and validate on {val}", "at least 100", flags.split()[0]]
     assert_one_line_error(code, err, *words)
-    assert "training on" not in out and listing(tmp_path) == []
+    assert "training on" not in out and os.listdir(tmp_path) == []
 
 
-# the first file a run saves, the last it deletes
-@pytest.mark.parametrize("name", ["best.pt", "anomaly_scores.csv"])
+@needs_mnist
+def test_replace_deletes_the_earlier_run_and_sighup_stops_the_new_one_like_ctrl_c(
+    trained, tmp_path
+):
+    """SIGHUP stops a --replace run; its printed resume command repeats each flag --resume takes."""
+    folder = copy_run(trained, tmp_path)
+    argv = train_args(tmp_path, epochs=10) + "--replace --latent-dim 6 --device cpu".split()
+    proc = helpers.start_cli(argv, cwd=tmp_path)
+    helpers.read_until(proc, "epoch   1/10")
+    proc.send_signal(signal.SIGHUP)
+    code, out, err = helpers.finish(proc, timeout=120)
+    last = checkpoint.load(folder / "last.pt", resume=True)  # whole, and resumable
+    assert last["config"]["latent_dim"] == 6 and last["config"]["epochs"] == 10
+    assert checkpoint.load(folder / "best.pt")["config"]["latent_dim"] == 6
+    assert [h["epoch"] for h in last["history"]] == list(range(1, last["epoch"] + 1))
+    assert not (folder / "metrics.json").exists()  # the earlier run's evaluation went with it
+    assert code == 128 + signal.SIGHUP and "Traceback" not in err and "SIGHUP" in err, err
+    assert f"stopped in epoch {last['epoch'] + 1}; {folder / 'last.pt'} holds" in err, err
+    printed = shlex.split(err.split("Resume with:\n")[1])
+    parser = main.build_parsers()["train"]
+    resumed, original = parser.parse_args(printed[2:]), parser.parse_args(argv)
+    assert resumed.resume == str(folder / "last.pt") and "--latent-dim" not in printed, printed
+    kept = ("epochs", "data_dir", "image_dir", "device", "iwae_k", "progress")
+    assert [n for n in kept if getattr(resumed, n) != getattr(original, n)] == [], printed
+    # the flags that are no stored setting are the ones a resume command repeats
+    settings = {"--" + f.name.replace("_", "-") for f in fields(TrainConfig) + fields(VAEConfig)}
+    others = {s for a in parser._actions for s in a.option_strings if s.startswith("--")} - settings
+    resumable = {*train_command.RESUME_FLAGS, *train_command.SWITCHES} - {"--epochs"}
+    assert others - {"--help", "--resume", "--replace", "--checkpoint-dir"} == resumable
+
+
+@pytest.mark.parametrize("name", ["best.pt", "anomaly_scores.csv"])  # first saved, last deleted
 def test_a_folder_named_best_pt_is_named_as_a_folder(tmp_path, name):
     (tmp_path / "ckpt" / name).mkdir(parents=True)
     (tmp_path / "ckpt" / name / "mine.txt").write_text("mine")
@@ -246,59 +250,26 @@ def test_a_folder_named_best_pt_is_named_as_a_folder(tmp_path, name):
     assert helpers.snapshot(tmp_path / "ckpt") == {f"{name}/mine.txt": b"mine"}
 
 
-@needs_mnist
-def test_replace_deletes_the_earlier_run_and_sighup_stops_the_new_one_like_ctrl_c(
-    trained, tmp_path
-):
-    """A new run into a copy of the shared one, sent SIGHUP after its first epoch. The printed
-    command repeats every flag given that a resumed run takes (the parser's, but the settings)."""
-    folder = copy_run(trained, tmp_path)
-    argv = train_args(tmp_path, epochs=10) + ["--replace", "--latent-dim", "6", "--device", "cpu"]
-    proc = helpers.start_cli(argv, cwd=tmp_path)
-    helpers.read_until(proc, "epoch   1/10")
-    proc.send_signal(signal.SIGHUP)
-    code, out, err = helpers.finish(proc, timeout=120)
-    last = checkpoint.load(folder / "last.pt", resume=True)  # whole, and resumable
-    assert last["config"]["latent_dim"] == 6 and last["config"]["epochs"] == 10
-    assert [h["epoch"] for h in last["history"]] == list(range(1, last["epoch"] + 1))
-    assert checkpoint.load(folder / "best.pt")["config"]["latent_dim"] == 6
-    assert not (folder / "metrics.json").exists()  # the earlier run's evaluation went with it
-    assert code == 128 + signal.SIGHUP and "Traceback" not in err and "SIGHUP" in err, err
-    assert f"stopped in epoch {last['epoch'] + 1}; {folder / 'last.pt'} holds" in err, err
-    printed = shlex.split(err.split("Resume with:\n")[1])
-    parser = main.build_parsers()["train"]
-    resumed, original = parser.parse_args(printed[2:]), parser.parse_args(argv)
-    assert resumed.resume == str(folder / "last.pt") and "--latent-dim" not in printed, printed
-    for name in ("epochs", "data_dir", "image_dir", "device", "iwae_k", "progress"):
-        assert getattr(resumed, name) == getattr(original, name), (name, printed)
-    settings = {"--" + f.name.replace("_", "-") for f in fields(TrainConfig) + fields(VAEConfig)}
-    others = {s for a in parser._actions for s in a.option_strings if s.startswith("--")} - settings
-    resumable = {*train_command.RESUME_FLAGS, *train_command.SWITCHES} - {"--epochs"}
-    assert others - {"--help", "--resume", "--replace", "--checkpoint-dir"} == resumable
-
-
 @pytest.mark.parametrize("kind", ["symbolic link", "dangling symbolic link", "hard link", "fifo"])
 def test_a_lock_file_that_is_not_a_plain_file_of_its_own_is_refused(tmp_path, kind):
-    """Even a run a later check refuses (--subset 5) stops at the lock, writing nothing through it,
-    not even its time; a FIFO (as a user runs it) does not make it wait."""
+    """Even if a later check refuses the run (--subset 5); nothing written through it; no wait."""
     target, lock = tmp_path / "precious.txt", tmp_path / "ckpt" / ".lock"
     lock.parent.mkdir()
+    precious = kind in ("symbolic link", "hard link")  # the lock is a link to a user's file
+    if precious:
+        target.write_text("precious\n")
+        os.utime(target, (1_000_000, 1_000_000))
     if kind == "fifo":
         os.mkfifo(lock)
     else:
-        if kind != "dangling symbolic link":
-            target.write_text("precious\n")
-            os.utime(target, (1_000_000, 1_000_000))
         (lock.hardlink_to if kind == "hard link" else lock.symlink_to)(target)
     argv = train_args(tmp_path) + ["--subset", "5", "--data-dir", nodata(tmp_path / "data")]
     code, out, err = cli(kind == "fifo", argv, tmp_path, timeout=60)
     words = {"hard link": "a hard link", "fifo": "not a plain file"}.get(kind, "is a symbolic link")
     assert_one_line_error(code, err, str(lock), words)
-    assert listing(lock.parent) == [".lock"] and lock.is_symlink() == ("symbolic" in kind)
-    if kind in ("symbolic link", "hard link"):
-        assert target.read_text() == "precious\n" and target.stat().st_mtime == 1_000_000
-    else:
-        assert not target.exists()  # nothing was created through a dangling link
+    assert os.listdir(lock.parent) == [".lock"] and lock.is_symlink() == ("symbolic" in kind)
+    state = (target.read_text(), target.stat().st_mtime) if target.exists() else None
+    assert state == (("precious\n", 1_000_000) if precious else None)  # none made through a link
 
 
 FULL = "note: stdout cannot be written (No space left on device); going on without it\n"
@@ -313,7 +284,7 @@ def test_a_full_or_closed_output_stream_loses_no_work_and_keeps_the_exit_status(
     (tmp_path / "notes.txt").write_text("not a picture")
     argv = ["sample", "--n", "4"] if fd == 1 else ["reconstruct", tmp_path / "notes.txt"]
     argv += [helpers.digit(tmp_path / "zero.png")] if fd == 2 else []
-    closes = {} if target == "pipe" else {"preexec_fn": redirected(fd, target)}
+    closes = {} if target == "pipe" else {"preexec_fn": helpers.redirected(fd, target)}
     proc = helpers.start_cli(argv + ["--image-dir", tmp_path / "img"], tmp_path, **closes)
     if target == "pipe":
         proc.stderr.close()
@@ -329,10 +300,9 @@ def test_a_full_or_closed_output_stream_loses_no_work_and_keeps_the_exit_status(
 
 @needs_mnist
 def test_latent_dim_1_trains_with_a_full_log_then_resumes_and_evaluates(tmp_path, monkeypatch):
-    """--latent-dim 1 trains (`> /dev/full`: it goes on and saves) with a one-dimensional latent
-    map, resumes and evaluates (tests/test_demo.py serves such a map)."""
-    argv = train_args(tmp_path, epochs=1, subset=200) + ["--latent-dim", "1", "--val-size", "500"]
-    code, out, err = run_cli(argv, tmp_path, preexec_fn=redirected(1, "/dev/full"))
+    """--latent-dim 1 trains (`> /dev/full`: it goes on) to a 1-d latent map, resumes, evaluates."""
+    argv = train_args(tmp_path, epochs=1, subset=200) + "--latent-dim 1 --val-size 500".split()
+    code, out, err = run_cli(argv, tmp_path, preexec_fn=helpers.redirected(1, "/dev/full"))
     assert code == 0 and err == FULL, err
     folder, use = tmp_path / "ckpt", ["--data-dir", helpers.MNIST_DIR, "--iwae-k", "1"]
     space = evaluate.latent_map_of(checkpoint.load(folder / "best.pt"))
@@ -351,15 +321,10 @@ def test_latent_dim_1_trains_with_a_full_log_then_resumes_and_evaluates(tmp_path
 def test_training_and_sample_go_on_when_stdout_is_closed_and_leave_git_status_clean(
     trained, tmp_path
 ):
-    """With the default folders: the shared run (copied into models_mnist, its best_val_loss below
-    any loss, so that best.pt stays and the evaluation is short) continued by one epoch, its stdout
-    closed after the first line as `| head -1` does, then `sample` likewise. The repository's
-    .gitignore ignores all they write, so a clone's `git status` stays clean."""
-    (tmp_path / "models_mnist").mkdir()
-    for name in ("best.pt", "last.pt", "metrics.json"):
-        shutil.copy(trained.ckpt_dir / name, tmp_path / "models_mnist" / name)
-    last = torch.load(tmp_path / "models_mnist" / "last.pt", weights_only=True)
-    helpers.resave(last | {"best_val_loss": 1e-9}, tmp_path / "models_mnist" / "last.pt")
+    """The shared run resumed (best.pt kept) in default folders, then sample, each `| head -1`."""
+    models = copy_run(trained, tmp_path).rename(tmp_path / "models_mnist")
+    last = torch.load(models / "last.pt", weights_only=True)
+    helpers.resave(last | {"best_val_loss": 1e-9}, models / "last.pt")
     resume = ["--resume", "--epochs", "3", "--data-dir", helpers.MNIST_DIR, "--iwae-k", "1"]
     results = []
     for argv in (resume, ["sample", "--n", "4"]):
@@ -372,7 +337,7 @@ def test_training_and_sample_go_on_when_stdout_is_closed_and_leave_git_status_cl
     assert "Exception ignored" not in err and "BrokenPipe" not in err, err
     assert "\r" not in err and "it/s" not in err, err  # stderr is no terminal: no progress bars
     # every epoch saved, and the final evaluation ran to its end
-    assert checkpoint.load(tmp_path / "models_mnist" / "last.pt", resume=True)["epoch"] == 3
+    assert checkpoint.load(models / "last.pt", resume=True)["epoch"] == 3
     assert (tmp_path / "images" / "loss_curves.png").is_file()
     assert sample_code == 0 and sample_err == "", sample_err  # and sample names the model here
     assert sample_first.startswith("using models_mnist/best.pt: a model trained here, epoch 2 of 2")
@@ -383,39 +348,33 @@ def test_training_and_sample_go_on_when_stdout_is_closed_and_leave_git_status_cl
 
 
 @needs_mnist
-@pytest.mark.parametrize(
-    "command,name", [("evaluate", "metrics.json"), ("score", "anomaly_scores.csv")]
-)
-def test_a_read_only_checkpoint_folder_needs_output_dir(
-    trained, tmp_path, monkeypatch, command, name
-):
-    """A checkpoint folder of mode 555, for a child it binds: refused before the data is read; with
-    --output-dir not in the way (the unreadable data is named next). The whole command then runs in
-    process on the first 500 test images: its file goes there, and nothing beside the checkpoint."""
+@pytest.mark.parametrize("command", ["evaluate", "score"])
+def test_a_read_only_checkpoint_folder_needs_output_dir(trained, tmp_path, monkeypatch, command):
+    """Mode 555, in a child it binds: refused before the data; --output-dir passes (and, run here on
+    500 test images, the file goes there, nothing beside the checkpoint)."""
+    name = {"evaluate": "metrics.json", "score": "anomaly_scores.csv"}[command]
     folder = copy_run(trained, tmp_path)
     folder.chmod(0o555)
     before = helpers.snapshot(folder)
     use = [command, "--checkpoint", folder / "best.pt", "--image-dir", tmp_path / "img"]
-    use += ["--iwae-k", "1"] if command == "evaluate" else ["--method", "elbo", "--samples", "1"]
+    use += ["--iwae-k", "1"] if command == "evaluate" else "--method elbo --samples 1".split()
     data, elsewhere = ["--data-dir", nodata(tmp_path / "data")], ["--output-dir", tmp_path / "out"]
-    refused, passed = as_a_plain_user([use + data, use + data + elsewhere], tmp_path)
-    assert_one_line_error(
-        *refused[::2], str(folder), "cannot write", f"--output-dir FOLDER for {name}"
-    )
+    refused, passed = helpers.as_a_plain_user([use + data, use + data + elsewhere], tmp_path)
+    words = [str(folder), "cannot write", f"--output-dir FOLDER for {name}"]
+    assert_one_line_error(*refused[::2], *words)
     # both read only the test files (score reads the training files only to fit a missing reference)
     assert_one_line_error(*passed[::2], str(tmp_path / "data" / "t10k-images-idx3-ubyte"))
     helpers.first_test_images(monkeypatch)
     code, out, err = run_main(use + ["--data-dir", helpers.MNIST_DIR, *elsewhere], tmp_path)
-    assert code == 0, err
-    assert (tmp_path / "out" / name).stat().st_size > 0 and helpers.snapshot(folder) == before
+    assert code == 0 and (tmp_path / "out" / name).stat().st_size > 0, err
+    assert helpers.snapshot(folder) == before
 
 
 @needs_mnist
 def test_evaluate_reads_only_the_test_files_and_writes_no_metrics_beside_a_replaced_checkpoint(
     trained, tmp_path
 ):
-    """A new best.pt saved meanwhile (a `--replace` run): no metrics.json of the old one beside it.
-    The data folder holds only the two test files, all that evaluate reads."""
+    """A best.pt replaced (by a --replace run) while it is evaluated: no metrics.json beside it."""
     folder, data = copy_run(trained, tmp_path), tmp_path / "data"
     (folder / "metrics.json").unlink()
     data.mkdir()
@@ -424,36 +383,31 @@ def test_evaluate_reads_only_the_test_files_and_writes_no_metrics_beside_a_repla
     argv = ["evaluate", "--checkpoint", folder / "best.pt", "--data-dir", data, "--iwae-k", "1"]
     proc = helpers.start_cli(argv + ["--image-dir", tmp_path / "img"], cwd=tmp_path)
     helpers.read_until(proc, "using ")
-    os.replace(shutil.copy(folder / "last.pt", tmp_path / "new.pt"), folder / "best.pt")
+    os.replace(copy_run(trained, tmp_path / "new") / "last.pt", folder / "best.pt")
     code, out, err = helpers.finish(proc)
     words = [f"{folder / 'best.pt'} was replaced while it was read", "metrics.json was not written"]
     assert_one_line_error(code, err, *words)
-    assert "active units" in out and listing(folder) == ["best.pt", "last.pt"]
+    assert "active units" in out and sorted(os.listdir(folder)) == ["best.pt", "last.pt"]
 
 
-# a data file that is not one: a FIFO (as a user runs it: no hang), a folder, a link to /dev/zero
-NOT_FILES = {"fifo": os.mkfifo, "folder": os.mkdir, "device": lambda p: os.symlink("/dev/zero", p)}
-
-
-@pytest.mark.parametrize("kind", NOT_FILES)
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device"])
 def test_a_data_file_that_is_not_a_regular_file_is_named_and_nothing_is_downloaded(tmp_path, kind):
+    """A FIFO (as a user runs it: no hang), a folder, a link to /dev/zero."""
     bad = nodata(tmp_path / "data") / "train-images-idx3-ubyte"
     bad.unlink()
-    NOT_FILES[kind](bad)
+    make = {"fifo": os.mkfifo, "folder": os.mkdir, "device": lambda p: p.symlink_to("/dev/zero")}
+    make[kind](bad)
     argv = ["--data-dir", tmp_path / "data", "--checkpoint-dir", "ckpt", "--image-dir", "img"]
     code, out, err = cli(kind == "fifo", argv, tmp_path, timeout=60)
     word = {"fifo": "a pipe (FIFO)", "folder": "a folder", "device": "a device"}[kind]
-    assert_one_line_error(
-        code, err, f"{bad} is {word}, not a regular file; remove it", "--data-dir"
-    )
-    assert "download" not in out and listing(tmp_path) == ["data"]
+    assert_one_line_error(code, err, f"{bad} is {word}, not a regular file; remove", "--data-dir")
+    assert "download" not in out and os.listdir(tmp_path) == ["data"]
 
 
 @needs_mnist
 def test_reconstruct_gives_each_bad_file_its_own_line_and_writes_the_good_ones(trained, tmp_path):
-    """As a user runs it: a line per bad file (a FIFO unopened), the others written; names kept
-    apart, cut, made safe; an animation's first frame; noise scored, a blank picture empty; no input
-    written over, whichever order names it (img/a.png before img/reconstructed_a.png, and after)."""
+    """A line per bad file (a FIFO unopened); names kept apart, cut, made safe; a GIF's first frame;
+    noise scored; no input written over, named before or after its output."""
     digit, img = helpers.digit, tmp_path / "img"
     (tmp_path / "notes.txt").write_text("not a picture")
     Image.new("L", (40, 1), 255).save(tmp_path / "thin.png")
@@ -462,10 +416,8 @@ def test_reconstruct_gives_each_bad_file_its_own_line_and_writes_the_good_ones(t
     Image.fromarray(noise.to(torch.uint8).numpy()).save(tmp_path / "noise.png")
     os.mkfifo(tmp_path / "pipe.png")
     odd = digit(Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"))))  # not UTF-8
-    mine = [
-        digit(img / n, size=(70, 90))
-        for n in ("a.png", "reconstructed_a.png", "reconstructed_b.png", "b.png")
-    ]
+    names = ["a.png", "reconstructed_a.png", "reconstructed_b.png", "b.png"]
+    mine = [digit(img / name, size=(70, 90)) for name in names]
     before = {p: p.read_bytes() for p in mine}
     files = [tmp_path / "notes.txt", digit(tmp_path / "a" / "x.png"), tmp_path / "pipe.png"]
     files += [tmp_path / "thin.png", odd, digit(tmp_path / "b" / "x.png", size=(60, 90))]
@@ -473,33 +425,22 @@ def test_reconstruct_gives_each_bad_file_its_own_line_and_writes_the_good_ones(t
     files += [tmp_path / "flat.png", tmp_path / "noise.png", *mine]
     use = ["--checkpoint", trained.ckpt_dir / "best.pt", "--image-dir", img]
     code, out, err = run_cli(["reconstruct", *files, *use], tmp_path, timeout=90)
-    errors = err.splitlines()
-    assert code == 2 and len(errors) == 4 and all(e.startswith("error: ") for e in errors), err
-    assert errors[0].startswith(f"error: {files[0]}: not an image file"), errors
-    assert errors[1].startswith(f"error: {files[2]}: not a regular file"), errors
-    assert str(files[3]) in errors[2] and errors[3].startswith(
-        f"error: {files[8]}: the image is empty"
-    )
-    written = sorted(set(listing(img)) - {p.name for p in mine})
-    assert len(written) == 10 and all(
-        re.fullmatch(r"reconstructed_[\w.-]+\.png", n) for n in written
-    )
-    assert {"reconstructed_x.png", "reconstructed_x_2.png", "reconstructed_caf_.png"} <= set(
-        written
-    )
+    errors = [f"error: {files[0]}: not an image file", f"error: {files[2]}: not a regular file"]
+    errors += [f"error: {files[3]}", f"error: {files[8]}: the image is empty"]
+    assert code == 2 and err.count("\n") == 4, err
+    assert [e[: len(start)] for e, start in zip(err.splitlines(), errors)] == errors, err
+    written, safe = set(os.listdir(img)) - set(names), re.compile(r"reconstructed_[\w.-]+\.png")
+    assert len(written) == 10 and all(map(safe.fullmatch, written)), written
+    assert {"reconstructed_x.png", "reconstructed_x_2.png", "reconstructed_caf_.png"} <= written
     assert [len(n) < 120 for n in written if n.startswith("reconstructed_ddd")] == [True], written
-    assert "caf\\udce9.png: combined score" in out and f"{files[7]}: combined score" in out, out
-    assert f"{files[9]}: combined score" in out, out
-    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    scored = ["caf\\udce9.png", files[7], files[9]]
+    assert [name for name in scored if f"{name}: combined score" not in out] == [], out
     given = "is one of the pictures given, so it is not written over"
-    assert notes == [
-        f"note: {img / 'reconstructed_a.png'} {given}",
-        f"note: {img / 'reconstructed_b.png'} {given}",
-        f"note: {files[7]} holds 3 frames; only the first frame is used",
-    ]
-    assert {
-        p: p.read_bytes() for p in mine
-    } == before and f"wrote {img / 'reconstructed_a_2.png'}" in out
+    notes = [f"note: {img / name} {given}" for name in names[1:3]]
+    notes.append(f"note: {files[7]} holds 3 frames; only the first frame is used")
+    assert [line for line in out.splitlines() if line.startswith("note:")] == notes, out
+    assert {p: p.read_bytes() for p in mine} == before, "an input was written over"
+    assert f"wrote {img / 'reconstructed_a_2.png'}" in out, out
     # noise is scored; the shipped model, trained longer, calls it very unusual
     code, out, err = run_main(["reconstruct", files[9], "--image-dir", tmp_path / "new"], tmp_path)
     assert code == 0 and "of test digits: very unusual; wrote" in out, out + err
