@@ -1,21 +1,15 @@
-"""checkpoint.load, the one door for files: what a run writes comes back as it was, a file written
-before a setting existed loads as it ran, and anything else (foreign files, pickled code, an old
-format, edited values, a few kB that claim gigabytes) is refused in one line naming the file, before
-it runs code or takes memory (hostile sizes run in a fresh process, its peak memory measured)."""
-
-from __future__ import annotations
+"""checkpoint.load, the one door for files: what a run writes comes back, an older file loads as it
+ran, anything else is refused in one line naming the file, before it runs code or takes memory."""
 
 import copy
 import json
 import math
 import pickle
 import platform
-import struct
 import subprocess
 import sys
 import zipfile
-import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, make_dataclass
 from pathlib import Path
 
 import pytest
@@ -41,13 +35,10 @@ def refused(path: Path, **kw) -> str:
     return message
 
 
-# ----------------------------------------------------------------------------- a valid file
-
-
 @needs_mnist
-def test_a_runs_checkpoints_describe_themselves_and_load_as_the_model_they_saved(trained):
+def test_a_runs_checkpoints_describe_themselves_load_as_they_were_saved_and_trim(trained, tmp_path):
     last, best = (
-        torch.load(trained.ckpt_dir / n, weights_only=True) for n in ("last.pt", "best.pt")
+        torch.load(trained.ckpt_dir / f"{n}.pt", weights_only=True) for n in ("last", "best")
     )
     assert last["format"] == checkpoint.FORMAT == "vae-mnist/3" and len(last["checksum"]) == 64
     given = dict(epochs=2, subset=2000, latent_dim=8, channels=[8, 16], hidden_dim=32, res_blocks=0)
@@ -60,8 +51,7 @@ def test_a_runs_checkpoints_describe_themselves_and_load_as_the_model_they_saved
     assert best["history"] == history[: best["epoch"]]
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__}
     assert last["versions"] == versions | {"python": platform.python_version()}
-    # --ema 0.999
-    assert "anomaly_reference" in best and "latent_map" in best and "train_weights" in last
+    assert "anomaly_reference" in best and "latent_map" in best and "train_weights" in last  # ema
     held_out = best | {"config": best["config"] | {"subset": None, "exclude_digit": 3}}
     words = "epoch 2 of 2 on 55,000 training images (digit 3 left out)"
     assert words in checkpoint.describe("x.pt", held_out)
@@ -78,28 +68,19 @@ def test_a_runs_checkpoints_describe_themselves_and_load_as_the_model_they_saved
         plain.load_state_dict(stored["model"])
         torch.testing.assert_close(model.decode(z), plain.decode(z))
         torch.testing.assert_close(model.encode(x), plain.encode(x))
-
-
-@needs_mnist
-def test_trim_keeps_what_use_needs_and_still_loads(trained, tmp_path):
-    ckpt = checkpoint.load(trained.ckpt_dir / "best.pt")
-    trimmed = checkpoint.trim(ckpt)
-    assert set(trimmed) == {k for k in checkpoint.USE_KEYS if k in ckpt} | {"checksum"}
-    assert "anomaly_reference" in trimmed and "optimizer" not in ckpt.keys() & trimmed.keys()
+    trimmed = checkpoint.trim(best)  # what use needs; --resume refuses it: the test below
+    assert set(trimmed) == {k for k in checkpoint.USE_KEYS if k in best} | {"checksum"}
+    assert "anomaly_reference" in trimmed and "optimizer" not in best.keys() & trimmed.keys()
     checkpoint.save(trimmed, tmp_path / "small.pt")
     model, stored = checkpoint.load_model(tmp_path / "small.pt")
-    assert all(torch.equal(v, ckpt["model"][k]) for k, v in stored["model"].items())
-    assert "no training state" in refused(tmp_path / "small.pt", resume=True)
+    assert all(torch.equal(v, best["model"][k]) for k, v in stored["model"].items())
 
 
-@dataclass
-class LaterTrain(TrainConfig):  # a setting whose old behaviour (none) is not its default
-    clip: float = config.setting(1.0, 0.0, 10.0, help="gradient clipping", absent=0.0)
-
-
-@dataclass
-class LaterVAE(VAEConfig):  # a setting whose default is the old behaviour
-    dropout: float = config.setting(0.0, 0.0, 0.9, help="dropout before z")
+# two settings added later: one whose old behaviour (none) is not its default, one whose default is
+clip = config.setting(1.0, 0.0, 10.0, help="gradient clipping", absent=0.0)
+LaterTrain = make_dataclass("LaterTrain", [("clip", float, clip)], bases=(TrainConfig,))
+dropout = config.setting(0.0, 0.0, 0.9, help="dropout before z")
+LaterVAE = make_dataclass("LaterVAE", [("dropout", float, dropout)], bases=(VAEConfig,))
 
 
 class LaterNet(VAE):
@@ -109,11 +90,9 @@ class LaterNet(VAE):
 
 
 def test_a_file_written_before_a_setting_existed_loads_as_it_ran(monkeypatch, tmp_path, ckpt):
-    """With two settings added, the shipped file and one written before them load with the old
-    behaviour (the config upgraded in memory); a file written with them keeps its values."""
-    monkeypatch.setattr(checkpoint, "TrainConfig", LaterTrain)
-    monkeypatch.setattr(checkpoint, "VAEConfig", LaterVAE)
-    monkeypatch.setattr(checkpoint, "VAE", LaterNet)
+    """The shipped file and one written before two settings existed run as before; later, as set."""
+    for name, later in dict(TrainConfig=LaterTrain, VAEConfig=LaterVAE, VAE=LaterNet).items():
+        monkeypatch.setattr(checkpoint, name, later)
     monkeypatch.setattr(config, "VAE", LaterNet)
     checkpoint.save(ckpt, tmp_path / "before.pt")
     for path in (checkpoint.SHIPPED, tmp_path / "before.pt"):
@@ -121,23 +100,17 @@ def test_a_file_written_before_a_setting_existed_loads_as_it_ran(monkeypatch, tm
         assert (stored["config"]["clip"], model.dropout) == (0.0, 0.0)
         assert checkpoint.train_config(stored).clip == 0.0
     checkpoint.load(tmp_path / "before.pt", resume=True)
-    later = LaterVAE(dropout=0.5, **TINY_ARCHITECTURE)
-    resave(
-        ckpt | {"config": checkpoint.config_dict(LaterTrain(clip=2.0), later)}, tmp_path / "a.pt"
-    )
+    later = checkpoint.config_dict(LaterTrain(clip=2.0), LaterVAE(dropout=0.5, **TINY_ARCHITECTURE))
+    resave(ckpt | {"config": later}, tmp_path / "a.pt")
     model, stored = checkpoint.load_model(tmp_path / "a.pt")
     assert (stored["config"]["clip"], model.dropout) == (2.0, 0.5)
-
-
-# ----------------------------------------------------------------------------- refusals, in process
 
 
 @pytest.fixture(scope="module")
 def built() -> dict:
     """A valid checkpoint of a tiny model after one real Adam step (no data set needed)."""
-    model = tiny_model().train()
+    model, x = tiny_model().train(), tiny_images(4)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = tiny_images(4)
     logits, mu, logvar = model(x, generator=torch.Generator().manual_seed(0))
     sum(neg_elbo_terms(logits, x=x, mu=mu, logvar=logvar)).mean().backward()
     optimizer.step()
@@ -154,18 +127,14 @@ def ckpt(built) -> dict:
     return copy.deepcopy(built)
 
 
-def test_files_that_are_not_checkpoints(tmp_path):
+def test_other_files_pickled_code_and_a_changed_tensor_byte_are_refused(tmp_path, ckpt):
+    """The payload, unpickled, creates a file: any code a hostile checkpoint could run. One byte of
+    tensor data changed inside a valid zip (its CRC recomputed): only the checksum can tell."""
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")
-    assert "not a checkpoint" in refused(tmp_path / "notes.pt")
+    assert "not a checkpoint" in refused(tmp_path / "notes.pt")  # a folder: test_cli.py
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
         archive.writestr("hello.txt", "a zip, but not one torch.save wrote")
-    # a folder, no file: test_cli.py
     assert "not a usable vae-mnist checkpoint" in refused(tmp_path / "other.zip")
-
-
-def test_pickled_code_is_refused_unread(tmp_path, ckpt):
-    """The payload, unpickled, creates a file: it stands for any code a hostile checkpoint could
-    run."""
     marker = tmp_path / "ran"
     payload = type("Payload", (), {"__reduce__": lambda self: (open, (str(marker), "w"))})()
     torch.save(ckpt | {"extra": payload}, tmp_path / "evil.pt")
@@ -173,29 +142,20 @@ def test_pickled_code_is_refused_unread(tmp_path, ckpt):
     with pytest.raises(CheckpointError):
         checkpoint.load_model(tmp_path / "evil.pt")
     assert not marker.exists()
-    # control: unpickled, the payload runs
-    torch.load(tmp_path / "evil.pt", weights_only=False)["extra"].close()
+    torch.load(tmp_path / "evil.pt", weights_only=False)["extra"].close()  # control: it runs
     assert marker.exists()
-
-
-def test_a_changed_tensor_byte_fails_the_checksum(tmp_path, ckpt):
-    """One byte of tensor data changed inside a valid zip (its CRC recomputed): only the checksum
-    can tell."""
-    checkpoint.save(ckpt, tmp_path / "good.pt")
-    with (
-        zipfile.ZipFile(tmp_path / "good.pt") as src,
-        zipfile.ZipFile(tmp_path / "bad.pt", "w") as dst,
-    ):
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    checkpoint.save(ckpt, good)
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
         for info in src.infolist():
             blob = bytearray(src.read(info))
             if info.filename.endswith("/data/0"):
                 blob[len(blob) // 2] ^= 0x10
             dst.writestr(info, bytes(blob))
-    assert "do not match its checksum" in refused(tmp_path / "bad.pt")
+    assert "do not match its checksum" in refused(bad)
 
 
-# an edit of a valid checkpoint, saved with its checksum renewed: where, the new value (or how the
-# old one changes), and what the refusal must say
+# an edit saved with its checksum renewed: where, the new value (or a change), what the refusal says
 BIAS = "to_stats.bias"
 EDITS = {
     "lr out of range": ("config", "lr", -1.0, "config lr must be a number"),
@@ -212,9 +172,8 @@ EDITS = {
 }
 
 
-@pytest.mark.parametrize("case", list(EDITS))
-def test_a_bad_value_with_a_renewed_checksum_is_refused(tmp_path, ckpt, case):
-    part, key, value, words = EDITS[case]
+@pytest.mark.parametrize("part,key,value,words", EDITS.values(), ids=EDITS)
+def test_a_bad_value_with_a_renewed_checksum_is_refused(tmp_path, ckpt, part, key, value, words):
     where = ckpt if part is None else ckpt[part]
     if value is None:
         where["extra"] = where.pop(key)
@@ -226,10 +185,8 @@ def test_a_bad_value_with_a_renewed_checksum_is_refused(tmp_path, ckpt, case):
 
 
 def test_a_training_state_is_checked_only_for_resume(tmp_path, ckpt):
-    """The built checkpoint loads for use and for --resume (the control for the refusals in this
-    file); Adam's moments of the wrong shape, or no training state at all, do not matter to using
-    the weights."""
-    checkpoint.save(ckpt, tmp_path / "good.pt")
+    """Adam's moments of a wrong shape, or no training state at all, matter only to --resume."""
+    checkpoint.save(ckpt, tmp_path / "good.pt")  # the control for this file's refusals
     assert checkpoint.load(tmp_path / "good.pt", resume=True)["checksum"] == ckpt["checksum"]
     resave(ckpt | {"epoch": -3}, tmp_path / "epoch.pt")
     assert "epoch -3 is out of range" in refused(tmp_path / "epoch.pt", resume=True)
@@ -245,33 +202,16 @@ def test_a_training_state_is_checked_only_for_resume(tmp_path, ckpt):
     assert "start a new run without --resume" in message, message  # the advice whole, not cut off
 
 
-# ---------------------------------------------------------- hostile sizes, and the memory they take
-
-
 def write_archive(path: Path, pickled: bytes, deflated: int = 0) -> None:
-    """A zip laid out as torch.save lays one out, by hand: `pickled` as its pickle and, with
-    `deflated`, a storage of that many zero bytes, DEFLATE-compressed (torch.save never does)."""
-    small = {"data.pkl": pickled, "byteorder": b"little", "version": b"3\n"}
-    records = [(name, blob, zlib.crc32(blob), len(blob), 0) for name, blob in small.items()]
-    # 16 MB of zeros compressed once; full flushes make the copies independent, so they concatenate
-    if deflated:
-        chunk, crc = bytes(16 << 20), 0
-        compress = zlib.compressobj(9, zlib.DEFLATED, -15)
-        piece = compress.compress(chunk) + compress.flush(zlib.Z_FULL_FLUSH)
-        for _ in range(deflated // len(chunk)):
-            crc = zlib.crc32(chunk, crc)
-        stream = piece * (deflated // len(chunk)) + zlib.compressobj(9, zlib.DEFLATED, -15).flush()
-        records.append(("data/0", stream, crc, deflated, zipfile.ZIP_DEFLATED))
-    out, central = bytearray(), bytearray()
-    for name, payload, crc, size, method in records:
-        name = f"archive/{name}".encode()
-        fields = (20, 0, method, 0, 0, crc, len(payload), size, len(name))
-        head = struct.pack("<IH5HIIIH4HII", 0x02014B50, 20, *fields, 0, 0, 0, 0, 0, len(out))
-        central += head + name
-        out += struct.pack("<I5HIIIHH", 0x04034B50, *fields, 0) + name + payload
-    count = len(records)
-    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(central), len(out), 0)
-    path.write_bytes(bytes(out + central + end))
+    """A zip laid out as torch.save lays one out: `pickled` as its pickle and, with `deflated`, a
+    storage of that many zero bytes, DEFLATE-compressed (torch.save never does)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for name, blob in {"data.pkl": pickled, "byteorder": b"little", "version": b"3\n"}.items():
+            archive.writestr(f"archive/{name}", blob, compress_type=zipfile.ZIP_STORED)
+        if deflated:
+            with archive.open("archive/data/0", "w") as storage:  # compressed as it is written
+                for _ in range(deflated >> 24):
+                    storage.write(bytes(1 << 24))
 
 
 def hostile(kind: str, path: Path) -> Path:
@@ -283,60 +223,46 @@ def hostile(kind: str, path: Path) -> Path:
     elif kind == "many views":  # 1 MB stored, 4,000 views of all of it (4 GB)
         stored = torch.zeros(250_000)
         torch.save(shape | {"model": {f"w{i}": stored[:] for i in range(4000)}}, path)
-    elif (
-        kind == "deflated"
-    ):  # 650 kB inflating to 640 MB, under MAX_BYTES: only the compression tells
+    elif kind == "deflated":  # 3 MB inflating to 640 MB, under MAX_BYTES: only compression tells
         write_archive(path, pickle.dumps(shape), deflated=640 << 20)
     else:  # a 30 MB pickle of 30 M empty lists: about 2 GB of Python objects
         write_archive(path, b"\x80\x02](" + b"]" * 30_000_000 + b"e.")
     return path
 
 
-# The cases run in one fresh process, one after another, through main.main as main.py runs it; it
-# reports each one's exit status and stderr, and its peak resident memory so far. A small parent
-# starts it (started from pytest, it would inherit pytest's own high-water mark); it is killed after
-# the timeout.
-PARENT = """import subprocess, sys
-sys.exit(subprocess.run(sys.argv[2:], timeout=float(sys.argv[1])).returncode)"""
-CHILD = """import contextlib, io, json, resource, sys
-sys.path.insert(0, sys.argv[1])
-import main
-for argv in json.loads(sys.argv[2]):
-    with contextlib.redirect_stderr(io.StringIO()) as err:
-        with contextlib.redirect_stdout(io.StringIO()):
-            code = main.main(argv)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps([code, err.getvalue(), peak]))"""
+# The cases run in one fresh process through main.main, which prints each one's exit status, stderr
+# and peak memory so far; a small parent starts it (else it inherits pytest's high-water mark).
+PARENT = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:], timeout=120).returncode)"
+CHILD = """import json, resource, sys
+sys.path[:0] = sys.argv[1:3]
+import helpers
+for argv in json.loads(sys.argv[3]):
+    code, _, err = helpers.run_main(argv)
+    print(json.dumps([code, err, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))"""
 # each file in two of the commands, each command with two of the files; what the refusal must say
 HOSTILE = {
     "expanded view": (["evaluate", "--resume"], "its tensors claim 3,000,000,000 bytes"),
     "many views": (["sample", "demo"], "its tensors claim 4,000,000,000 bytes"),
     "deflated": (["demo", "evaluate"], "compressed records"),
-    # the pickled structure is too large (30 MB of data is not)
-    "huge pickle": (["--resume", "sample"], "pickle"),
+    "huge pickle": (["--resume", "sample"], "pickle"),  # its structure is too large, not its 30 MB
 }
 
 
 def test_a_hostile_size_is_refused_in_one_line_with_little_memory(tmp_path):
     files = {kind: hostile(kind, tmp_path / f"{kind}.pt") for kind in HOSTILE}
     cases = [(kind, command, files[kind]) for kind in HOSTILE for command in HOSTILE[kind][0]]
-    common = ["--image-dir", tmp_path / "img", "--data-dir", tmp_path / "data"]
-    # demo reads no data and writes no picture, sample reads no data
-    flags = {"--resume": ["--resume"], "demo": ["demo", "--port", "0", "--checkpoint"]}
-    argvs = [
-        [*flags.get(c, [c, "--checkpoint"]), p, *common[: {"demo": 0, "sample": 2}.get(c, 4)]]
-        for _, c, p in cases
-    ]
-    child = [sys.executable, "-c", CHILD, str(ROOT), json.dumps([list(map(str, a)) for a in argvs])]
-    proc = subprocess.run(
-        [sys.executable, "-c", PARENT, "120", *child], cwd=tmp_path, capture_output=True, text=True
-    )
+    argv = {  # in tmp_path; demo reads no data and writes no picture, sample reads no data
+        "evaluate": "evaluate --image-dir img --data-dir data --checkpoint",
+        "--resume": "--image-dir img --data-dir data --resume",
+        "sample": "sample --image-dir img --checkpoint",
+        "demo": "demo --port 0 --checkpoint",
+    }
+    argvs = json.dumps([argv[command].split() + [str(path)] for _, command, path in cases])
+    child = [sys.executable, "-c", CHILD, str(ROOT), str(ROOT / "tests"), argvs]
+    proc = subprocess.run([sys.executable, "-c", PARENT, *child], cwd=tmp_path, capture_output=True)
+    assert proc.returncode == 0 and proc.stderr == b"", proc.stdout + proc.stderr
     results = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert proc.returncode == 0 and proc.stderr == "" and len(results) == len(cases), (
-        proc.stdout + proc.stderr
-    )
-    for (kind, command, path), (code, err, peak) in zip(cases, results):
-        # shown with -s
+    for (kind, command, path), (code, err, peak) in zip(cases, results, strict=True):
         print(f"{kind} ({path.stat().st_size:,} bytes) in {command}: peak {peak / 2**20:,.0f} MiB")
         assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {path}: "), err
         assert HOSTILE[kind][1] in err and peak < 1.5 * 2**30, (err, peak)
