@@ -17,9 +17,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """2 epochs of a small VAE on 2,000 real training images: checkpoint folder, image folder and
-    printed output. Read-only for the tests: one that writes beside the checkpoint works on
-    helpers.copy_run's copy."""
+    """2 epochs of a small VAE on 2,000 real training images: its folders and printed output, read
+    only (a test that writes there works on helpers.copy_run's copy); skipped without MNIST."""
     if not MNIST_DIR:
         pytest.skip("set MNIST_DIR to run real-data tests")
     folder = tmp_path_factory.mktemp("trained")
@@ -27,6 +26,4 @@ def trained(tmp_path_factory):
     assert code == 0, err
     before = snapshot(folder / "ckpt")
     yield SimpleNamespace(ckpt_dir=folder / "ckpt", image_dir=folder / "img", output=out)
-    assert snapshot(folder / "ckpt") == before, (
-        "a test wrote into the shared trained run; use helpers.copy_run"
-    )
+    assert snapshot(folder / "ckpt") == before, "a test wrote into the shared run; use copy_run"

@@ -172,7 +172,6 @@ def test_unusable_checkpoint_is_one_line_naming_it_and_nothing_is_written(tmp_pa
     assert helpers.snapshot(tmp_path) == before and not img.exists()
 
 
-@needs_mnist
 @pytest.mark.parametrize("held", ["best.pt and last.pt", "best.pt"])
 def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_before_anything_is_read(
     trained, tmp_path, held
@@ -209,7 +208,6 @@ def test_too_few_training_or_validation_images_are_named_before_any_folder_is_ma
     assert "training on" not in out and os.listdir(tmp_path) == []
 
 
-@needs_mnist
 def test_replace_deletes_the_earlier_run_and_sighup_stops_the_new_one_like_ctrl_c(
     trained, tmp_path
 ):
@@ -317,7 +315,6 @@ def test_latent_dim_1_trains_with_a_full_log_then_resumes_and_evaluates(tmp_path
     assert code == 0 and "active units" in out, err
 
 
-@needs_mnist
 def test_training_and_sample_go_on_when_stdout_is_closed_and_leave_git_status_clean(
     trained, tmp_path
 ):
@@ -336,9 +333,8 @@ def test_training_and_sample_go_on_when_stdout_is_closed_and_leave_git_status_cl
     assert code == 0 and first == "resuming from epoch 2\n" and "Traceback" not in err, first + err
     assert "Exception ignored" not in err and "BrokenPipe" not in err, err
     assert "\r" not in err and "it/s" not in err, err  # stderr is no terminal: no progress bars
-    # every epoch saved, and the final evaluation ran to its end
-    assert checkpoint.load(models / "last.pt", resume=True)["epoch"] == 3
-    assert (tmp_path / "images" / "loss_curves.png").is_file()
+    assert checkpoint.load(models / "last.pt", resume=True)["epoch"] == 3  # every epoch saved
+    assert (tmp_path / "images" / "loss_curves.png").is_file()  # the final evaluation ran
     assert sample_code == 0 and sample_err == "", sample_err  # and sample names the model here
     assert sample_first.startswith("using models_mnist/best.pt: a model trained here, epoch 2 of 2")
     written = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()]
@@ -347,7 +343,6 @@ def test_training_and_sample_go_on_when_stdout_is_closed_and_leave_git_status_cl
     assert sorted(ignored.split()) == sorted(written) and "images/samples.png" in written
 
 
-@needs_mnist
 @pytest.mark.parametrize("command", ["evaluate", "score"])
 def test_a_read_only_checkpoint_folder_needs_output_dir(trained, tmp_path, monkeypatch, command):
     """Mode 555, in a child it binds: refused before the data; --output-dir passes (and, run here on
@@ -370,7 +365,6 @@ def test_a_read_only_checkpoint_folder_needs_output_dir(trained, tmp_path, monke
     assert helpers.snapshot(folder) == before
 
 
-@needs_mnist
 def test_evaluate_reads_only_the_test_files_and_writes_no_metrics_beside_a_replaced_checkpoint(
     trained, tmp_path
 ):
@@ -404,7 +398,6 @@ def test_a_data_file_that_is_not_a_regular_file_is_named_and_nothing_is_download
     assert "download" not in out and os.listdir(tmp_path) == ["data"]
 
 
-@needs_mnist
 def test_reconstruct_gives_each_bad_file_its_own_line_and_writes_the_good_ones(trained, tmp_path):
     """A line per bad file (a FIFO unopened); names kept apart, cut, made safe; a GIF's first frame;
     noise scored; no input written over, named before or after its output."""

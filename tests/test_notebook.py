@@ -4,7 +4,7 @@ with utils and keeping the inline backend. (The README's Python blocks: tests/te
 import re
 
 import pytest
-from helpers import MNIST_DIR, ROOT, copy_run, needs_mnist
+from helpers import MNIST_DIR, ROOT, copy_run
 
 NOTEBOOK = ROOT / "notebooks" / "explore.ipynb"
 
@@ -20,7 +20,6 @@ def test_notebook_is_stored_without_outputs_or_drawing_code_of_its_own():
     assert "pyplot" not in sources and "imshow" not in sources and "utils.plot_" in sources
 
 
-@needs_mnist
 def test_notebook_runs_in_a_jupyter_kernel_and_keeps_the_inline_backend(
     trained, tmp_path, monkeypatch
 ):
