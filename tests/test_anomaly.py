@@ -9,7 +9,7 @@ from unittest import mock
 import helpers
 import pytest
 import torch
-from helpers import MNIST_DIR, copy_run, needs_mnist, resave, run_main, tiny_images, tiny_model
+from helpers import MNIST_DIR, copy_run, resave, run_main, tiny_images, tiny_model
 
 import anomaly
 import checkpoint
@@ -119,7 +119,6 @@ def test_the_local_model_sees_only_earlier_pixels_and_learns_stroke_texture():
         assert fitted.nll(bars).mean() < 0.5 * scattered.mean()
 
 
-@needs_mnist
 def test_foreign_images_score_higher_and_the_stored_test_scores_give_percentiles(trained):
     model, ckpt = checkpoint.load_model(trained.ckpt_dir / "best.pt")
     reference = anomaly.reference_of(ckpt)  # stored in best.pt at the end of training
@@ -158,7 +157,6 @@ def test_the_csv_is_reused_only_for_its_checkpoint_method_samples_and_seed(tmp_p
     assert anomaly.read_csv_scores(path, anomaly.provenance(ckpt, "elbo", 10, 0)) is None
 
 
-@needs_mnist
 def test_score_writes_a_csv_reconstruct_reuses_and_a_held_out_digit_gets_its_auroc(
     trained, tmp_path
 ):

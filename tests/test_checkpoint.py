@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import ROOT, TINY_ARCHITECTURE, needs_mnist, resave, tiny_images, tiny_model
+from helpers import ROOT, TINY_ARCHITECTURE, resave, tiny_images, tiny_model
 
 import checkpoint
 import config
@@ -35,7 +35,6 @@ def refused(path: Path, **kw) -> str:
     return message
 
 
-@needs_mnist
 def test_a_runs_checkpoints_describe_themselves_load_as_they_were_saved_and_trim(trained, tmp_path):
     last, best = (
         torch.load(trained.ckpt_dir / f"{n}.pt", weights_only=True) for n in ("last", "best")
@@ -127,14 +126,16 @@ def ckpt(built) -> dict:
     return copy.deepcopy(built)
 
 
-def test_other_files_pickled_code_and_a_changed_tensor_byte_are_refused(tmp_path, ckpt):
-    """The payload, unpickled, creates a file: any code a hostile checkpoint could run. One byte of
-    tensor data changed inside a valid zip (its CRC recomputed): only the checksum can tell."""
+def test_files_that_are_not_checkpoints(tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")
     assert "not a checkpoint" in refused(tmp_path / "notes.pt")  # a folder: test_cli.py
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
         archive.writestr("hello.txt", "a zip, but not one torch.save wrote")
     assert "not a usable vae-mnist checkpoint" in refused(tmp_path / "other.zip")
+
+
+def test_pickled_code_is_refused_unread(tmp_path, ckpt):
+    """The payload, unpickled, creates a file: any code a hostile checkpoint could run."""
     marker = tmp_path / "ran"
     payload = type("Payload", (), {"__reduce__": lambda self: (open, (str(marker), "w"))})()
     torch.save(ckpt | {"extra": payload}, tmp_path / "evil.pt")
@@ -144,6 +145,10 @@ def test_other_files_pickled_code_and_a_changed_tensor_byte_are_refused(tmp_path
     assert not marker.exists()
     torch.load(tmp_path / "evil.pt", weights_only=False)["extra"].close()  # control: it runs
     assert marker.exists()
+
+
+def test_a_changed_tensor_byte_fails_the_checksum(tmp_path, ckpt):
+    """One tensor byte changed inside a valid zip (its CRC renewed): only the checksum can tell."""
     good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
     checkpoint.save(ckpt, good)
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import MNIST_DIR, copy_run, needs_mnist, resave, run_main, tiny_images, tiny_model
+from helpers import MNIST_DIR, copy_run, resave, run_main, tiny_images, tiny_model
 from PIL import Image
 
 import checkpoint
@@ -26,7 +26,6 @@ def assert_real_picture(path) -> None:
         assert np.asarray(img.convert("L"), dtype=np.float32).std() > 10, f"{path} looks blank"
 
 
-@needs_mnist
 def test_evaluate_agrees_with_the_end_of_training_says_what_it_computes_and_writes_sound_figures(
     trained, tmp_path
 ):
@@ -63,7 +62,6 @@ def test_evaluate_agrees_with_the_end_of_training_says_what_it_computes_and_writ
     assert m["bce_floor"] == pytest.approx(entropy, rel=1e-6)  # the pixels' entropy
 
 
-@needs_mnist
 def test_iwae_bound_is_below_the_elbo_and_tightens_with_k(trained):
     model, _ = checkpoint.load_model(trained.ckpt_dir / "best.pt")
     x = data.to_float(data.load_mnist(MNIST_DIR)["test_images"][:300])
@@ -123,7 +121,6 @@ def test_latent_map_finds_the_directions_that_separate_the_digits_and_keeps_to_t
     assert axes[3].abs().max() == 0 and axes[2, 0].abs() > 5 * axes[[0, 1], 0].abs().max()
 
 
-@needs_mnist
 def test_a_weights_only_checkpoint_is_evaluated_and_sampled(trained, tmp_path):
     """A file of only format, config and model (saved from a notebook) works like any other."""
     best, mine = torch.load(trained.ckpt_dir / "best.pt", weights_only=True), tmp_path / "mine.pt"

@@ -1,7 +1,5 @@
-"""Training: schedules, the bf16 step, start() and train() as a notebook calls them (precision, the
-process's float settings), the shared run, same seed same run, resume, stop signals, divergence."""
-
-from __future__ import annotations
+"""Training: schedules, the bf16 step, start() and train() as a notebook calls them, the shared run,
+same seed same run, resume, stop signals, divergence."""
 
 import json
 import math
@@ -63,9 +61,9 @@ def evaluations(monkeypatch, cheap_evaluation) -> list[dict]:
     return calls
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def own_signals():
-    """For a command run in this process that a signal stops: it leaves the stop signals ignored."""
+    """Restores the stop signals, which a command run here that a signal stops leaves ignored."""
     handlers = {s: signal.getsignal(s) for s in train_command.STOP_SIGNALS}
     yield
     for s, handler in handlers.items():
@@ -91,12 +89,10 @@ def test_a_bf16_step_rounds_but_keeps_fp32_weights_adam_state_and_loss():
         noise = torch.Generator().manual_seed(1)
         bce, kl = train.train_step(model, opt, None, x, noise, 1.0, precision)
         states = [v for s in opt.state.values() for k, v in s.items() if k != "step"]
-        tensors = [bce, kl, *model.parameters(), *states]
-        assert all(t.dtype == torch.float32 for t in tensors)
+        assert all(t.dtype == torch.float32 for t in [bce, kl, *model.parameters(), *states])
         results[precision] = bce.item(), kl.item(), [p.detach().clone() for p in model.parameters()]
     (bce32, kl32, w32), (bce16, kl16, w16) = results["fp32"], results["bf16"]
-    assert bce16 != bce32  # bf16 arithmetic really ran
-    assert bce16 == pytest.approx(bce32, rel=1e-2)
+    assert bce16 != bce32 and bce16 == pytest.approx(bce32, rel=1e-2)  # bf16 really ran
     assert kl16 == pytest.approx(kl32, rel=5e-2, abs=1e-2)
     assert all(torch.allclose(a, b, atol=2e-3) for a, b in zip(w32, w16))  # one step moves ~lr
 
@@ -117,10 +113,8 @@ def test_start_resolves_precision_auto_and_its_errors_name_no_flag(tmp_path, mon
     assert list(tmp_path.iterdir()) == []  # nothing is written before train()
 
 
-def test_train_flushes_denormals_with_tf32_and_gives_the_process_its_settings_back(
-    tmp_path, monkeypatch
-):
-    """A notebook's other work keeps its settings: after train() returns, and after a Ctrl-C."""
+def test_train_flushes_denormals_with_tf32_and_gives_them_back(tmp_path, monkeypatch):
+    """A notebook's other work keeps its float settings: after train() returns and after Ctrl-C."""
     seen, step = [], train.train_step
 
     def watched_step(*args):
@@ -143,7 +137,6 @@ def test_train_flushes_denormals_with_tf32_and_gives_the_process_its_settings_ba
     assert seen == [(True, True, True)] * 3  # in every step
 
 
-@needs_mnist
 def test_the_run_prints_its_epochs_and_leaves_checkpoints_metrics_pictures_and_no_lock(trained):
     ckpt = torch.load(trained.ckpt_dir / "last.pt", weights_only=True)
     lines = [line for line in trained.output.splitlines() if line.startswith("epoch ")]
@@ -161,8 +154,7 @@ def test_the_run_prints_its_epochs_and_leaves_checkpoints_metrics_pictures_and_n
 
 
 def same_run(a: Path, b: Path, metrics: bool = True) -> None:
-    """Bit-identical last.pt (weights, average, Adam, generators, progress but each epoch's
-    seconds), best weights and metrics."""
+    """Bit-identical last.pt (all but each epoch's seconds), best weights and metrics."""
     ca, cb = (torch.load(d / "last.pt", weights_only=True) for d in (a, b))
     ta, tb = (list(checkpoint.tensors(c)) for c in (ca, cb))
     assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
@@ -177,12 +169,8 @@ def same_run(a: Path, b: Path, metrics: bool = True) -> None:
         assert {k: ma[k] for k in METRICS} == {k: mb[k] for k in METRICS}
 
 
-@needs_mnist
-def test_sigterm_then_the_printed_resume_command_ends_bit_identical(
-    trained, tmp_path, cheap_evaluation
-):
-    """Same seed, same run; stopped by SIGTERM and resumed as it says, the run ends as the
-    uninterrupted one did."""
+def test_sigterm_then_the_printed_resume_ends_bit_identical(trained, tmp_path, cheap_evaluation):
+    """Stopped by SIGTERM and resumed as it says, the run ends as the uninterrupted one did."""
     proc = start_cli(train_args(tmp_path, epochs=2), cwd=tmp_path, env=ONE_THREAD)
     last = tmp_path / "ckpt" / "last.pt"
     try:
@@ -222,46 +210,27 @@ def test_ctrl_c_twice_ends_without_a_traceback_keeping_the_saved_epoch(tmp_path)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best.pt", "last.pt"]
 
 
-@needs_mnist
-def test_ctrl_c_as_the_last_epoch_saves_leaves_ctrl_c_working(
-    tmp_path, monkeypatch, evaluations, own_signals
-):
-    """Ctrl-C as the last epoch is saved: every epoch is kept, and the message promises that a
-    second Ctrl-C aborts at once; one in the (long) final evaluation must then end the command."""
+def test_ctrl_c_as_the_last_epoch_saves_keeps_ctrl_c_working(tmp_path, monkeypatch, evaluations):
+    """Every epoch is kept, and the promised second Ctrl-C, in the final evaluation, ends it."""
     end_epoch = train.end_epoch
-
-    def saved_then_ctrl_c(*args) -> None:
-        end_epoch(*args)
-        ctrl_c()
-
-    monkeypatch.setattr(train, "end_epoch", saved_then_ctrl_c)
+    monkeypatch.setattr(train, "end_epoch", lambda *args: end_epoch(*args) or ctrl_c())
     monkeypatch.setattr(evaluate, "finish_run", ctrl_c)
     code, out, err = run_main(train_args(tmp_path, epochs=1, subset=200) + ["--val-size", "200"])
     assert code == 130 and "SIGINT again aborts at once" in err and evaluations == [], err
     assert checkpoint.load(tmp_path / "ckpt" / "last.pt", resume=True)["epoch"] == 1
 
 
-@needs_mnist
-def test_a_stop_in_a_new_checkpoint_dir_prints_a_working_command(
-    trained, tmp_path, monkeypatch, own_signals
-):
-    """--resume A/last.pt --checkpoint-dir B, stopped before B holds a checkpoint: the command must
-    resume from one."""
-    source = copy_run(trained, tmp_path / "a")
-    step = train.train_step
-
-    def ctrl_c_step(*args):
-        ctrl_c()
-        return step(*args)
-
-    monkeypatch.setattr(train, "train_step", ctrl_c_step)
+def test_a_stop_in_a_new_checkpoint_dir_prints_a_working_command(trained, tmp_path, monkeypatch):
+    """--resume A/last.pt --checkpoint-dir B, stopped before B holds one: it resumes from one."""
+    source, step = copy_run(trained, tmp_path / "a"), train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *args: ctrl_c() or step(*args))
     args = ["--resume", source / "last.pt", "--checkpoint-dir", tmp_path / "b", "--epochs", 3]
     code, _, err = run_main(args + ["--data-dir", MNIST_DIR, "--no-progress"])
     argv = shlex.split(err.strip().splitlines()[-1])
     assert code == 130 and Path(argv[argv.index("--resume") + 1]).is_file(), err
 
 
-def test_binarized_averaged_run_resumes_exactly(tmp_path):
+def test_a_binarized_averaged_run_resumes_exactly_and_another_seed_gives_another_run(tmp_path):
     """Fresh pixels at every step, and an average with its own update count: restored exactly."""
     mnist = fake_mnist(400, seed=1)
     settings = TrainConfig(batch_size=32, seed=5, val_size=100, binarize=True, ema=0.95)
@@ -275,12 +244,9 @@ def test_binarized_averaged_run_resumes_exactly(tmp_path):
     ckpt = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["config"]["precision"] in ("fp32", "bf16")
     assert not all(torch.equal(v, ckpt["train_weights"][k]) for k, v in ckpt["model"].items())
-
-
-def test_another_seed_gives_other_weights_split_order_and_noise(tmp_path):
-    mnist, seen = fake_mnist(400, seed=3), []
-    for seed in (1, 1, 7):
-        run = train.start(TrainConfig(seed=seed, val_size=100), SMALL, mnist, tmp_path)
+    seen = []
+    for seed in (1, 1, 7):  # the same seed gives the same start; another, other weights and draws
+        run = train.start(TrainConfig(seed=seed, val_size=100), SMALL, mnist, tmp_path / "c")
         order = torch.cat(list(data.batches(run.train_x, 64, run.generators["shuffle"])))
         noise = torch.randn(5, generator=run.generators["noise"])
         seen.append((run.model.state_dict()["to_stats.weight"], run.val_x, order, noise))
@@ -288,7 +254,6 @@ def test_another_seed_gives_other_weights_split_order_and_noise(tmp_path):
     assert not any(torch.equal(a, b) for a, b in zip(seen[0], seen[2]))
 
 
-@needs_mnist
 def test_resume_refuses_a_changed_model_flag_and_of_a_finished_run_only_evaluates(
     trained, tmp_path, evaluations
 ):
@@ -296,9 +261,8 @@ def test_resume_refuses_a_changed_model_flag_and_of_a_finished_run_only_evaluate
     before = snapshot(source)
     argv = ["--resume", source / "last.pt", "--data-dir", MNIST_DIR, "--no-progress"]
     code, _, err = run_main(argv + ["--latent-dim", "5"], tmp_path)
-    helpers.assert_one_line_error(
-        code, err, "--latent-dim 5 differs from the checkpoint's 8", "--epochs may change"
-    )
+    words = "--latent-dim 5 differs from the checkpoint's 8", "--epochs may change"
+    helpers.assert_one_line_error(code, err, *words)
     assert snapshot(source) == before and evaluations == []  # nothing written, no lock left
     code, out, err = run_main(argv + ["--checkpoint-dir", tmp_path / "b"])  # into another folder
     assert code == 0 and "already trained 2 epochs" in out and len(evaluations) == 1, err
@@ -308,7 +272,6 @@ def test_resume_refuses_a_changed_model_flag_and_of_a_finished_run_only_evaluate
     assert snapshot(source) == before  # the run resumed from is only read
 
 
-@needs_mnist
 def test_a_diverging_run_stops_naming_epoch_and_step_and_saves_nothing(trained, tmp_path):
     folder = copy_run(trained, tmp_path)
     ckpt = torch.load(folder / "last.pt", weights_only=True)
@@ -317,8 +280,7 @@ def test_a_diverging_run_stops_naming_epoch_and_step_and_saves_nothing(trained, 
     before = snapshot(folder)
     args = ["--resume", folder / "last.pt", "--epochs", "3", "--data-dir", MNIST_DIR]
     code, out, err = run_main(args + ["--no-progress", "--image-dir", tmp_path / "img"], tmp_path)
-    helpers.assert_one_line_error(
-        code, err, "epoch 3, step ", "the training loss became nan", "lower lr (this run: 10)"
-    )
+    words = "epoch 3, step ", "the training loss became nan", "lower lr (this run: 10)"
+    helpers.assert_one_line_error(code, err, *words)
     assert "the checkpoints already saved are kept as they were" in err and "epoch   3/3" not in out
     assert snapshot(folder) == before and not (tmp_path / "img").exists()
