@@ -173,13 +173,10 @@ def test_sigterm_then_the_printed_resume_ends_bit_identical(trained, tmp_path, c
     """Stopped by SIGTERM and resumed as it says, the run ends as the uninterrupted one did."""
     proc = start_cli(train_args(tmp_path, epochs=2), cwd=tmp_path, env=ONE_THREAD)
     last = tmp_path / "ckpt" / "last.pt"
-    try:
-        helpers.read_until(proc, "epoch   1/2")
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143 and "Traceback" not in err and "epoch   2/2" not in out, err
+    helpers.read_until(proc, "epoch   1/2")  # kills it and fails if never printed
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = helpers.finish(proc, timeout=120)
+    assert code == 143 and "Traceback" not in err and "epoch   2/2" not in out, err
     assert "SIGTERM: stopping after this step; the epochs already saved are kept" in err
     assert f"stopped in epoch 2; {last} holds the run up to epoch 1. Resume with:" in err
     assert checkpoint.load(last, resume=True)["epoch"] == 1
@@ -194,17 +191,14 @@ def test_sigterm_then_the_printed_resume_ends_bit_identical(trained, tmp_path, c
 def test_ctrl_c_twice_ends_without_a_traceback_keeping_the_saved_epoch(tmp_path):
     argv = train_args(tmp_path, 10, 640) + ["--val-size", "200"]
     proc = start_cli(argv, cwd=tmp_path, env=ONE_THREAD)
-    try:
-        helpers.read_until(proc, "epoch   1/10")
-        proc.send_signal(signal.SIGINT)
-        err = helpers.read_until(proc, "SIGINT: stopping after this step", proc.stderr)
-        assert proc.poll() is None, "the run ended before the second Ctrl-C"
-        proc.send_signal(signal.SIGINT)  # while it stops: abort at once, or ignored if it is done
-        out, rest = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    helpers.read_until(proc, "epoch   1/10")
+    proc.send_signal(signal.SIGINT)
+    err = helpers.read_until(proc, "SIGINT: stopping after this step", proc.stderr)
+    assert proc.poll() is None, "the run ended before the second Ctrl-C"
+    proc.send_signal(signal.SIGINT)  # while it stops: abort at once, or ignored if it is done
+    code, out, rest = helpers.finish(proc, timeout=120)
     err += rest
-    assert proc.returncode == 130 and "Traceback" not in err and "Exception ignored" not in err
+    assert code == 130 and "Traceback" not in err and "Exception ignored" not in err
     assert "interrupted" in err or "--resume" in err, err
     assert checkpoint.load(tmp_path / "ckpt" / "last.pt", resume=True)["epoch"] == 1
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best.pt", "last.pt"]
