@@ -220,8 +220,7 @@ def write_archive(path: Path, pickled: bytes, deflated: int = 0) -> None:
 
 
 def hostile(kind: str, path: Path) -> Path:
-    """Each would take gigabytes if read naively (made contiguous for the checksum, inflated,
-    unpickled)."""
+    """Each takes gigabytes if read naively (made contiguous to hash, inflated, unpickled)."""
     shape = {"format": checkpoint.FORMAT}
     if kind == "expanded view":  # about 1 kB: one float, viewed as 750 M of them (3 GB)
         torch.save(shape | {"model": {"w": torch.zeros(1).expand(750_000_000)}}, path)

@@ -26,7 +26,6 @@ FILE_NAMES = tuple(mnist_files.MNIST_FILES)
 
 def idx_bytes(array: np.ndarray, magic: int | None = None, dims: tuple | None = None) -> bytes:
     """The IDX encoding of a uint8 array; magic and dims may be overridden to build broken files."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
     magic = magic or (IMAGES if array.ndim == 3 else LABELS)[0]
     sizes = b"".join(int(d).to_bytes(4, "big") for d in dims or array.shape)
     return int(magic).to_bytes(4, "big") + sizes + array.tobytes()
