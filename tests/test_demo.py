@@ -91,16 +91,8 @@ def request(port, method, path, payload=None, headers=(), host="127.0.0.1") -> t
         conn.close()
 
 
-def exchange(port: int, raw: bytes) -> bytes:
-    """Send raw bytes; read until the server closes the connection (it does after each answer)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(raw)
-        return sock.makefile("rb").read()
-
-
 def assert_image(rows: list, expected: torch.Tensor) -> None:
-    got = torch.tensor(rows).reshape(expected.shape)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(rows).view_as(expected), expected, atol=1e-4, rtol=0)
 
 
 @torch.inference_mode()
@@ -289,11 +281,9 @@ def test_a_bad_request_gets_a_4xx_json_error_and_the_server_goes_on(server, name
     headers = {k: v and v.format(port=server, other=server + 1) for k, v in headers.items()}
     status, answer = request(server, method, path, payload, headers)
     assert status == expected, answer
-    if status == 200:
-        return
-    assert list(answer) == ["error"] and answer["error"] and "\n" not in answer["error"]
-    assert request(server, "GET", "/api/map")[0] == 200
-    assert capfd.readouterr().err == ""  # no traceback, no log line
+    if status != 200:  # one line of JSON, and the server goes on, logging nothing
+        assert list(answer) == ["error"] and answer["error"] and "\n" not in answer["error"]
+        assert request(server, "GET", "/api/map")[0] == 200 and capfd.readouterr().err == ""
 
 
 HOSTS = """\
@@ -314,26 +304,41 @@ def test_which_host_headers_name_the_server(header, host, address, expected):
     assert demo.is_own_host(header, host, address, 8000) is (expected == "True")
 
 
-def test_raw_http_head_a_bad_request_line_and_a_trickling_client(server, monkeypatch, capfd):
-    """An offline page; HEAD is GET without a body; a non-HTTP request line; a request deadline."""
+def test_raw_http_a_trickling_client_and_fifty_clients_at_once(server, monkeypatch, capfd):
+    """An offline page; HEAD is GET without a body; a non-HTTP request line; 50 threads POST 4
+    drawings each at once (a listen backlog of 5 reset some), answered as one; a request deadline."""
 
-    def ask(method: str, path: str) -> tuple[bytes, bytes]:  # (status line and headers, body)
-        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{server}\r\n\r\n"
-        return exchange(server, head.encode()).partition(b"\r\n\r\n")[::2]
+    def ask(line: str) -> tuple[bytes, bytes]:  # (status line and headers, body): read to the end
+        with socket.create_connection(("127.0.0.1", server), timeout=10) as sock:
+            sock.sendall(f"{line}\r\nHost: 127.0.0.1:{server}\r\n\r\n".encode())
+            return sock.makefile("rb").read().rpartition(b"\r\n\r\n")[::2]
 
     for path in ("/api/map", "/"):
-        (head, rest), (got, content) = ask("HEAD", path), ask("GET", path)
-        assert (
-            head.startswith(b"HTTP/1.0 200") and f"Content-Length: {len(content)}".encode() in head
-        )
+        (head, rest), (got, content) = ask(f"HEAD {path} HTTP/1.1"), ask(f"GET {path} HTTP/1.1")
+        assert head.startswith(b"HTTP/1.0 200"), head
+        assert f"Content-Length: {len(content)}".encode() in head
         assert rest == b"" and got.startswith(b"HTTP/1.0 200") and content, got
     # the page: no CDN, so it works offline
     assert b"Content-Type: text/html" in got and b"://" not in content
     assert b"<canvas" in content and b"touch-action: none" in content
-    head, rest = ask("HEAD", "/api/digit")
+    head, rest = ask("HEAD /api/digit HTTP/1.1")
     assert head.startswith(b"HTTP/1.0 405") and rest == b""
-    reply = exchange(server, b"GET / HTTP/1.1 junk\r\n\r\n")  # not HTTP: still JSON
-    assert list(json.loads(reply.split(b"\r\n\r\n")[-1])) == ["error"]
+    assert list(json.loads(ask("GET / HTTP/1.1 junk")[1])) == ["error"]  # not HTTP: still JSON
+    bodies = [grey(drawing(points).flatten().tolist(), side=56) for points in STROKES[:8]]
+    released = threading.Barrier(50)
+    single = [request(server, "POST", "/api/digit", b) for b in bodies]
+
+    def client(i: int) -> list:
+        released.wait(timeout=30)
+        try:
+            return [request(server, "POST", "/api/digit", bodies[(i + k) % 8]) for k in range(4)]
+        except OSError as err:  # ConnectionResetError, BrokenPipeError, a timeout
+            return [repr(err)]
+
+    with concurrent.futures.ThreadPoolExecutor(50) as clients:
+        answers = list(clients.map(client, range(50)))
+    assert {status for status, _ in single} == {200} and len({a["score"] for _, a in single}) == 8
+    assert answers == [[single[(i + k) % 8] for k in range(4)] for i in range(50)]
     # a byte every 0.1 s never trips the per-read timeout; the request's deadline frees the thread
     monkeypatch.setattr(demo.Handler, "deadline", 1.0)
     with socket.create_connection(("127.0.0.1", server), timeout=0.1) as sock:
@@ -347,25 +352,6 @@ def test_raw_http_head_a_bad_request_line_and_a_trickling_client(server, monkeyp
                 closed = not isinstance(err, TimeoutError)
         assert closed and time.monotonic() - start < 3
     assert request(server, "GET", "/api/map")[0] == 200 and capfd.readouterr().err == ""
-
-
-def test_fifty_clients_at_once_get_no_reset_and_the_answers_one_client_gets(server):
-    """50 threads POST 4 drawings each at once (a listen backlog of 5 reset some): as one client."""
-    bodies = [grey(drawing(points).flatten().tolist(), side=56) for points in STROKES[:8]]
-    start = threading.Barrier(50)
-    single = [request(server, "POST", "/api/digit", b) for b in bodies]
-
-    def client(i: int) -> list:
-        start.wait(timeout=30)
-        try:
-            return [request(server, "POST", "/api/digit", bodies[(i + k) % 8]) for k in range(4)]
-        except OSError as err:  # ConnectionResetError, BrokenPipeError, a timeout
-            return [repr(err)]
-
-    with concurrent.futures.ThreadPoolExecutor(50) as clients:
-        got = list(clients.map(client, range(50)))
-    assert {status for status, _ in single} == {200} and len({a["score"] for _, a in single}) == 8
-    assert got == [[single[(i + k) % 8] for k in range(4)] for i in range(50)]
 
 
 def test_the_ipv6_loopback_serves_and_an_unresolvable_host_is_named(app):
@@ -385,9 +371,10 @@ def test_the_ipv6_loopback_serves_and_an_unresolvable_host_is_named(app):
     for host, (start, advice) in expected.items():
         with pytest.raises(UserError) as caught:
             demo.make_server(app, host, 0)
-        message = str(caught.value)
-        assert message.startswith(start) and advice in message and "--port" not in message
-        assert "\n" not in message, message
+        said = str(caught.value)
+        assert (
+            said.startswith(start) and advice in said and "--port" not in said and "\n" not in said
+        )
 
 
 def test_ctrl_c_stops_the_server_in_one_line_and_a_busy_port_is_a_one_line_error(app, tmp_path):
@@ -416,30 +403,25 @@ def test_ctrl_c_stops_the_server_in_one_line_and_a_busy_port_is_a_one_line_error
 
 
 @pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium driven by selenium, with the system chromedriver: nothing is downloaded."""
+def chromium():
+    """(headless Chromium driven by selenium with the system chromedriver: nothing downloaded, the
+    Demo of the shipped model (an untrained one's digits hardly move) or DEMO_CHECKPOINT, port)."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver", path="/usr/bin") or shutil.which("chromedriver")
     if not chromium or not driver_path:
         pytest.skip("no chromium or chromedriver found (apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
+    options, service = webdriver.ChromeOptions(), webdriver.ChromeService(driver_path)
     options.binary_location = chromium
     for flag in ("headless=new", "no-sandbox", "disable-dev-shm-usage", "disable-gpu"):
         options.add_argument("--" + flag)
     options.add_argument("--disable-background-networking")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    with webdriver.Chrome(service=webdriver.ChromeService(driver_path), options=options) as driver:
-        yield driver
-
-
-@pytest.fixture(scope="module")
-def page():
-    """(Demo, port) serving the shipped model (an untrained one's digits hardly move) or another."""
     model, ckpt = checkpoint.load_model(os.environ.get("DEMO_CHECKPOINT", checkpoint.SHIPPED))
     reference, space = anomaly.reference_of(ckpt), evaluate.latent_map_of(ckpt)
-    with served(demo.Demo(model, reference, space, ckpt["config"]["binarize"])) as srv:
-        yield srv.demo, srv.server_address[1]
+    page = demo.Demo(model, reference, space, ckpt["config"]["binarize"])
+    with served(page) as srv, webdriver.Chrome(service=service, options=options) as driver:
+        yield driver, page, srv.server_address[1]
 
 
 def ev(driver, expression: str, *args):
@@ -478,12 +460,10 @@ OFFSET_ON_MAP = """(c => { const r = c.getBoundingClientRect();  // an offset fr
                     (r.height / 2 + arguments[1]) * c.height / r.height); })($('map'))"""
 # the page's drawing requests and the most out at once, each held 50 ms: a page not waiting has more
 COUNT_DIGIT_CALLS = """const real = window.fetch; Object.assign(window, {calls: 0, out: 0, most: 0})
-window.fetch = async (path, options) => {
-  if (path !== "/api/digit") return real(path, options);
+window.fetch = async (path, options) => { if (path !== "/api/digit") return real(path, options);
   calls++; most = Math.max(most, ++out);
   try { await new Promise(done => setTimeout(done, 50)); return await real(path, options); }
-  finally { out--; }
-};"""
+  finally { out--; } };"""
 
 
 def digit_pixels(driver, canvas: str) -> list[int]:
@@ -500,10 +480,9 @@ def ring(driver, rgb: tuple[int, int, int]) -> tuple[int, list[float]]:
 
 
 @pytest.mark.parametrize("width,height,pointer", [(390, 844, "touch"), (1200, 900, "mouse")])
-def test_a_browser_draws_moves_every_control_and_clears(page, browser, width, height, pointer):
-    """As a phone (a finger) and a laptop (a mouse, a pen): the layout, the Python API's answer in
-    its words, every slider and the map as one control, a widened view said, and Clear."""
-    (app, port), phone = page, pointer == "touch"
+def test_a_browser_draws_moves_every_control_and_clears(chromium, width, height, pointer):
+    """Phone and laptop: layout, the API's answer in its words, each control, a wide view, Clear."""
+    (browser, app, port), phone = chromium, pointer == "touch"
     size = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": phone}
     browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", size)
     browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": phone})
