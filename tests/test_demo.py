@@ -306,7 +306,7 @@ def test_which_host_headers_name_the_server(header, host, address, expected):
 
 def test_raw_http_a_trickling_client_and_fifty_clients_at_once(server, monkeypatch, capfd):
     """An offline page; HEAD is GET without a body; a non-HTTP request line; 50 threads POST 4
-    drawings each at once (a listen backlog of 5 reset some), answered as one; a request deadline."""
+    drawings each at once (a listen backlog of 5 reset some), answered as one; a deadline."""
 
     def ask(line: str) -> tuple[bytes, bytes]:  # (status line and headers, body): read to the end
         with socket.create_connection(("127.0.0.1", server), timeout=10) as sock:
