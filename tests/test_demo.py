@@ -79,16 +79,13 @@ def request(port, method, path, payload=None, headers=(), host="127.0.0.1") -> t
         payload = json.dumps(payload).encode()
     sent = {} if payload is None else {"Content-Type": JSON, "Content-Length": str(len(payload))}
     sent = {name: value for name, value in (sent | dict(headers)).items() if value is not None}
-    conn = http.client.HTTPConnection(host, port, timeout=30)
-    try:
+    with contextlib.closing(http.client.HTTPConnection(host, port, timeout=30)) as conn:
         conn.putrequest(method, path, skip_host="Host" in sent, skip_accept_encoding=True)
         for name, value in sent.items():
             conn.putheader(name, value)
         conn.endheaders(payload)
         response = conn.getresponse()
         return response.status, json.loads(response.read())
-    finally:
-        conn.close()
 
 
 def assert_image(rows: list, expected: torch.Tensor) -> None:
@@ -124,9 +121,8 @@ def test_the_digit_map_decode_and_samples_answer_as_the_python_api(server, app):
     mu = anomaly.posterior_means(model, x)
     torch.testing.assert_close(torch.tensor(answer["z"]), mu[0])
     assert_image(answer["reconstruction"], decoded(model, mu))
-    torch.testing.assert_close(
-        torch.tensor(answer["point"]), (mu[0] - app.map["mean"]) @ app.map["axes"]
-    )
+    point = (mu[0] - app.map["mean"]) @ app.map["axes"]
+    torch.testing.assert_close(torch.tensor(answer["point"]), point)
     status, info = request(server, "GET", "/api/map")
     ranked, n = reference["test_scores"], len(reference["test_scores"])
     assert status == 200 and info["verdict_percentiles"] == [90, 99] and info["test_digits"] == n
@@ -139,10 +135,8 @@ def test_the_digit_map_decode_and_samples_answer_as_the_python_api(server, app):
     assert info["latent_dim"] == 8 and len(info["points"]) == len(info["labels"]) == 64
     assert "negative score is normal" in info["meaning"] and "separate the ten" in info["map_axes"]
     kl = torch.rand(8, generator=torch.Generator().manual_seed(5))
-    axes, ordinals = (
-        ("1 (left-right on the map)", "2 (up-down on the map)"),
-        ("", "2nd ", "3rd ", "4th "),
-    )
+    axes = ("1 (left-right on the map)", "2 (up-down on the map)")
+    ordinals = ("", "2nd ", "3rd ", "4th ")
     stored = demo.Demo(model, reference, app.map | {"kl_per_dim": kl})
     assert "estimated" in info["kl_measure"]
     assert stored.kl_measure == "mean KL per dimension on the test digits"
@@ -214,13 +208,7 @@ DIGIT, DECODE, Z, P, G = "/api/digit", "/api/decode", {"z": [0.0] * 8}, "POST", 
 ZS = (b"Infinity", b"1e999", b"9" * 400, b"1e30")  # infinite, overflowing, 400 digits, too large
 QUERIES = ("n=0", "n=1000", "n=abc", "seed=-1", "seed=" + "9" * 5000, "n=%C2%B2")
 SIZES = {"abc": 400, "-5": 400, "\u00b2": 400, "9" * 5000: 413, "1000001": 413}
-LOOPBACK = (
-    "localhost",
-    "LocalHost",
-    "127.0.0.1",
-    "127.0.0.2",
-    "[::1]",
-)  # with the port: this server
+LOOPBACK = ("localhost", "LocalHost", "127.0.0.1", "127.0.0.2", "[::1]")
 NO_JSON = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x")
 REQUESTS = {  # name: (method, path, body, headers (over a body's JSON ones), expected status)
     "malformed JSON": (P, DIGIT, b'{"width": 28,', {}, 400),
@@ -268,7 +256,7 @@ REQUESTS = {  # name: (method, path, body, headers (over a body's JSON ones), ex
     "Host that is not one": (G, "/api/map", None, {"Host": "::1:{port}"}, 421),
     # the page at another of its names is another site
     "page of another name": (P, DECODE, Z, own("127.0.0.1", "http://localhost:{port}"), 403),
-    # its page may post
+    # any loopback name with the served port is this server, and its page may post
     **{f"Host {h}": (P, DECODE, Z, own(h, f"http://{h}:{{port}}"), 200) for h in LOOPBACK},
     "JSON; charset": (P, DECODE, Z, {"Content-Type": JSON + "; charset=utf-8"}, 200),
 }
@@ -364,17 +352,15 @@ def test_the_ipv6_loopback_serves_and_an_unresolvable_host_is_named(app):
         assert request(port, "GET", "/api/map", host="::1")[0] == 200  # Host: [::1]:PORT
         assert demo.page_url(srv) == f"http://[::1]:{port}/"
     assert demo.exposure_warning("::1") is None
-    expected = {  # 192.0.2.1: an address of no machine here
-        "no-such-host.invalid": ("--host no-such-host.invalid is unresolvable", "pass an address"),
-        "192.0.2.1": ("cannot serve on 192.0.2.1:0", "pass --host"),
-    }
-    for host, (start, advice) in expected.items():
+    for host, start, advice in (  # 192.0.2.1: an address of no machine here
+        ("no-such-host.invalid", "--host no-such-host.invalid is unresolvable", "pass an address"),
+        ("192.0.2.1", "cannot serve on 192.0.2.1:0", "pass --host"),
+    ):
         with pytest.raises(UserError) as caught:
             demo.make_server(app, host, 0)
         said = str(caught.value)
-        assert (
-            said.startswith(start) and advice in said and "--port" not in said and "\n" not in said
-        )
+        assert said.startswith(start) and advice in said and "--port" not in said, said
+        assert "\n" not in said, said
 
 
 def test_ctrl_c_stops_the_server_in_one_line_and_a_busy_port_is_a_one_line_error(app, tmp_path):
@@ -509,9 +495,8 @@ def test_a_browser_draws_moves_every_control_and_clears(chromium, width, height,
     shown = ev(browser, "['description', 'meaning', 'thresholds'].map(i => $(i).textContent)")
     assert shown[0] == anomaly.describe(answer["score"], rank) and answer["percentile"] == rank
     assert ev(browser, "$('description').className") == "big " + answer["verdict"].replace(" ", "-")
-    assert "negative score is normal" in shown[1] and all(
-        f"{t:.2f}" in shown[2] for t in app.thresholds
-    )
+    assert "negative score is normal" in shown[1]
+    assert all(f"{t:.2f}" in shown[2] for t in app.thresholds)
     assert sum(digit_pixels(browser, "prepared")) > 0 and ring(browser, (0, 0, 0))[0] > 0
     # the map sliders start at the drawing's place; every slider changes the digit
     assert ev(browser, MAP_SLIDERS) == pytest.approx(answer["point"], abs=1e-6)
@@ -539,13 +524,12 @@ def test_a_browser_draws_moves_every_control_and_clears(chromium, width, height,
     assert "-0.0" not in ev(browser, "document.body.innerText")
     if folder := os.environ.get("DEMO_SCREENSHOTS"):  # the whole page, however tall
         tall = ev(browser, "document.documentElement.scrollHeight")
-        clip = {"x": 0, "y": 0, "width": width, "height": tall, "scale": 1}
-        shot = browser.execute_cdp_cmd(
-            "Page.captureScreenshot", {"clip": clip, "captureBeyondViewport": True}
+        page = dict(
+            clip=dict(x=0, y=0, width=width, height=tall, scale=1), captureBeyondViewport=True
         )
-        Path(folder, "demo_phone.png" if phone else "demo.png").write_bytes(
-            base64.b64decode(shot["data"])
-        )
+        shot = browser.execute_cdp_cmd("Page.captureScreenshot", page)
+        name = "demo_phone.png" if phone else "demo.png"
+        Path(folder, name).write_bytes(base64.b64decode(shot["data"]))
     # a drawing far off the map widens the view, says so, and the sliders span it
     note = ev(browser, "showDigit({...state.answer, point: [40, -40]}) || $('map-note').innerText")
     assert note.startswith("Zoomed out") and "(40.0, -40.0)" in note, note
