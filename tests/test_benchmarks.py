@@ -1,20 +1,17 @@
-"""The benchmark scripts run and print sane `name: value` figures (a smoke test), a mistake in
-their flags is one line and status 2, and the structure has no circles or upward arrows."""
+"""Benchmark scripts: sane figures, a mistake in their flags in one line, structure's parts."""
 
 import ast
-import importlib
 import os
-import subprocess
 import sys
+from subprocess import PIPE, Popen
 
 import pytest
-from helpers import MNIST_DIR, ROOT, needs_mnist
+from helpers import MNIST_DIR, ROOT, finish, needs_mnist
 
 import data
 import train
 from anomaly import METHODS
 from benchmarks import structure
-from benchmarks.common import run
 from config import TrainConfig, VAEConfig
 
 TABLE = """\
@@ -29,8 +26,8 @@ quality: --data-dir DATA --reuse RUN --iwae-k 3 | --latent-dim 0
 anomaly_auroc: --data-dir DATA RUN --max-images 300 | --max-images 0 R
 photos: --data-dir DATA --n 3 | --n 0"""  # DATA: $MNIST_DIR; RUN: a run trained here; | a mistake
 ROWS = [line.split(": ") for line in TABLE.replace("\n  ", " ").splitlines()]  # indented: continued
-SETTINGS, MISTAKES = ({s: row.split(" | ")[i] for s, row in ROWS} for i in (0, 1))
-SCRIPTS = [pytest.param(s, marks=[needs_mnist] * ("DATA" in a)) for s, a in SETTINGS.items()]
+ARGS = {(s, mistake): row.split(" | ")[mistake] for s, row in ROWS for mistake in (False, True)}
+RUNS = [pytest.param(*key, marks=[needs_mnist] * ("DATA" in a)) for key, a in ARGS.items()]
 CHECKS = {  # of the figures f a script printed, n(name) being the number f[name] starts with
     "structure": lambda f, n: (
         f["circles"] + f["upward arrows"] == "nonenone" and n("reachable_from_train_train") > 5
@@ -52,49 +49,37 @@ CHECKS = {  # of the figures f a script printed, n(name) being the number f[name
 
 @pytest.fixture(scope="module")
 def started(tmp_path_factory):
-    """All started at once, once the run some measure (1 epoch, 300 images, no 3s) is trained."""
     folder, env = tmp_path_factory.mktemp("run"), {"OMP_NUM_THREADS": "1"} | os.environ
-    if MNIST_DIR:
+    if MNIST_DIR:  # the run some measure; then all start at once
         c = TrainConfig(epochs=1, subset=300, val_size=300, exclude_digit=3, ema=0)
         small = VAEConfig(latent_dim=8, channels=(8, 16), hidden_dim=32)
         train.train(train.start(c, small, data.load_mnist(MNIST_DIR), folder), show_progress=False)
     procs = {}
-    for script, settings in SETTINGS.items():
-        argv = [{"RUN": str(folder), "DATA": MNIST_DIR}.get(a, a) for a in settings.split()]
-        if MNIST_DIR or "DATA" not in settings:
-            cmd = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *argv]
-            pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            procs[script] = subprocess.Popen(cmd, cwd=ROOT, env=env, **pipes)
+    for key, args in ARGS.items():
+        argv = [{"RUN": str(folder), "DATA": MNIST_DIR}.get(a, a) for a in args.split()]
+        if MNIST_DIR or "DATA" not in args:
+            cmd = [sys.executable, ROOT / "benchmarks" / f"{key[0]}.py", *argv]
+            procs[key] = Popen(cmd, cwd=ROOT, env=env, text=True, stdout=PIPE, stderr=PIPE)
     yield procs
     for proc in procs.values():
         proc.kill()
         proc.wait()
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_each_script_prints_sane_figures(started, script):
-    out, err = started[script].communicate(timeout=600)
-    assert started[script].returncode == 0, err
+@pytest.mark.parametrize("script,mistake", RUNS)
+def test_a_script_prints_sane_figures_or_a_mistake_in_one_line(started, script, mistake):
+    code, out, err = finish(started[script, mistake], timeout=600)
     f = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
-    assert CHECKS[script](f, lambda name: float(f[name].split()[0])), out
-
-
-@pytest.mark.parametrize("script", SETTINGS)
-def test_a_mistake_is_one_line_and_status_2(script, capsys):
-    argv = MISTAKES[script].split()
-    with pytest.raises(SystemExit) as stop:
-        run(importlib.import_module(f"benchmarks.{script}").main, argv)
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and stop.value.code == 2 and argv[0] in err, err
+    sane = code == 0 and CHECKS[script](f, lambda name: float(f[name].split()[0]))
+    one_line = code == 2 and err.count("\n") == 1 and ARGS[script, True].split()[0] in err
+    assert one_line if mistake else sane, out + err
 
 
 def test_structure_finds_circles_upward_arrows_imports_in_functions_and_calls():
     cycles = structure.find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a", "b"}})
     arrows = structure.upward_arrows({"files": {"model"}, "model": {"data"}, "data": {"model"}})
     assert cycles == [list("abca"), list("bcb")] and len(arrows) == 2  # not data's
-    # an import inside a function, a call through it
-    model = ast.parse("def f():\n    import data as d\n    d.g()\n")
+    model = ast.parse("def f():\n    import data as d\n    d.g()\n")  # a call through an import
     data_module = ast.parse("from model import f as h\ndef g(): h()")
-    defs = structure.Defs({"model": model, "data": data_module})
-    assert structure.imported_names(model) == {"data"}
-    assert defs.reachable("model.f") == {"model.f", "data.g"}
+    reached = structure.Defs({"model": model, "data": data_module}).reachable("model.f")
+    assert structure.imported_names(model) == {"data"} and reached == {"model.f", "data.g"}
