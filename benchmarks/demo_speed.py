@@ -70,7 +70,7 @@ def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
 
 def open_demo(path: Path, device: torch.device) -> demo.Demo:
     """The demo as `python main.py demo` sets it up for this checkpoint."""
-    model, ckpt = checkpoint.load_model(path, device)
+    model, ckpt = checkpoint.load_model(path, device, flag="--checkpoint")
     print(f"checkpoint: {checkpoint.describe(path, ckpt)}")
     try:
         reference = anomaly.reference_of(ckpt)

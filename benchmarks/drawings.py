@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_data_dir(p)
     args = p.parse_args(argv)
-    model, ckpt = checkpoint.load_model(Path(args.checkpoint), torch.device(args.device))
+    model, ckpt = checkpoint.load_model(
+        args.checkpoint, torch.device(args.device), flag="--checkpoint"
+    )
     page = demo.Demo(model, anomaly.reference_of(ckpt), None, ckpt["config"]["binarize"])
     made = drawings()
     scans = scanned_digits(args.data_dir, args.scans) if args.scans else {}

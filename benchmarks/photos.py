@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-digit", action="store_true", help="also print each digit's figures")
     args = p.parse_args(argv)
     mnist = data.load_mnist(args.data_dir)
-    model, ckpt = checkpoint.load_model(args.checkpoint)
+    model, ckpt = checkpoint.load_model(args.checkpoint, flag="--checkpoint")
     images, labels = mnist[f"{args.split}_images"], mnist[f"{args.split}_labels"]
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[: args.n]
     sets, times = prepared_sets(images[pick].numpy(), args.seed)
