@@ -32,7 +32,7 @@ def load_mnist(folder: str | os.PathLike = "data", download: bool = False, sets=
     keys = dict(zip(MNIST_FILES, ("train_images", "train_labels", "test_images", "test_labels")))
     names = [name for name, key in keys.items() if key.split("_")[0] in sets]
     if download and missing_files(folder, names):
-        download_mnist(Path(folder))
+        download_mnist(Path(folder), names)
     found = find_mnist_files(folder, names)
     if missing := [name for name, path in found.items() if path is None]:
         looked = f"{folder}: missing {join_names(missing)} (.gz or not, also looked in MNIST/raw)"

@@ -127,10 +127,11 @@ def join_names(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-def download_mnist(folder: Path) -> None:
+def download_mnist(folder: Path, names: list[str] | None = None) -> None:
     """Fetch the four files with torchvision (its mirrors, with progress) into folder/MNIST/raw. On
-    failure (offline, say): a DataError; files that did not arrive whole are deleted and no empty
-    folder is left, so the next try downloads again."""
+    failure (offline, say): a DataError naming those of `names` (default: all four) still missing;
+    files that did not arrive whole are deleted and no empty folder is left, so the next try
+    downloads again."""
     from torchvision.datasets import MNIST  # only here: reading the files needs no torchvision
     from torchvision.datasets.utils import check_integrity
 
@@ -149,24 +150,26 @@ def download_mnist(folder: Path) -> None:
         # torchvision wraps a failed mirror in these
         if not isinstance(err, (RuntimeError, OSError, ValueError)):
             raise
-        raise DataError(download_failure(folder, err)) from None
+        raise DataError(download_failure(folder, err, names)) from None
 
 
-def download_failure(folder: Path, err: Exception) -> str:
+def download_failure(folder: Path, err: Exception, names: list[str] | None = None) -> str:
     """One line: what is still missing, why the download failed, and how to supply the files."""
     text = " ".join(str(err).split())
     got = re.search(r"got: (.+?)(?= Tried |$)", text)  # torchvision: "Tried <mirror>, got: <error>"
     reason = got.group(1) if got else text[:160]
-    missing = missing_files(folder)  # the download may have fetched some before it failed
-    names = f"{join_names(missing)} (.gz or not)"
-    fix = f"copy {names} into a folder and pass that folder"
-    if len(missing) < len(MNIST_FILES):
-        fix = f"copy {names} into {folder}, or pass a folder that holds all four files"
-    return f"{where_missing(folder)}, and the download failed ({reason}); if you are offline, {fix}"
+    wanted = names or list(MNIST_FILES)
+    missing = missing_files(folder, wanted)  # the download may have fetched some before it failed
+    files = f"{join_names(missing)} (.gz or not)"
+    fix = f"copy {files} into a folder and pass that folder"
+    if len(missing) < len(wanted):
+        fix = f"copy {files} into {folder}, or pass a folder that holds all four files"
+    failed = f"{where_missing(folder, wanted)}, and the download failed ({reason})"
+    return f"{failed}; if you are offline, {fix}"
 
 
-def where_missing(folder: Path) -> str:
-    missing = missing_files(folder)
-    if len(missing) == len(MNIST_FILES):
+def where_missing(folder: Path, names: list[str] | None = None) -> str:
+    missing = missing_files(folder, names)
+    if len(missing) == len(names or MNIST_FILES):
         return f"MNIST is not in {folder}"
     return f"{folder}: missing {join_names(missing)}"
