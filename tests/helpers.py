@@ -12,6 +12,7 @@ import sys
 from contextlib import chdir, redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -58,6 +59,13 @@ def digit(path: Path, size=(90, 120), frames: int = 1) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     images[0].save(path, save_all=frames > 1, append_images=images[1:])
     return path
+
+
+def assert_real_picture(path: Path, height: int = 200) -> None:
+    """A valid PNG over 200 pixels wide and over `height` high, not one flat colour."""
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.width > 200 and img.height > height, img.size
+        assert np.asarray(img.convert("L"), dtype=np.float32).std() > 10, f"{path} looks blank"
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -153,11 +161,26 @@ def first_test_images(monkeypatch, n: int = 500) -> None:
     monkeypatch.setattr(commands, "load_data", first)
 
 
-# a child that runs main.main for each argv read as JSON and prints each (code, out, err)
-DRIVER = """import json, sys
+# main.main for each argv read as JSON, each printed as (code, out, err, peak memory so far) by a
+# child that a small parent starts (else it inherits pytest's high-water mark)
+PARENT = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:], timeout=120).returncode)"
+DRIVER = """import json, resource, sys
 sys.path[:0] = sys.argv[1:]
 import helpers
-print(json.dumps([helpers.run_main(argv) for argv in json.load(sys.stdin)]))"""
+for argv in json.load(sys.stdin):
+    code, out, err = helpers.run_main(argv)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps([code, out, err, peak]))"""
+
+
+def in_a_child(argvs: list[list], cwd: Path, **kw) -> list[list]:
+    """[code, out, err, peak bytes] of main.main(argv) for each argv, run in one fresh process."""
+    python = [sys.executable, "-c"]
+    child = [*python, PARENT, *python, DRIVER, str(ROOT), str(ROOT / "tests")]
+    argvs_json = json.dumps([[str(a) for a in argv] for argv in argvs])
+    done = subprocess.run(child, input=argvs_json, capture_output=True, text=True, cwd=cwd, **kw)
+    assert done.returncode == 0 and done.stderr == "", done.stdout + done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
 
 
 def without_root_override() -> None:
@@ -171,16 +194,10 @@ def without_root_override() -> None:
 def as_a_plain_user(argvs: list[list[str]], cwd: Path) -> list[tuple[int, str, str]]:
     """main.main(argv) for each argv in one child that folders' permissions bind (as root too)."""
     kw = {"preexec_fn": without_root_override} if os.geteuid() == 0 else {}
-    child_argv = [sys.executable, "-c", DRIVER, str(ROOT), str(ROOT / "tests")]
-    argvs_json = json.dumps([[str(a) for a in argv] for argv in argvs])
     try:
-        child = subprocess.run(
-            child_argv, input=argvs_json, capture_output=True, text=True, cwd=cwd, timeout=120, **kw
-        )
+        return [result[:3] for result in in_a_child(argvs, cwd, **kw)]
     except subprocess.SubprocessError as exc:
         pytest.skip(f"cannot drop root's override capability here ({exc})")
-    assert child.returncode == 0, child.stderr
-    return json.loads(child.stdout)
 
 
 def redirected(fd: int, target: str | None):

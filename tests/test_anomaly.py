@@ -78,12 +78,8 @@ def test_each_method_is_its_documented_parts_and_a_score_is_the_same_alone_and_i
     assert anomaly.combine(typical, calibration).item() == 0.0  # the validation mean scores 0
 
 
-def test_bad_images_arguments_and_references_are_refused_where_they_enter(small):
+def test_bad_arguments_and_references_are_refused_where_they_enter(small):
     model, reference, x = small
-    wrong = {"NaN": x * float("nan"), "255": x * 255, "float64": x.double(), r"\(B, 1, 28": x[:, 0]}
-    for words, images in wrong.items():
-        with pytest.raises(ValueError, match=words):
-            anomaly.score(model, images, reference=reference)
     with pytest.raises(ValueError, match="needs the model's anomaly reference"):
         anomaly.score(model, x, "combined")
     with pytest.raises(ValueError, match="unknown anomaly method"):
@@ -167,10 +163,6 @@ def test_score_writes_a_csv_reconstruct_reuses_and_a_held_out_digit_gets_its_aur
     source = anomaly.provenance(folder / "best.pt", "elbo", 2, 0)
     rows = list(csv.DictReader((folder / "anomaly_scores.csv").open()))
     assert len(rows) == 10000 and all({k: r[k] for k in source} == source for r in rows)
-    model, _ = checkpoint.load_model(folder / "best.pt")
-    first = data.to_float(data.load_mnist(MNIST_DIR)["test_images"][:1])
-    alone = anomaly.score(model, first, "elbo", samples=2).item()
-    assert float(rows[0]["score"]) == pytest.approx(alone, abs=1e-4)  # as scored among 10,000
     assert (tmp_path / "anomalies.png").stat().st_size > 10_000
     picture = helpers.digit(tmp_path / "in" / "mine.png")
     code, out, err = run_main(["reconstruct", picture, *common, *elbo2])

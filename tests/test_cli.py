@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
-import signal
 import subprocess
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
 import helpers
@@ -22,9 +19,6 @@ from PIL import Image
 import checkpoint
 import commands
 import evaluate
-import main
-import train_command
-from config import TrainConfig, VAEConfig
 
 
 def cli(user: bool, argv: list, cwd: Path, **kw) -> tuple[int, str, str]:
@@ -206,36 +200,6 @@ def test_too_few_training_or_validation_images_are_named_before_any_folder_is_ma
     words = [f"train on {train} images and validate on {val}", "at least 100", flags.split()[0]]
     assert_one_line_error(code, err, *words)
     assert "training on" not in out and os.listdir(tmp_path) == []
-
-
-def test_replace_deletes_the_earlier_run_and_sighup_stops_the_new_one_like_ctrl_c(
-    trained, tmp_path
-):
-    """SIGHUP stops a --replace run; its printed resume command repeats each flag --resume takes."""
-    folder = copy_run(trained, tmp_path)
-    argv = train_args(tmp_path, epochs=10) + "--replace --latent-dim 6 --device cpu".split()
-    proc = helpers.start_cli(argv, cwd=tmp_path)
-    helpers.read_until(proc, "epoch   1/10")
-    proc.send_signal(signal.SIGHUP)
-    code, out, err = helpers.finish(proc, timeout=120)
-    last = checkpoint.load(folder / "last.pt", resume=True)  # whole, and resumable
-    assert last["config"]["latent_dim"] == 6 and last["config"]["epochs"] == 10
-    assert checkpoint.load(folder / "best.pt")["config"]["latent_dim"] == 6
-    assert [h["epoch"] for h in last["history"]] == list(range(1, last["epoch"] + 1))
-    assert not (folder / "metrics.json").exists()  # the earlier run's evaluation went with it
-    assert code == 128 + signal.SIGHUP and "Traceback" not in err and "SIGHUP" in err, err
-    assert f"stopped in epoch {last['epoch'] + 1}; {folder / 'last.pt'} holds" in err, err
-    printed = shlex.split(err.split("Resume with:\n")[1])
-    parser = main.build_parsers()["train"]
-    resumed, original = parser.parse_args(printed[2:]), parser.parse_args(argv)
-    assert resumed.resume == str(folder / "last.pt") and "--latent-dim" not in printed, printed
-    kept = ("epochs", "data_dir", "image_dir", "device", "iwae_k", "progress")
-    assert [n for n in kept if getattr(resumed, n) != getattr(original, n)] == [], printed
-    # the flags that are no stored setting are the ones a resume command repeats
-    settings = {"--" + f.name.replace("_", "-") for f in fields(TrainConfig) + fields(VAEConfig)}
-    others = {s for a in parser._actions for s in a.option_strings if s.startswith("--")} - settings
-    resumable = {*train_command.RESUME_FLAGS, *train_command.SWITCHES} - {"--epochs"}
-    assert others - {"--help", "--resume", "--replace", "--checkpoint-dir"} == resumable
 
 
 @pytest.mark.parametrize("name", ["best.pt", "anomaly_scores.csv"])  # first saved, last deleted

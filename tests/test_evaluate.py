@@ -5,25 +5,17 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
+import helpers
 import pytest
 import torch
 from helpers import MNIST_DIR, copy_run, resave, run_main, tiny_images, tiny_model
-from PIL import Image
 
 import checkpoint
 import data
 import evaluate
-from model import iwae_log_weights, iwae_nll, mean_neg_elbo
+from model import mean_neg_elbo
 
 PICTURES = "reconstructed_image samples loss_curves interpolation latent_space latent_traversal"
-
-
-def assert_real_picture(path) -> None:
-    """A valid PNG of plausible size that is not one flat colour."""
-    with Image.open(path) as img:
-        assert img.format == "PNG" and img.width >= 200 and img.height >= 100
-        assert np.asarray(img.convert("L"), dtype=np.float32).std() > 10, f"{path} looks blank"
 
 
 def test_evaluate_agrees_with_the_end_of_training_says_what_it_computes_and_writes_sound_figures(
@@ -44,7 +36,7 @@ def test_evaluate_agrees_with_the_end_of_training_says_what_it_computes_and_writ
     # the long part shows a progress bar when asked (stderr here is no terminal)
     assert "IWAE bound (k=2) on 10,000 test images" in err
     for name in PICTURES.split():
-        assert_real_picture(img / f"{name}.png")
+        helpers.assert_real_picture(img / f"{name}.png")
     m = at_training  # consistent, finite figures
     for key in ("test_loss", "test_bce", "test_kl", "test_iwae_nll", "bce_floor", "seconds"):
         assert isinstance(m[key], float) and math.isfinite(m[key]), key
@@ -67,9 +59,6 @@ def test_iwae_bound_is_below_the_elbo_and_tightens_with_k(trained):
     x = data.to_float(data.load_mnist(MNIST_DIR)["test_images"][:300])
     elbo = mean_neg_elbo(model, x, seed=3)["loss"]
     bounds = {k: evaluate.test_metrics(model, x, k, 3)[0]["test_iwae_nll"] for k in (1, 10, 100)}
-    # k=1 estimates the negative ELBO: equal up to the noise of two independent estimates
-    single = iwae_nll(iwae_log_weights(model, x, 1, torch.Generator().manual_seed(11)))
-    assert abs(bounds[1] - elbo) < 4 * math.sqrt(2) * single.std().item() / math.sqrt(len(x))
     assert bounds[10] < bounds[1] and bounds[100] < bounds[10] + 0.05 and bounds[100] < elbo
 
 
@@ -132,4 +121,4 @@ def test_a_weights_only_checkpoint_is_evaluated_and_sampled(trained, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["epoch"] is None
     code, out, err = run_main(["sample", "--checkpoint", mine, "--n", 16, "--image-dir", tmp_path])
     assert code == 0, err
-    assert_real_picture(tmp_path / "samples.png")
+    helpers.assert_real_picture(tmp_path / "samples.png", height=100)

@@ -122,6 +122,7 @@ REFUSED = {  # images the door refuses, and what its ValueError must say it got
 DOORS = {"encode": VAE.encode, "forward": VAE.__call__, "reconstruct": VAE.reconstruct}  # (m, x)
 DOORS["mean_neg_elbo"] = functools.partial(model.mean_neg_elbo, seed=0)
 DOORS["iwae"] = functools.partial(model.iwae_log_weights, k=2)
+DOORS["score"] = functools.partial(anomaly.score, method="elbo")  # the other methods: the same door
 
 
 @pytest.mark.parametrize("door", list(DOORS))

@@ -6,19 +6,19 @@ import math
 import os
 import shlex
 import signal
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import helpers
 import pytest
 import torch
 from helpers import MNIST_DIR, copy_run, needs_mnist, run_main, snapshot, start_cli, train_args
-from PIL import Image
 
 import checkpoint
 import config
 import data
 import evaluate
+import main
 import train
 import train_command
 from config import TrainConfig, VAEConfig
@@ -149,8 +149,7 @@ def test_the_run_prints_its_epochs_and_leaves_checkpoints_metrics_pictures_and_n
     pictures = sorted(p.name for p in trained.image_dir.iterdir())
     assert pictures == [f"{name}.png" for name in PICTURES.split()]
     for name in pictures:
-        with Image.open(trained.image_dir / name) as picture:
-            assert picture.format == "PNG" and min(picture.size) > 200
+        helpers.assert_real_picture(trained.image_dir / name)
 
 
 def same_run(a: Path, b: Path, metrics: bool = True) -> None:
@@ -169,22 +168,40 @@ def same_run(a: Path, b: Path, metrics: bool = True) -> None:
         assert {k: ma[k] for k in METRICS} == {k: mb[k] for k in METRICS}
 
 
-def test_sigterm_then_the_printed_resume_ends_bit_identical(trained, tmp_path, cheap_evaluation):
-    """Stopped by SIGTERM and resumed as it says, the run ends as the uninterrupted one did."""
-    proc = start_cli(train_args(tmp_path, epochs=2), cwd=tmp_path, env=ONE_THREAD)
-    last = tmp_path / "ckpt" / "last.pt"
+@pytest.mark.parametrize("stop", [signal.SIGHUP, signal.SIGTERM])
+def test_replace_deletes_the_earlier_run_and_a_stop_signal_leaves_a_resume_ending_bit_identical(
+    trained, tmp_path, cheap_evaluation, stop
+):
+    """--replace over a copy of the shared run, stopped in epoch 2: the printed command repeats each
+    flag --resume takes (no stored setting) and continues the run to the shared run's end."""
+    folder, name = copy_run(trained, tmp_path), signal.Signals(stop).name
+    argv = train_args(tmp_path, epochs=2) + ["--replace", "--device", "cpu"]
+    proc = start_cli(argv, cwd=tmp_path, env=ONE_THREAD)
     helpers.read_until(proc, "epoch   1/2")  # kills it and fails if never printed
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(stop)
     code, out, err = helpers.finish(proc, timeout=120)
-    assert code == 143 and "Traceback" not in err and "epoch   2/2" not in out, err
-    assert "SIGTERM: stopping after this step; the epochs already saved are kept" in err
-    assert f"stopped in epoch 2; {last} holds the run up to epoch 1. Resume with:" in err
-    assert checkpoint.load(last, resume=True)["epoch"] == 1
-    argv = shlex.split(err.strip().splitlines()[-1])
-    assert argv[:4] == ["python", "main.py", "--resume", str(last)]
-    code, out, err = run_main(argv[2:] + ["--iwae-k", "2", "--no-progress"])  # as the shared run's
-    assert code == 0 and "resuming from epoch 1" in out and "epoch   2/2" in out, err
-    same_run(trained.ckpt_dir, tmp_path / "ckpt")
+    assert code == 128 + stop and "Traceback" not in err and "epoch   2/2" not in out, err
+    assert f"{name}: stopping after this step; the epochs already saved are kept" in err, err
+    assert f"stopped in epoch 2; {folder / 'last.pt'} holds the run up to epoch 1. Resume" in err
+    last = checkpoint.load(folder / "last.pt", resume=True)  # whole, and resumable
+    best = checkpoint.load(folder / "best.pt")
+    assert [h["epoch"] for h in last["history"]] == [1] == [best["epoch"]], last["history"]
+    assert not (folder / "metrics.json").exists()  # the earlier run's evaluation went with it
+    printed = shlex.split(err.split("Resume with:\n")[1])
+    parser = main.build_parsers()["train"]
+    resumed, original = parser.parse_args(printed[2:]), parser.parse_args(argv)
+    assert printed[:2] == ["python", "main.py"] and "--latent-dim" not in printed, printed
+    kept = ("epochs", "data_dir", "image_dir", "device", "iwae_k", "progress")
+    assert [n for n in kept if getattr(resumed, n) != getattr(original, n)] == [], printed
+    # the flags that are no stored setting are the ones a resume command repeats
+    settings = {"--" + f.name.replace("_", "-") for f in fields(TrainConfig) + fields(VAEConfig)}
+    others = {s for a in parser._actions for s in a.option_strings if s.startswith("--")} - settings
+    resumable = {*train_command.RESUME_FLAGS, *train_command.SWITCHES} - {"--epochs"}
+    assert others - {"--help", "--resume", "--replace", "--checkpoint-dir"} == resumable
+    code, out, err = run_main(printed[2:], tmp_path)
+    assert resumed.resume == str(folder / "last.pt") and code == 0, err
+    assert "resuming from epoch 1" in out and "epoch   2/2" in out, out
+    same_run(trained.ckpt_dir, folder)
 
 
 @needs_mnist
