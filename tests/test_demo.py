@@ -205,52 +205,39 @@ def own(host: str, origin: str) -> dict:
 
 
 DIGIT, DECODE, Z, P, G = "/api/digit", "/api/decode", {"z": [0.0] * 8}, "POST", "GET"
-ZS = (b"Infinity", b"1e999", b"9" * 400, b"1e30")  # infinite, overflowing, 400 digits, too large
-QUERIES = ("n=0", "n=1000", "n=abc", "seed=-1", "seed=" + "9" * 5000, "n=%C2%B2")
-SIZES = {"abc": 400, "-5": 400, "\u00b2": 400, "9" * 5000: 413, "1000001": 413}
-LOOPBACK = ("localhost", "LocalHost", "127.0.0.1", "127.0.0.2", "[::1]")
-NO_JSON = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x")
+ZS = (b"1e999", b"9" * 400, b"1e30")  # overflowing to infinity, 400 digits, too large
+QUERIES = ("n=1000", "seed=" + "9" * 5000, "n=%C2%B2")
+SIZES = {"abc": 400, "\u00b2": 400, "9" * 5000: 413, "1000001": 413}
+LOOPBACK = ("LocalHost", "127.0.0.2", "[::1]")
 REQUESTS = {  # name: (method, path, body, headers (over a body's JSON ones), expected status)
     "malformed JSON": (P, DIGIT, b'{"width": 28,', {}, 400),
     "not an object": (P, DIGIT, b"[1, 2, 3]", {}, 400),
-    "not UTF-8": (P, DIGIT, b'{"z": "\xff\xfe"}', {}, 400),
     "deeply nested": (P, DECODE, b"[" * 100_000, {}, 400),
     "wrong size": (P, DIGIT, grey([0.5] * 783), {}, 400),
-    "2-D pixels": (P, DIGIT, grey([[0, 1], [1, 0]], side=2), {}, 400),
-    "width not a number": (P, DIGIT, {"width": "28", "height": 28}, {}, 400),
     "huge width": (P, DIGIT, grey([], side=10**9), {}, 400),
     "pixel out of range": (P, DIGIT, grey([1.5] * 784), {}, 400),
-    "pixel not a number": (P, DIGIT, grey(["a"] * 784), {}, 400),
     "true as pixels": (P, DIGIT, grey([True] * 784), {}, 400),  # True is 1 to torch.tensor
     "false in z": (P, DECODE, {"z": [False] + [0.0] * 7}, {}, 400),
     "true in a map point": (P, DECODE, {"z": [0.0] * 8, "point": [True, 0]}, {}, 400),
     "map point far off": (P, DECODE, {"z": [0.0] * 8, "point": [1e6, 0]}, {}, 400),
-    "a map point alone": (P, DECODE, {"point": [0, 0]}, {}, 400),
     "NaN pixel": (P, DIGIT, b'{"width": 2, "height": 1, "pixels": [NaN, 0]}', {}, 400),
     **{f"z {v[:9]}": (P, DECODE, b'{"z": [%s, 0, 0, 0, 0, 0, 0, 0]}' % v, {}, 400) for v in ZS},
     "z of the wrong length": (P, DECODE, b'{"z": [0, 0, 0]}', {}, 400),
-    "z missing": (P, DECODE, b'{"code": [0, 0, 0, 0, 0, 0, 0, 0]}', {}, 400),
     "blank drawing": (P, DIGIT, grey([1.0] * 784), {}, 422),
     "drawing too small": (P, DIGIT, grey([0.5] * 16, side=4), {}, 422),
     "unknown path": (G, "/nope", None, {}, 404),
-    "unknown API path": (P, "/api/nope", b"{}", {}, 404),
     "GET on a POST route": (G, DIGIT, None, {}, 405),
-    "POST on a GET route": (P, "/api/map", b"{}", {}, 405),
     "PUT": ("PUT", "/", b"{}", {}, 405),
-    "DELETE": ("DELETE", DECODE, None, {}, 405),
     # a seed of 5,000 digits is refused by int(); %C2%B2, a superscript 2, is a digit to isdigit()
     **{f"samples {q[:12]}": (G, f"/api/samples?{q}", None, {}, 400) for q in QUERIES},
     "no Content-Length": (P, DECODE, None, {"Content-Type": JSON}, 411),
     # over 1 MB: the body is never sent, so a server reading it before the size check would hang
     **{f"length {n[:8]!r}": (P, DIGIT, b"", {"Content-Length": n}, s) for n, s in SIZES.items()},
     # what another site's page may post without asking this server first: forms and text
-    **{kind: (P, DECODE, Z, {"Content-Type": kind}, 415) for kind in NO_JSON},
+    "text/plain": (P, DECODE, Z, {"Content-Type": "text/plain"}, 415),
     "no Content-Type": (P, DECODE, Z, {"Content-Type": None}, 415),
     "another site's page": (P, DECODE, Z, {"Origin": "http://evil.example"}, 403),
-    "a sandboxed page": (P, DECODE, Z, {"Origin": "null"}, 403),
-    "another site's GET": (G, "/api/samples?n=1", None, {"Origin": "http://evil.example"}, 403),
     # DNS rebinding: another site's name, made to resolve to 127.0.0.1, arrives here as the Host
-    "Host of another site": (G, "/api/map", None, {"Host": "evil.example"}, 421),
     "Host of another site:port": (P, DECODE, Z, {"Host": "evil.example:{port}"}, 421),
     "Host on another port": (G, "/", None, {"Host": "127.0.0.1:{other}"}, 421),
     "Host that is not one": (G, "/api/map", None, {"Host": "::1:{port}"}, 421),
