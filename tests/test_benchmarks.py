@@ -26,7 +26,7 @@ quality: --data-dir DATA --reuse RUN --iwae-k 3 | --latent-dim 0
 anomaly_auroc: --data-dir DATA RUN --max-images 300 | --max-images 0 R
 photos: --data-dir DATA --n 3 | --n 0"""  # DATA: $MNIST_DIR; RUN: a run trained here; | a mistake
 ROWS = [line.split(": ") for line in TABLE.replace("\n  ", " ").splitlines()]  # indented: continued
-ARGS = {(s, mistake): row.split(" | ")[mistake] for s, row in ROWS for mistake in (False, True)}
+ARGS = {(s, m): row.split(" | ")[m].split() for s, row in ROWS for m in (False, True)}
 RUNS = [pytest.param(*key, marks=[needs_mnist] * ("DATA" in a)) for key, a in ARGS.items()]
 CHECKS = {  # of the figures f a script printed, n(name) being the number f[name] starts with
     "structure": lambda f, n: (
@@ -54,11 +54,10 @@ def started(tmp_path_factory):
         c = TrainConfig(epochs=1, subset=300, val_size=300, exclude_digit=3, ema=0)
         small = VAEConfig(latent_dim=8, channels=(8, 16), hidden_dim=32)
         train.train(train.start(c, small, data.load_mnist(MNIST_DIR), folder), show_progress=False)
-    procs = {}
+    procs, given = {}, {"RUN": str(folder), "DATA": MNIST_DIR}
     for key, args in ARGS.items():
-        argv = [{"RUN": str(folder), "DATA": MNIST_DIR}.get(a, a) for a in args.split()]
         if MNIST_DIR or "DATA" not in args:
-            cmd = [sys.executable, ROOT / "benchmarks" / f"{key[0]}.py", *argv]
+            cmd = [sys.executable, f"benchmarks/{key[0]}.py", *map(given.get, args, args)]
             procs[key] = Popen(cmd, cwd=ROOT, env=env, text=True, stdout=PIPE, stderr=PIPE)
     yield procs
     for proc in procs.values():
@@ -71,14 +70,13 @@ def test_a_script_prints_sane_figures_or_a_mistake_in_one_line(started, script, 
     code, out, err = finish(started[script, mistake], timeout=600)
     f = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
     sane = code == 0 and CHECKS[script](f, lambda name: float(f[name].split()[0]))
-    one_line = code == 2 and err.count("\n") == 1 and ARGS[script, True].split()[0] in err
+    one_line = code == 2 and err.count("\n") == 1 and ARGS[script, True][0] in err
     assert one_line if mistake else sane, out + err
 
 
 def test_structure_finds_circles_upward_arrows_imports_in_functions_and_calls():
-    cycles = structure.find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a", "b"}})
-    arrows = structure.upward_arrows({"files": {"model"}, "model": {"data"}, "data": {"model"}})
-    assert cycles == [list("abca"), list("bcb")] and len(arrows) == 2  # not data's
+    assert structure.find_cycles(dict(a={"b"}, b={"c"}, c={"a", "b"})) == [[*"abca"], [*"bcb"]]
+    assert len(structure.upward_arrows(dict(files={"model"}, model={"data"}, data={"model"}))) == 2
     model = ast.parse("def f():\n    import data as d\n    d.g()\n")  # a call through an import
     data_module = ast.parse("from model import f as h\ndef g(): h()")
     reached = structure.Defs({"model": model, "data": data_module}).reachable("model.f")
