@@ -257,17 +257,6 @@ def test_a_bad_request_gets_a_4xx_json_error_and_the_server_goes_on(server, name
         assert request(server, "GET", "/api/map")[0] == 200 and capfd.readouterr().err == ""
 
 
-HOSTS = """\
-10.1.2.3:8000 10.1.2.3 10.1.2.3 True
-demo.lan:8000 demo.lan 10.1.2.3 True
-localhost:8000 10.1.2.3 10.1.2.3 False
-evil.example:8000 demo.lan 10.1.2.3 False
-10.1.2.3:8001 10.1.2.3 10.1.2.3 False
-[fd00::5]:8000 fd00::5 fd00::5 True
-anything.example:1234 0.0.0.0 0.0.0.0 True
-localhost 127.0.0.1 127.0.0.1 False"""
-
-
 def test_raw_http_a_trickling_client_and_fifty_clients_at_once(server, monkeypatch, capfd):
     """An offline page; HEAD is GET without a body; a non-HTTP request line; 50 threads POST 4
     drawings each at once (a listen backlog of 5 reset some), answered as one; a deadline."""
@@ -316,6 +305,17 @@ def test_raw_http_a_trickling_client_and_fifty_clients_at_once(server, monkeypat
                 closed = not isinstance(err, TimeoutError)
         assert closed and time.monotonic() - start < 3
     assert request(server, "GET", "/api/map")[0] == 200 and capfd.readouterr().err == ""
+
+
+HOSTS = """\
+10.1.2.3:8000 10.1.2.3 10.1.2.3 True
+demo.lan:8000 demo.lan 10.1.2.3 True
+localhost:8000 10.1.2.3 10.1.2.3 False
+evil.example:8000 demo.lan 10.1.2.3 False
+10.1.2.3:8001 10.1.2.3 10.1.2.3 False
+[fd00::5]:8000 fd00::5 fd00::5 True
+anything.example:1234 0.0.0.0 0.0.0.0 True
+localhost 127.0.0.1 127.0.0.1 False"""
 
 
 def test_host_headers_an_unresolvable_host_and_the_ipv6_loopback(app):
@@ -504,12 +504,10 @@ def test_a_browser_draws_moves_every_control_and_clears(chromium, width, height,
     assert "-0.0" not in ev(browser, "document.body.innerText")
     if folder := os.environ.get("DEMO_SCREENSHOTS"):  # the whole page, however tall
         tall = ev(browser, "document.documentElement.scrollHeight")
-        page = dict(
-            clip=dict(x=0, y=0, width=width, height=tall, scale=1), captureBeyondViewport=True
-        )
+        clip = {"x": 0, "y": 0, "width": width, "height": tall, "scale": 1}
+        page = {"clip": clip, "captureBeyondViewport": True}
         shot = browser.execute_cdp_cmd("Page.captureScreenshot", page)
-        name = "demo_phone.png" if phone else "demo.png"
-        Path(folder, name).write_bytes(base64.b64decode(shot["data"]))
+        Path(folder, f"demo{'_phone' * phone}.png").write_bytes(base64.b64decode(shot["data"]))
     # a drawing far off the map widens the view, says so, and the sliders span it
     note = ev(browser, "showDigit({...state.answer, point: [40, -40]}) || $('map-note').innerText")
     assert note.startswith("Zoomed out") and "(40.0, -40.0)" in note, note
