@@ -181,9 +181,7 @@ def check_archive(path: Path, flag: str | None) -> int:
             f"{path}: no such checkpoint; train one with `python main.py` or {passing(flag)} one"
         )
     if not path.is_file():
-        raise CheckpointError(
-            f"{path}: not a regular file; {passing(flag)} a vae-mnist checkpoint"
-        )
+        raise CheckpointError(f"{path}: not a regular file; {passing(flag)} a vae-mnist checkpoint")
     records = archive_records(path, flag)
     total = sum(r.file_size for r in records)
     pickled = sum(r.file_size for r in records if r.filename.endswith(".pkl"))
