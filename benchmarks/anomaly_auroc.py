@@ -6,8 +6,7 @@ was trained on.
 Each RUN_DIR holds best.pt of a run trained with `--exclude-digit D`. For every method of
 anomaly.score it prints the AUROC of telling digit D apart from the other digits on two sets:
   selection  the run's validation images (negatives) against its training-split images of digit D
-             (positives, never
-             trained on): the set methods and their settings are chosen on;
+             (positives, never trained on): the set methods and their settings are chosen on;
   test       the 10,000 test images: digit D against the rest, reported once a method is chosen.
 and, against the test digits other than D, for out-of-distribution sets built here: uniform noise,
 salt noise (sparse white pixels), inverted test digits, blank and white images, and capital letters

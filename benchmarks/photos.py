@@ -1,8 +1,8 @@
 """Phone photos of digits on paper: prepared by prepare.py, how close do they come to the digit
 MNIST has?
 
-    python benchmarks/photos.py [--split test] [--n 20] [--seed 0] [--data-dir DIR] [--checkpoint
-    FILE]
+    python benchmarks/photos.py [--split test] [--n 20] [--seed 0] [--data-dir DIR]
+                                [--checkpoint FILE]
 
 N digits of the split (a seeded draw) are each made into a synthetic photo: the digit upscaled onto
 a larger sheet off its centre and turned a few degrees, dark ink on light paper, lit by a gradient
@@ -15,8 +15,7 @@ absolute pixel difference from the clean digit as MNIST has it:
                   scan's case);
   photo           the photo, prepared;
   photo, plain    the photo, prepared the plain way (the border's median as background, a linear
-                  stretch), for
-                  comparison.
+                  stretch), for comparison.
 Tune on --split train; the test digits are for the report. Prints figures, asserts nothing.
 """
 

@@ -2,8 +2,7 @@
 the test set.
 
     python benchmarks/quality.py --data-dir ../shared/mnist [main.py training flags ...]
-    python benchmarks/quality.py --data-dir ../shared/mnist --reuse models_mnist   # measure a
-    finished run instead
+    python benchmarks/quality.py --data-dir ../shared/mnist --reuse models_mnist   # a finished run
 
 Any flag main.py's training takes (--latent-dim, --hidden-dim, --binarize, ...) is passed through;
 the budget is main.py's defaults (BCE + KL, Adam 1e-3, batch 64, 20 epochs) unless you override it.

@@ -3,28 +3,23 @@ and reviews.
 
     python benchmarks/structure.py [--root FOLDER] [--verbose]
 
-Reads every top-level .py module of the repository (not tests/ or benchmarks/) and prints `name:
-value` lines:
+Reads every top-level .py module of the repository (not tests/ or benchmarks/) and prints
+`name: value` lines:
   - the import graph, `module -> imports`, from EVERY import statement, those inside functions
     included;
   - circles in it (`circles: none`, or each one);
   - upward arrows against the layers (`upward arrows: none`, or each one): ground {files,
-    mnist_files}; core {model, data,
-    config, checkpoint, train}; features {evaluate, anomaly, prepare, utils}; edge {main, commands,
-    train_command, demo}. A module
-    may import its own layer or those below; within the core, only earlier modules, in the order
-    model < data < config < checkpoint < train. The core's own table, stricter still (model imports
-    nothing of
-    the project, data only files, config only model, checkpoint files, model and config), is checked
-    too;
+    mnist_files}; core {model, data, config, checkpoint, train}; features {evaluate, anomaly,
+    prepare, utils}; edge {main, commands, train_command, demo}. A module may import its own layer
+    or those below; within the core, only earlier modules, in the order model < data < config <
+    checkpoint < train. The core's own table, stricter still (model imports nothing of the project,
+    data only mnist_files, config only model, checkpoint files, model and config), is checked too;
   - modules that read flags (import argparse) besides main and commands;
   - how many project functions a static call graph reaches from train.train (calls `f(...)`,
-    `module.f(...)`,
-    `Class(...)` (its __init__ and __post_init__), `self.m(...)` (the enclosing class's m), and
-    `obj.m(...)` where m
-    is a method whose name no other def of the project has; calls through a model's __call__ and
-    functions passed
-    as values are not seen), listed with --verbose;
+    `module.f(...)`, `Class(...)` (its __init__ and __post_init__), `self.m(...)` (the enclosing
+    class's m), and `obj.m(...)` where m is a method whose name no other def of the project has;
+    calls through a model's __call__ and functions passed as values are not seen), listed with
+    --verbose;
   - line counts: each module, the core (model.py + data.py + train.py), all product modules, and
     tests/;
   - the longest function of the product modules, and every one over 40 lines.

@@ -1,22 +1,19 @@
 """Training speed of the project's loop against a naive PyTorch loop, with FLOPs and MFU.
 
-    python benchmarks/train_speed.py --data-dir ../shared/mnist [--full-run] [main.py model flags,
-    --ema]
+    python benchmarks/train_speed.py --data-dir ../shared/mnist [--full-run]
+                                     [main.py model flags, --ema]
 
 Prints one `name: value` line per figure, so runs can be compared. Everything runs in one process on
 the current device with the default model at batch 64 (or the one main.py's model flags and --ema
 describe, e.g. `--hidden-dim 512 --out-conv 0 --ema 0` for the model docs/model-selection.md started
 from):
   - the project's training step (in-memory uint8 data, channels-last, fused Adam, no per-step host
-    sync, and bf16
-    autocast where main.py's --precision auto picks it),
+    sync, and bf16 autocast where main.py's --precision auto picks it),
   - a naive baseline as pytorch/examples writes it: torchvision datasets.MNIST + ToTensor +
-    DataLoader(shuffle=True),
-    the same model and loss, default Adam, loss.item() every step,
+    DataLoader(shuffle=True), the same model and loss, default Adam, loss.item() every step,
   - model FLOPs per image (forward + backward) from torch.utils.flop_counter, achieved GFLOP/s, and
-    MFU against
-    the fp32 matmul peak measured here on the spot (as nanoGPT reports MFU); with bf16, also against
-    the bf16 peak,
+    MFU against the fp32 matmul peak measured here on the spot (as nanoGPT reports MFU); with bf16,
+    also against the bf16 peak,
   - evaluation throughput, and the time of a full default run (measured with --full-run, else
     extrapolated).
 The project's loop is set up by train.start and stepped by train.train_step, as `python main.py`
