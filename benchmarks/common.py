@@ -39,6 +39,12 @@ def positive_int(high: int = 10**9):
     return main.number(int, 1, high)
 
 
+def main_py(args: argparse.Namespace, *flags: str) -> list[str]:
+    """The command line of a real `python main.py` run on the script's --data-dir and --device."""
+    main_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main.py")
+    return [sys.executable, main_file, *flags, "--data-dir", args.data_dir, "--device", args.device]
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so that a timer stopped next measures it."""
     if device.type == "cuda":

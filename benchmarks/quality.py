@@ -28,7 +28,7 @@ import checkpoint  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import main as cli  # noqa: E402
-from benchmarks.common import add_data_dir, parser, positive_int, run  # noqa: E402
+from benchmarks.common import add_data_dir, main_py, parser, positive_int, run  # noqa: E402
 from config import pick_device  # noqa: E402
 from files import UserError  # noqa: E402
 
@@ -50,15 +50,7 @@ def train_run(args, train_flags: list[str], ckpt_dir: Path, tmp: str) -> float:
     """`python main.py` with the passed-through flags, its epoch lines echoed; its wall-clock
     seconds. When it fails, exit with its status (a user's mistake, status 2, it has already said in
     one line)."""
-    cmd = [
-        sys.executable,
-        str(ROOT / "main.py"),
-        *train_flags,
-        "--data-dir",
-        args.data_dir,
-        "--device",
-        args.device,
-    ]
+    cmd = main_py(args, *train_flags)
     cmd += ["--checkpoint-dir", str(ckpt_dir), "--image-dir", f"{tmp}/img", "--no-progress"]
     print("command: " + " ".join(cmd[1:]), flush=True)
     t = time.perf_counter()

@@ -45,7 +45,7 @@ import evaluate  # noqa: E402
 import main as cli  # noqa: E402
 import mnist_files  # noqa: E402
 import train  # noqa: E402
-from benchmarks.common import add_data_dir, parser, positive_int, run, sync  # noqa: E402
+from benchmarks.common import add_data_dir, main_py, parser, positive_int, run, sync  # noqa: E402
 from config import TrainConfig, VAEConfig, pick_device, resolve_precision  # noqa: E402  # noqa: E402
 from files import UserError  # noqa: E402
 from model import VAE, mean_neg_elbo, neg_elbo_terms  # noqa: E402
@@ -176,14 +176,7 @@ def full_run(args, model_flags: list[str]) -> tuple[float, str]:
     """A real default `python main.py` run in a temporary folder: wall-clock seconds and the test
     loss it printed."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            str(ROOT / "main.py"),
-            "--data-dir",
-            args.data_dir,
-            "--device",
-            args.device,
-        ]
+        cmd = main_py(args)
         cmd += ["--precision", args.precision, *model_flags, "--checkpoint-dir", f"{tmp}/ckpt"]
         cmd += ["--image-dir", f"{tmp}/img", "--no-progress"]
         t = time.perf_counter()
