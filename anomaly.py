@@ -379,11 +379,8 @@ def test_scores(
     function returning the float test images, called only in that last case."""
     method = method or DEFAULT_METHOD
     stored = (reference or {}).get("test_scores")
-    if (method, samples, seed) == (
-        DEFAULT_METHOD,
-        SCORE_SAMPLES,
-        SCORE_SEED,
-    ) and stored is not None:
+    as_stored = (method, samples, seed) == (DEFAULT_METHOD, SCORE_SAMPLES, SCORE_SEED)
+    if as_stored and stored is not None:
         return stored
     source = provenance(path, method=method, samples=samples, seed=seed)
     cached = read_csv_scores(Path(path).parent / "anomaly_scores.csv", source)

@@ -268,13 +268,13 @@ def final_evaluation(
     the latent map, if this run wrote it. metrics.json goes into the run's folder, even when best.pt
     is the one resumed from."""
     best = best_checkpoint(folder, resumed_from)
-    if "anomaly_reference" not in checkpoint.load(best) and best.parent == folder:
+    model, ckpt = checkpoint.load_model(best, device)
+    if "anomaly_reference" not in ckpt and best.parent == folder:
         print(
             "fitting the anomaly reference "
             "(local pixel model, training codes, validation statistics)"
         )
-        evaluate.finish_run(best, mnist, device, progress=args.progress)
-    model, ckpt = checkpoint.load_model(best, device)
+        ckpt = evaluate.finish_run(best, mnist, device, progress=args.progress)
     print(
         f"training done; evaluating {best} on the {mnist_files.TEST_IMAGES:,} test images",
         flush=True,
