@@ -30,7 +30,7 @@ def test_readme_blocks_run_and_train_as_the_command_line_does(tmp_path, monkeypa
     (user_folder / "images").mkdir()
     monkeypatch.chdir(user_folder)
     ns: dict = {}
-    for name in ("load", "score", "picture", "train"):
+    for name in ("load", "score", "train"):
         exec(compile(block(name), f"README.md, block {name}", "exec"), ns)
     assert ns["pixels"].shape == (8, 1, 28, 28) and torch.equal(ns["pixels"], ns["recon"])
     assert ns["between"].shape == (10, 1, 28, 28) and ns["samples"].shape == (16, 1, 28, 28)
