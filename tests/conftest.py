@@ -1,16 +1,11 @@
-"""Make the project root and tests/ importable, keep in-process torch on one thread (tiny tensors
-run fastest so), and share one small trained run among the tests that need one."""
+"""Keep in-process torch on one thread (tiny tensors run fastest so) and share one small trained
+run among the tests that need one. (pytest.ini puts the project root and tests/ on the path.)"""
 
-import pathlib
-import sys
 from types import SimpleNamespace
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helpers import MNIST_DIR, run_main, snapshot, train_args  # noqa: E402
+import pytest
+import torch
+from helpers import MNIST_DIR, run_main, snapshot, train_args
 
 torch.set_num_threads(1)
 

@@ -153,9 +153,7 @@ def test_the_csv_is_reused_only_for_its_checkpoint_method_samples_and_seed(tmp_p
     assert anomaly.read_csv_scores(path, anomaly.provenance(ckpt, "elbo", 10, 0)) is None
 
 
-def test_score_writes_a_csv_reconstruct_reuses_and_a_held_out_digit_gets_its_auroc(
-    trained, tmp_path
-):
+def test_score_writes_a_csv_reconstruct_reuses_it_held_out_digit_auroc(trained, tmp_path):
     folder, elbo2 = copy_run(trained, tmp_path), ["--samples", 2, "--method", "elbo"]
     common = ["--checkpoint", folder / "best.pt", "--data-dir", MNIST_DIR, "--image-dir", tmp_path]
     code, out, err = run_main(["score", *common, *elbo2])

@@ -161,9 +161,7 @@ def test_unusable_checkpoint_is_one_line_naming_it_and_nothing_is_written(tmp_pa
 
 
 @pytest.mark.parametrize("held", ["best.pt and last.pt", "best.pt"])
-def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_before_anything_is_read(
-    trained, tmp_path, held
-):
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_unread(trained, tmp_path, held):
     """Only best.pt (a kill in the first save of last.pt): it, and --resume, name its --resume."""
     folder = copy_run(trained, tmp_path)
     if held == "best.pt":
@@ -232,9 +230,7 @@ FULL = "note: stdout cannot be written (No space left on device); going on witho
 
 
 @pytest.mark.parametrize("fd,target", [(1, "/dev/full"), (1, None), (2, None), (2, "pipe")])
-def test_a_full_or_closed_output_stream_loses_no_work_and_keeps_the_exit_status(
-    tmp_path, fd, target
-):
+def test_a_full_or_closed_stream_loses_no_work_nor_exit_status(tmp_path, fd, target):
     """`sample > /dev/full`, `sample >&-`: a whole picture, exit 0. `reconstruct` of a bad and a
     good file, `2>&-` or stderr's reader gone: the good one is written, exit 2. No traceback."""
     (tmp_path / "notes.txt").write_text("not a picture")
@@ -255,9 +251,7 @@ def test_a_full_or_closed_output_stream_loses_no_work_and_keeps_the_exit_status(
 
 
 @needs_mnist
-def test_latent_dim_1_trains_resumes_and_samples_with_stdout_full_or_closed_and_git_status_clean(
-    tmp_path,
-):
+def test_latent_dim_1_trains_resumes_samples_to_closed_stdout_git_clean(tmp_path):
     """--latent-dim 1 in the default folders, `> /dev/full` (it goes on) to a 1-d latent map; then
     --resume and sample, each `| head -1`; all it writes is ignored by git."""
     use = ["--data-dir", helpers.MNIST_DIR, "--iwae-k", "1"]
@@ -311,9 +305,7 @@ def test_a_read_only_checkpoint_folder_needs_output_dir(trained, tmp_path, monke
     assert helpers.snapshot(folder) == before
 
 
-def test_evaluate_reads_only_the_test_files_and_writes_no_metrics_beside_a_replaced_checkpoint(
-    trained, tmp_path
-):
+def test_evaluate_reads_test_files_only_no_metrics_for_a_replaced_ckpt(trained, tmp_path):
     folder, data = copy_run(trained, tmp_path), tmp_path / "data"
     (folder / "metrics.json").unlink()
     data.mkdir()

@@ -179,9 +179,7 @@ def mirror(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["absent", "garbled"])
-def test_a_download_failing_half_way_names_the_files_missing_and_the_next_try_loads(
-    tmp_path, mirror, how
-):
+def test_a_download_failing_half_way_names_what_is_missing_and_retries(tmp_path, mirror, how):
     """The files downloaded go where load_mnist finds them, only what did arrive whole is kept."""
     folder, raw = tmp_path / "data", tmp_path / "data" / "MNIST" / "raw"
     for name in FILE_NAMES[2:]:  # the mirror answers 404, or a proxy's error page

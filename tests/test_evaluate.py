@@ -18,9 +18,7 @@ from model import mean_neg_elbo
 PICTURES = "reconstructed_image samples loss_curves interpolation latent_space latent_traversal"
 
 
-def test_evaluate_agrees_with_the_end_of_training_says_what_it_computes_and_writes_sound_figures(
-    trained, tmp_path
-):
+def test_evaluate_agrees_with_training_and_writes_sound_figures(trained, tmp_path):
     at_training = json.loads((trained.ckpt_dir / "metrics.json").read_text())
     folder = copy_run(trained, tmp_path)
     (folder / "metrics.json").unlink()

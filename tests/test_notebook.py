@@ -20,9 +20,7 @@ def test_notebook_is_stored_without_outputs_or_drawing_code_of_its_own():
     assert "pyplot" not in sources and "imshow" not in sources and "utils.plot_" in sources
 
 
-def test_notebook_runs_in_a_jupyter_kernel_and_keeps_the_inline_backend(
-    trained, tmp_path, monkeypatch
-):
+def test_notebook_runs_in_a_kernel_keeping_the_inline_backend(trained, tmp_path, monkeypatch):
     nbformat, nbclient = (pytest.importorskip(name) for name in ("nbformat", "nbclient"))
     folder = copy_run(trained, tmp_path)
     monkeypatch.setenv("VAE_CHECKPOINT", str(folder / "best.pt"))  # the kernel inherits these

@@ -111,9 +111,7 @@ def test_demo_serves_the_shipped_checkpoint_and_says_so(tmp_path):
 
 
 @needs_mnist
-def test_test_image_0_scores_the_same_alone_in_a_batch_in_the_csv_and_in_the_demo(
-    tmp_path, monkeypatch
-):
+def test_image_0_scores_alike_alone_in_batches_in_the_csv_and_demo(tmp_path, monkeypatch):
     helpers.first_test_images(monkeypatch, n=100)
     code, _, err = run_main(["score", "--data-dir", MNIST_DIR, "--output-dir", tmp_path], tmp_path)
     assert code == 0, err

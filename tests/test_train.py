@@ -167,9 +167,7 @@ def same_run(a: Path, b: Path, metrics: bool = True) -> None:
 
 
 @pytest.mark.parametrize("stop", [signal.SIGHUP, signal.SIGTERM])
-def test_replace_deletes_the_earlier_run_and_a_stop_signal_leaves_a_resume_ending_bit_identical(
-    trained, tmp_path, cheap_evaluation, stop
-):
+def test_replace_then_stop_signal_resumes_bit_identical(trained, tmp_path, cheap_evaluation, stop):
     """--replace of a copy of the shared run, stopped; the printed command ends it bit-identical."""
     folder, name = copy_run(trained, tmp_path), signal.Signals(stop).name
     argv = train_args(tmp_path, epochs=2) + ["--replace", "--device", "cpu"]
@@ -261,9 +259,7 @@ def test_a_binarized_averaged_run_resumes_exactly_and_another_seed_gives_another
     assert not any(torch.equal(a, b) for a, b in zip(seen[0], seen[2]))
 
 
-def test_resume_refuses_a_changed_model_flag_and_of_a_finished_run_only_evaluates(
-    trained, tmp_path, evaluations
-):
+def test_resume_refuses_new_model_flags_and_a_done_run_evaluates(trained, tmp_path, evaluations):
     source = copy_run(trained, tmp_path / "a")
     before = snapshot(source)  # nothing is written in it: the refusal leaves no lock, resume reads
     argv = ["--resume", source / "last.pt", "--data-dir", MNIST_DIR, "--no-progress"]
