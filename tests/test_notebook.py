@@ -1,10 +1,75 @@
-"""notebooks/explore.ipynb is stored clean and runs top to bottom in a real Jupyter kernel, drawing
-with utils and keeping the inline backend. (The README's Python blocks: tests/test_readme.py.)"""
+"""What a notebook user meets: the README's Python blocks run and train as `python main.py` does
+(bit-identical weights and reference, the same figures); notebooks/explore.ipynb is stored clean and
+runs in a real Jupyter kernel; plots are Figures outside pyplot that IPython shows."""
 
+from __future__ import annotations
+
+import ast
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
-from helpers import MNIST_DIR, ROOT, copy_run
+import torch
+from helpers import MNIST_DIR, ROOT, copy_run, needs_mnist, run_main
+from matplotlib.figure import Figure
+from PIL import Image
+
+import checkpoint
+import utils
+
+README = (ROOT / "README.md").read_text()
+FIGURES = ("test_loss", "test_bce", "test_kl", "test_iwae_nll", "active_units", "kl_per_dim")
+
+
+def block(name: str) -> str:
+    after = README.split(f"<!-- python: {name} -->", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@needs_mnist
+def test_readme_blocks_run_and_train_as_the_command_line_does(tmp_path, monkeypatch):
+    user_folder = tmp_path  # laid out as a clone is: data/ holding MNIST, models_mnist/, images/
+    (user_folder / "data").symlink_to(MNIST_DIR)
+    (user_folder / "models_mnist").mkdir()
+    (user_folder / "images").mkdir()
+    monkeypatch.chdir(user_folder)
+    ns: dict = {}
+    for name in ("load", "score", "train"):
+        exec(compile(block(name), f"README.md, block {name}", "exec"), ns)
+    assert ns["pixels"].shape == (8, 1, 28, 28) and torch.equal(ns["pixels"], ns["recon"])
+    assert ns["between"].shape == (10, 1, 28, 28) and ns["samples"].shape == (16, 1, 28, 28)
+    assert isinstance(ns["fig"], Figure)
+    assert (user_folder / "images" / "my_reconstructions.png").stat().st_size > 0
+    argv = "--epochs 1 --subset 2000 --iwae-k 10 --no-progress --checkpoint-dir models_mnist/cli"
+    code, _, err = run_main(argv.split(), cwd=user_folder)
+    assert code == 0, err
+    from_python = checkpoint.load(user_folder / "models_mnist" / "from-python" / "best.pt")
+    from_cli = checkpoint.load(user_folder / "models_mnist" / "cli" / "best.pt")
+    for key in ("model", "anomaly_reference", "latent_map"):
+        tensors = [list(checkpoint.tensors(run[key])) for run in (from_python, from_cli)]
+        assert len(tensors[0]) == len(tensors[1]) > 0
+        assert all(torch.equal(a, b) for a, b in zip(*tensors)), key
+    metrics = json.loads((user_folder / "models_mnist" / "cli" / "metrics.json").read_text())
+    assert {k: ns["metrics"][k] for k in FIGURES} == {k: metrics[k] for k in FIGURES}
+
+
+def test_the_readme_table_of_the_vae_names_the_lines_the_code_has():
+    table = README.split("<!-- vae-path:", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"`(\w+\.py)` (\d+)-(\d+): ((?:`\w+`(?:, )?)+) \| (\d+) \|", table)
+    assert len(rows) == 6
+    for path, start, end, names, count in rows:
+        nodes = {n.name: n for n in ast.parse((ROOT / path).read_text()).body if hasattr(n, "name")}
+        names = re.findall(r"`(\w+)`", names)
+        first, last = nodes[names[0]], nodes[names[-1]]
+        begins = min([first.lineno] + [d.lineno for d in first.decorator_list])
+        assert (begins, last.end_lineno) == (int(start), int(end)), (path, names)
+        assert int(count) == int(end) - int(start) + 1
+    total = int(README.split("**The VAE in ", 1)[1].split(" ", 1)[0])
+    assert total == sum(int(row[4]) for row in rows)
+
 
 NOTEBOOK = ROOT / "notebooks" / "explore.ipynb"
 
@@ -47,3 +112,47 @@ def test_notebook_runs_in_a_kernel_keeping_the_inline_backend(trained, tmp_path,
     numbers = re.findall(r"-?\d+\.\d+", "\n".join(scores))
     assert len(numbers) == 25 and "-0.00" not in numbers, numbers
     assert all(len(n.split(".")[1]) == 2 for n in numbers), numbers
+
+
+# every plot function, in a fresh process whose backend is svg: the backend must stay svg
+DRAW_ALL = """\
+import sys, matplotlib, torch, utils
+from matplotlib.figure import Figure
+x, history = torch.rand(4, 1, 28, 28), [dict.fromkeys(["epoch", "train_loss", "train_bce",
+    "train_kl", "val_loss", "val_bce", "val_kl"], 1)]
+figures = [utils.plot_rows([x, x], ["a", "b"], "rows", column_labels=list("abcd")),
+    utils.plot_reconstructions(x, x), utils.plot_grid(x, "grid", nrow=2),
+    utils.plot_loss_curves(history), utils.plot_latent_space(torch.randn(9, 2), torch.arange(9)),
+    utils.plot_anomalies([("top", x, x, list("abcd"))], title="anomalies"),
+    utils.plot_user_reconstruction(x[0, 0] * 255, x[0], x[0], "mine")]
+for i, fig in enumerate(figures):
+    assert isinstance(fig, Figure) and fig.canvas.manager is None  # not one of pyplot's figures
+    utils.save_figure(fig, f"{sys.argv[1]}/{i}.png")
+print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
+"""
+
+
+def test_plots_leave_the_backend_and_pyplot_alone_and_save_whole_pngs(tmp_path):
+    env = os.environ | {"MPLBACKEND": "svg", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", DRAW_ALL, str(tmp_path)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.split() == ["svg", "False"], done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.png" for i in range(7)]
+    for path in tmp_path.iterdir():
+        with Image.open(path) as picture:
+            assert picture.format == "PNG" and min(picture.size) > 100
+
+
+def test_a_notebook_shows_a_figure_inline():
+    formatters = pytest.importorskip("IPython.core.formatters")
+    data, _ = formatters.DisplayFormatter().format(utils.plot_grid(torch.rand(4, 1, 28, 28), "g"))
+    assert data["image/png"].startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_loss_curves_tick_whole_epochs(epochs):
+    keys = [f"{part}_{name}" for part in ("train", "val") for name in ("loss", "bce", "kl")]
+    history = [{key: 100.0 / e for key in keys} | {"epoch": e} for e in range(1, epochs + 1)]
+    for ax in utils.plot_loss_curves(history).axes:
+        low, high = ax.get_xlim()
+        assert [t for t in ax.get_xticks() if low <= t <= high] == list(range(1, epochs + 1))
