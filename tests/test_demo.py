@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import threading
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_ARCHITECTURE, resave, run_main, start_cli, tiny_model
+from helpers import tiny_model
 
 import anomaly
 import checkpoint
@@ -26,7 +25,6 @@ import demo
 import evaluate
 import prepare
 from benchmarks import drawings
-from config import TrainConfig, VAEConfig
 from files import UserError
 
 # pen strokes through 4 random points, as fractions of the drawing's side: 64 "digits"
@@ -342,31 +340,6 @@ def test_host_headers_an_unresolvable_host_and_the_ipv6_loopback(app):
         port = srv.server_address[1]
         assert request(port, "GET", "/api/map", host="::1")[0] == 200  # Host: [::1]:PORT
         assert demo.page_url(srv) == f"http://[::1]:{port}/"
-
-
-def test_ctrl_c_stops_the_server_in_one_line_and_a_busy_port_is_a_one_line_error(app, tmp_path):
-    """The server as a user runs it; a second one on its port, on every interface, in process."""
-    config = checkpoint.config_dict(TrainConfig(precision="fp32"), VAEConfig(**TINY_ARCHITECTURE))
-    ckpt = {"format": checkpoint.FORMAT, "config": config, "model": app.model.state_dict()}
-    path = tmp_path / "tiny.pt"
-    resave(ckpt | {"anomaly_reference": app.reference, "latent_map": app.map}, path)
-    use = ["demo", "--device", "cpu", "--checkpoint", path]
-    first = start_cli(use + ["--port", 0], env={"OMP_NUM_THREADS": "1"})
-    try:
-        using, line = first.stdout.readline(), first.stdout.readline()
-        assert using.startswith(f"using {path}: a model with no training history"), using
-        assert line.startswith("demo ready at http://127.0.0.1:"), line + first.stderr.read()
-        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
-        assert request(port, "GET", "/api/map")[0] == 200 and "warning" not in line
-        code, out, err = run_main(use + ["--port", port, "--host", "0.0.0.0"])
-        assert code == 2 and out.count("\n") == 2 == err.count("\n") + 1, out + err
-        assert out.splitlines()[1].startswith("warning: --host 0.0.0.0 is not a loopback address")
-        assert err.startswith("error: cannot serve on 0.0.0.0:") and "--port" in err, err
-        first.send_signal(signal.SIGINT)
-        out, err = first.communicate(timeout=30)
-    finally:
-        first.kill()
-    assert first.returncode in (0, 130) and (out + err).strip() == "demo stopped", (out, err)
 
 
 @pytest.fixture(scope="module")

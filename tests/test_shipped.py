@@ -96,18 +96,25 @@ def test_evaluate_and_score_write_nothing_beside_the_shipped_checkpoint(tmp_path
     assert os.listdir(tmp_path) == ["images"]  # and nothing in the working folder
 
 
-def test_demo_serves_the_shipped_checkpoint_and_says_so(tmp_path):
+def test_demo_serves_the_shipped_model_ctrl_c_stops_it_a_busy_port_is_one_line(tmp_path):
+    """The server as a user runs it; a second one on its port, on every interface, in process."""
     proc = helpers.start_cli(["demo", "--port", "0"], cwd=tmp_path)
     try:
         first, second = proc.stdout.readline(), proc.stdout.readline()
         assert first.startswith(USING), first
-        assert second.startswith("demo ready at http://127.0.0.1:"), second
-        answer = urllib.request.urlopen(second.split()[3] + "api/map", timeout=60).read()
+        assert second.startswith("demo ready at http://127.0.0.1:"), second + proc.stderr.read()
+        url = second.split()[3]
+        answer = urllib.request.urlopen(url + "api/map", timeout=60).read()
         assert b'"latent_dim": 32' in answer and b'"method": "combined"' in answer
-    finally:
+        code, out, err = run_main(["demo", "--port", url.split(":")[2][:-1], "--host", "0.0.0.0"])
+        assert code == 2 and out.count("\n") == 2 == err.count("\n") + 1, out + err
+        assert out.splitlines()[1].startswith("warning: --host 0.0.0.0 is not a loopback address")
+        assert err.startswith("error: cannot serve on 0.0.0.0:") and "--port" in err, err
         proc.send_signal(signal.SIGINT)
         code, out, err = helpers.finish(proc, timeout=60)
-    assert code == 0 and "Traceback" not in err, err
+    finally:
+        proc.kill()
+    assert code == 0 and (out + err).strip() == "demo stopped", (out, err)
 
 
 @needs_mnist
