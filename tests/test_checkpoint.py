@@ -127,12 +127,6 @@ def ckpt(built) -> dict:
     return copy.deepcopy(built)
 
 
-def test_files_that_are_not_checkpoints(tmp_path):
-    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
-        archive.writestr("hello.txt", "a zip, but not one torch.save wrote")
-    assert "not a usable vae-mnist checkpoint" in refused(tmp_path / "other.zip")
-
-
 def test_pickled_code_is_refused_unread(tmp_path, ckpt):
     """The payload, unpickled, creates a file: any code a hostile checkpoint could run."""
     marker = tmp_path / "ran"
@@ -146,8 +140,11 @@ def test_pickled_code_is_refused_unread(tmp_path, ckpt):
     assert marker.exists()
 
 
-def test_a_changed_tensor_byte_fails_the_checksum(tmp_path, ckpt):
+def test_a_foreign_zip_and_a_changed_tensor_byte_are_refused(tmp_path, ckpt):
     """One tensor byte changed inside a valid zip (its CRC renewed): only the checksum can tell."""
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
+        archive.writestr("hello.txt", "a zip, but not one torch.save wrote")
+    assert "not a usable vae-mnist checkpoint" in refused(tmp_path / "other.zip")
     good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
     checkpoint.save(ckpt, good)
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:

@@ -71,26 +71,17 @@ def test_the_readme_table_of_the_vae_names_the_lines_the_code_has():
     assert total == sum(int(row[4]) for row in rows)
 
 
-NOTEBOOK = ROOT / "notebooks" / "explore.ipynb"
-
-
-def code_cells(nbformat):
-    return [c for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
-
-
-def test_notebook_is_stored_without_outputs_or_drawing_code_of_its_own():
-    cells = code_cells(pytest.importorskip("nbformat"))
+def test_notebook_is_stored_clean_runs_keeping_the_inline_backend(trained, tmp_path, monkeypatch):
+    """Stored without outputs or drawing code of its own; run in a real kernel, each plot shown."""
+    nbformat, nbclient = (pytest.importorskip(name) for name in ("nbformat", "nbclient"))
+    stored = nbformat.read(ROOT / "notebooks" / "explore.ipynb", as_version=4)
+    cells = [c for c in stored.cells if c.cell_type == "code"]
     assert cells and all(c.outputs == [] and c.execution_count is None for c in cells)
     sources = "\n".join(c.source for c in cells)
     assert "pyplot" not in sources and "imshow" not in sources and "utils.plot_" in sources
-
-
-def test_notebook_runs_in_a_kernel_keeping_the_inline_backend(trained, tmp_path, monkeypatch):
-    nbformat, nbclient = (pytest.importorskip(name) for name in ("nbformat", "nbclient"))
     folder = copy_run(trained, tmp_path)
     monkeypatch.setenv("VAE_CHECKPOINT", str(folder / "best.pt"))  # the kernel inherits these
     monkeypatch.setenv("MNIST_DIR", MNIST_DIR)
-    cells = code_cells(nbformat)
     nb = nbformat.v4.new_notebook(cells=cells)
     nb.cells.append(nbformat.v4.new_code_cell("import matplotlib\nmatplotlib.get_backend()"))
     resources = {"metadata": {"path": str(ROOT / "notebooks")}}
@@ -141,10 +132,7 @@ def test_plots_leave_the_backend_and_pyplot_alone_and_save_whole_pngs(tmp_path):
     for path in tmp_path.iterdir():
         with Image.open(path) as picture:
             assert picture.format == "PNG" and min(picture.size) > 100
-
-
-def test_a_notebook_shows_a_figure_inline():
-    formatters = pytest.importorskip("IPython.core.formatters")
+    formatters = pytest.importorskip("IPython.core.formatters")  # a notebook shows a plot inline
     data, _ = formatters.DisplayFormatter().format(utils.plot_grid(torch.rand(4, 1, 28, 28), "g"))
     assert data["image/png"].startswith(b"\x89PNG")
 
