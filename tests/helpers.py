@@ -1,7 +1,5 @@
 """Shared test helpers: real data, a tiny model and images, pictures, folders, runs of main.py."""
 
-from __future__ import annotations
-
 import ctypes
 import io
 import json

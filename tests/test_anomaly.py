@@ -1,7 +1,5 @@
 """Anomaly scores: AUROC, the methods' parts, the local pixel model, the reference, the CSV."""
 
-from __future__ import annotations
-
 import csv
 import hashlib
 from unittest import mock

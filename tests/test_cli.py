@@ -1,8 +1,6 @@
 """A user's mistake is one line on stderr, exit 2, before long work, nothing saved changed: each way
 once as `python main.py` in its own process (run_cli), variants in process. See docs/errors.md."""
 
-from __future__ import annotations
-
 import os
 import re
 import subprocess

@@ -1,7 +1,5 @@
 """`evaluate` and `sample`: honest metrics, legible pictures, progress bars, the latent map."""
 
-from __future__ import annotations
-
 import json
 import math
 

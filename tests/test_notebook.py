@@ -2,8 +2,6 @@
 (bit-identical weights and reference, the same figures); notebooks/explore.ipynb is stored clean and
 runs in a real Jupyter kernel; plots are Figures outside pyplot that IPython shows."""
 
-from __future__ import annotations
-
 import ast
 import json
 import os

@@ -1,8 +1,6 @@
 """pretrained/vae-mnist.pt: small, trimmed, loadable, what every command uses until a model is
 trained here (which wins: tests/test_cli.py); nothing is ever written beside it."""
 
-from __future__ import annotations
-
 import os
 import signal
 import urllib.request
