@@ -1,4 +1,5 @@
-"""Shared test helpers: real data, a tiny model and images, pictures, folders, runs of main.py."""
+"""Shared test helpers: real data and a small trained run, a tiny model and images, pictures,
+folders, runs of main.py. In-process torch keeps to one thread: tiny tensors run fastest so."""
 
 import ctypes
 import io
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from contextlib import chdir, redirect_stderr, redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ needs_mnist = pytest.mark.skipif(not MNIST_DIR, reason="set MNIST_DIR to the fou
 # A small architecture for end-to-end runs: the commands behave the same, several times faster.
 SMALL_FLAGS = "--latent-dim 8 --channels 8 16 --hidden-dim 32 --res-blocks 0".split()
 TINY_ARCHITECTURE = dict(latent_dim=8, channels=(8, 16), hidden_dim=32, res_blocks=0, out_conv=0)
+torch.set_num_threads(1)
 
 
 def tiny_model(seed: int = 0, **overrides) -> VAE:
@@ -136,6 +139,20 @@ def train_args(folder: Path, epochs: int = 2, subset: int = 2000) -> list[str]:
     argv = ["--epochs", epochs, "--subset", subset, "--data-dir", MNIST_DIR]
     argv += ["--checkpoint-dir", folder / "ckpt", "--image-dir", folder / "img", "--iwae-k", 2]
     return [str(a) for a in argv + ["--no-progress", *SMALL_FLAGS]]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """2 epochs of a small VAE on 2,000 real training images: its folders and printed output, read
+    only (a test that writes there works on copy_run's copy); skipped without MNIST."""
+    if not MNIST_DIR:
+        pytest.skip("set MNIST_DIR to run real-data tests")
+    folder = tmp_path_factory.mktemp("trained")
+    code, out, err = run_main(train_args(folder, epochs=2))
+    assert code == 0, err
+    before = snapshot(folder / "ckpt")
+    yield SimpleNamespace(ckpt_dir=folder / "ckpt", image_dir=folder / "img", output=out)
+    assert snapshot(folder / "ckpt") == before, "a test wrote into the shared run; use copy_run"
 
 
 def resave(ckpt: dict, path: Path) -> None:

@@ -440,13 +440,9 @@ def test_a_browser_draws_moves_every_control_and_clears(chromium, width, height,
     sections = [box for box in boxes if box[0] == "SECTION"]
     stacked = all(a[4] <= b[3] for a, b in zip(sections, sections[1:]))
     assert len(sections) == 5 and stacked == phone, sections
-    # the page shows, in anomaly.describe's words, what the Python API answers for its drawing
-    sent = ev(browser, "drawingBody()")
-    x = prepare.prepare_digit(torch.tensor(sent["pixels"]).reshape(sent["height"], -1))[None]
-    assert_image(answer["prepared"], x)
-    rank = app.percentile(anomaly.score(app.model, x, reference=app.reference).item())
+    # the page shows the API's answer (the Python API's own: the first test) in its words
     shown = ev(browser, "['description', 'meaning', 'thresholds'].map(i => $(i).textContent)")
-    assert shown[0] == anomaly.describe(answer["score"], rank) and answer["percentile"] == rank
+    assert shown[0] == anomaly.describe(answer["score"], answer["percentile"])
     assert ev(browser, "$('description').className") == "big " + answer["verdict"].replace(" ", "-")
     assert "negative score is normal" in shown[1]
     assert all(f"{t:.2f}" in shown[2] for t in app.thresholds)

@@ -214,24 +214,20 @@ def test_weight_average_with_batch_norm_ramps_its_decay_and_copies_counters():
     m = VAE(latent_dim=4, channels=(4, 8), hidden_dim=0, res_blocks=0, out_conv=0, norm="batch")
     averaging = functools.partial(train.ema_with_warmup, decay=0.9)
     average = AveragedModel(m, multi_avg_fn=averaging, use_buffers=True)
-
-    def norms(net):
-        return [x for x in net.modules() if isinstance(x, torch.nn.BatchNorm2d)]
-
-    def floats(net):
-        return [*net.parameters(), *(x.running_mean for x in norms(net))]
-
+    nets = (m, average.module)  # the live network and the average
+    norms = [[x for x in net.modules() if isinstance(x, torch.nn.BatchNorm2d)] for net in nets]
+    floats = [[*net.parameters(), *(x.running_mean for x in n)] for net, n in zip(nets, norms)]
     expected = []
     for step in range(30):
         with torch.no_grad():  # weights, statistics and counters move on; the average trails them
-            for t in [*floats(m), *(x.num_batches_tracked for x in norms(m))]:
+            for t in [*floats[0], *(x.num_batches_tracked for x in norms[0])]:
                 t.add_(1)
         average.update_parameters(m)
-        live = [t.detach().clone() for t in floats(m)]
+        live = [t.detach().clone() for t in floats[0]]
         decay = 0.0 if step == 0 else min(0.9, (1 + step) / (10 + step))  # copy, 2/11, .. 0.9
         expected = [decay * e + (1 - decay) * t for e, t in zip(expected if step else live, live)]
-    for e, a, t in zip(expected, floats(average.module), live):
+    for e, a, t in zip(expected, floats[1], live):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-4)
         assert (t - a).min() > 1
-    counters = [x.num_batches_tracked for x in norms(average.module)]  # copied, not averaged
+    counters = [x.num_batches_tracked for x in norms[1]]  # copied, not averaged
     assert len(counters) == 3 and all(int(c) == 30 for c in counters)
