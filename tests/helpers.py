@@ -143,8 +143,7 @@ def train_args(folder: Path, epochs: int = 2, subset: int = 2000) -> list[str]:
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """2 epochs of a small VAE on 2,000 real training images: its folders and printed output, read
-    only (a test that writes there works on copy_run's copy); skipped without MNIST."""
+    """2 epochs of a small VAE on 2,000 real images: read only (copy_run copies); needs MNIST."""
     if not MNIST_DIR:
         pytest.skip("set MNIST_DIR to run real-data tests")
     folder = tmp_path_factory.mktemp("trained")

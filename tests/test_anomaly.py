@@ -45,8 +45,7 @@ def test_every_method_gives_one_finite_reproducible_score_per_image(small, metho
 
 
 def test_each_method_is_its_documented_parts_and_a_score_is_the_same_alone_and_in_a_batch(small):
-    """complexity = elbo - LOCAL_WEIGHT * local nll; knn = mean distance to the nearest codes;
-    combined ranks as its parts rank, never below the elbo guard, and is the default."""
+    """complexity = elbo - LOCAL_WEIGHT * local nll; knn: distance to the codes; combined: below."""
     model, reference, x = small
     local = anomaly.LocalPixelModel()
     local.load_state_dict(reference["local_model"])
@@ -96,8 +95,7 @@ def test_bad_arguments_and_references_are_refused_where_they_enter(small):
 
 
 def test_the_local_model_sees_only_earlier_pixels_and_learns_stroke_texture():
-    """A changed pixel changes the predictions of later pixels (reading order) only; fitted to
-    vertical bars, the model finds bars cheaper than the same pixels scattered at random."""
+    """A pixel changes only later pixels' predictions; bars cost less than the pixels scattered."""
     local, x = anomaly.LocalPixelModel(), torch.rand(1, 1, 28, 28)
     y = torch.where(torch.arange(784).view(1, 1, 28, 28) == 10 * 28 + 10, 1 - x, x)  # [10, 10]
     with torch.no_grad():
@@ -182,8 +180,7 @@ def test_score_writes_a_csv_reconstruct_reuses_it_held_out_digit_auroc(trained, 
 
 
 def test_a_small_run_fits_a_shorter_reference_and_scores_a_share_of_the_test_digits(monkeypatch):
-    """Scaled down (a full run: 400 images), a run on 100 fits the local model for a quarter of the
-    steps and scores a quarter of the test digits; a full run scores them all."""
+    """Scaled down: a run on 100 of 400 images fits a quarter of the steps, scores a quarter."""
     fit = mock.Mock(wraps=anomaly.fit_local_model)  # called (images, steps, ...)
     scaled = dict(FULL_REFERENCE_RUN=400, LOCAL_STEPS=8, MIN_LOCAL_STEPS=2, MIN_TEST_SCORES=20)
     for name, value in (scaled | {"fit_local_model": fit}).items():

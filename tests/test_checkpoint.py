@@ -203,8 +203,7 @@ def test_a_training_state_is_checked_only_for_resume(tmp_path, ckpt):
 
 
 def write_archive(path: Path, pickled: bytes, deflated: int = 0) -> None:
-    """A zip laid out as torch.save lays one out: `pickled` as its pickle and, with `deflated`, a
-    storage of that many zero bytes, DEFLATE-compressed (torch.save never does)."""
+    """A zip as torch.save lays one out; `deflated` zero bytes compressed (torch.save never is)."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         for name, blob in {"data.pkl": pickled, "byteorder": b"little", "version": b"3\n"}.items():
             archive.writestr(f"archive/{name}", blob, compress_type=zipfile.ZIP_STORED)

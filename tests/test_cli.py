@@ -229,8 +229,7 @@ FULL = "note: stdout cannot be written (No space left on device); going on witho
 
 @pytest.mark.parametrize("fd,target", [(1, "/dev/full"), (1, None), (2, None), (2, "pipe")])
 def test_a_full_or_closed_stream_loses_no_work_nor_exit_status(tmp_path, fd, target):
-    """`sample > /dev/full`, `sample >&-`: a whole picture, exit 0. `reconstruct` of a bad and a
-    good file, `2>&-` or stderr's reader gone: the good one is written, exit 2. No traceback."""
+    """sample >/dev/full, >&-: a whole picture, exit 0; reconstruct 2>&-: the good one, exit 2."""
     (tmp_path / "notes.txt").write_text("not a picture")
     argv = ["sample", "--n", "4"] if fd == 1 else ["reconstruct", tmp_path / "notes.txt"]
     argv += [helpers.digit(tmp_path / "zero.png")] if fd == 2 else []
@@ -250,8 +249,7 @@ def test_a_full_or_closed_stream_loses_no_work_nor_exit_status(tmp_path, fd, tar
 
 @needs_mnist
 def test_latent_dim_1_trains_resumes_samples_to_closed_stdout_git_clean(tmp_path):
-    """--latent-dim 1 in the default folders, `> /dev/full` (it goes on) to a 1-d latent map; then
-    --resume and sample, each `| head -1`; all it writes is ignored by git."""
+    """In the default folders, > /dev/full goes on; --resume, sample | head -1; git ignores all."""
     use = ["--data-dir", helpers.MNIST_DIR, "--iwae-k", "1"]
     argv = ["--epochs", "1", "--subset", "200", *use, *helpers.SMALL_FLAGS, "--latent-dim", "1"]
     argv += ["--val-size", "500"]
@@ -283,8 +281,7 @@ def test_latent_dim_1_trains_resumes_samples_to_closed_stdout_git_clean(tmp_path
 
 @pytest.mark.parametrize("command", ["evaluate", "score"])
 def test_a_read_only_checkpoint_folder_needs_output_dir(trained, tmp_path, monkeypatch, command):
-    """Mode 555, in a child it binds: refused before the data; --output-dir passes (and, run here on
-    500 test images, the file goes there, nothing beside the checkpoint)."""
+    """Mode 555 (binding in a child): refused before the data; --output-dir writes there instead."""
     name = {"evaluate": "metrics.json", "score": "anomaly_scores.csv"}[command]
     folder = copy_run(trained, tmp_path)
     folder.chmod(0o555)
@@ -333,8 +330,7 @@ def test_a_data_file_that_is_not_a_regular_file_is_named_and_nothing_is_download
 
 
 def test_reconstruct_gives_each_bad_file_its_own_line_and_writes_the_good_ones(trained, tmp_path):
-    """A line per bad file (a FIFO unopened); names kept apart, cut, made safe; a GIF's first frame;
-    noise scored; no input written over, named before or after its output."""
+    """A FIFO unopened; names kept apart, cut, safe; a GIF's first frame; no input written over."""
     digit, img = helpers.digit, tmp_path / "img"
     (tmp_path / "notes.txt").write_text("not a picture")
     Image.new("L", (40, 1), 255).save(tmp_path / "thin.png")

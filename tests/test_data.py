@@ -83,8 +83,7 @@ def test_read_idx_checks_the_md5_of_the_content_and_refuses_what_is_no_mnist_fil
 
 
 def test_read_idx_refuses_unreadable_files_and_stops_a_bomb_at_the_canonical_size(tmp_path):
-    """Noise named .gz, a download cut half way, no file; a 100 kB .gz of 100 MB and a sparse 200 MB
-    raw file, refused with a small peak."""
+    """Noise, a cut .gz, no file; a 100 kB .gz of 100 MB and a sparse 200 MB file: a small peak."""
     packed = gzip.compress(idx_bytes(random_images(3)))
     (tmp_path / "cut.gz").write_bytes(packed[: len(packed) // 2])
     (tmp_path / "noise.gz").write_bytes(np.random.default_rng(5).bytes(500))

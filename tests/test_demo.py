@@ -71,8 +71,7 @@ def server(app) -> int:
 
 
 def request(port, method, path, payload=None, headers=(), host="127.0.0.1") -> tuple[int, dict]:
-    """(status, JSON answer); a payload (dict or list: as JSON) goes with JSON headers, changed by
-    `headers` (None: left out); a Host given there is the only one."""
+    """(status, JSON); a dict or list goes as JSON; `headers` override (a Host too), None drops."""
     if isinstance(payload, dict | list):
         payload = json.dumps(payload).encode()
     sent = {} if payload is None else {"Content-Type": JSON, "Content-Length": str(len(payload))}
@@ -256,8 +255,7 @@ def test_a_bad_request_gets_a_4xx_json_error_and_the_server_goes_on(server, name
 
 
 def test_raw_http_a_trickling_client_and_fifty_clients_at_once(server, monkeypatch, capfd):
-    """An offline page; HEAD is GET without a body; a non-HTTP request line; 50 threads POST 4
-    drawings each at once (a listen backlog of 5 reset some), answered as one; a deadline."""
+    """Offline page, HEAD, a non-HTTP line; 50 threads x 4 posts answered as one; a deadline."""
 
     def ask(line: str) -> tuple[bytes, bytes]:  # (status line and headers, body): read to the end
         with socket.create_connection(("127.0.0.1", server), timeout=10) as sock:
@@ -317,8 +315,7 @@ localhost 127.0.0.1 127.0.0.1 False"""
 
 
 def test_host_headers_an_unresolvable_host_and_the_ipv6_loopback(app):
-    """Host on one address: it with the port, or --host; on every address (0.0.0.0): any; no port:
-    80. A host that cannot be served on is named; the IPv6 loopback serves, where there is one."""
+    """Which Host headers are ours (no port: 80); a host we cannot serve on is named; IPv6 too."""
     rows = [row.split() for row in HOSTS.splitlines()]
     own_host = [demo.is_own_host(header, host, address, 8000) for header, host, address, _ in rows]
     assert own_host == [expected == "True" for *_, expected in rows], rows

@@ -78,8 +78,7 @@ def test_binarized_evaluation_images_are_one_fixed_draw_whatever_the_global_seed
 
 
 def test_latent_map_finds_the_directions_that_separate_the_digits_and_keeps_to_the_active_ones():
-    """The first axis is a narrow labelled direction over a wide unlabelled one; an inactive one
-    (Var < 0.01) that separates the digits better is left out."""
+    """A narrow labelled direction beats a wide unlabelled one; an inactive one is left out."""
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(600) % 3
     codes = torch.randn(600, 4, generator=g)

@@ -29,8 +29,7 @@ def manual_bce(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_kl_and_bce_equal_hand_derived_values_and_mean_neg_elbo_the_per_batch_sum_by_hand():
-    """kl_per_dim by hand; neg_elbo_terms: the Bernoulli NLL and the summed KL; mean_neg_elbo: the
-    per-batch sum of both with its seed's noise."""
+    """KL and the Bernoulli NLL by hand; mean_neg_elbo: their batch sums with its seed's noise."""
     mu = torch.tensor([[0.0, 1.0, 0.0, 2.0]], dtype=torch.float64)
     logvar = torch.tensor([[0.0, 0.0, math.log(2.0), -1.0]], dtype=torch.float64)
     # KL(N(m, v) || N(0, 1)) = (m^2 + v - 1 - log v) / 2, worked out for each pair

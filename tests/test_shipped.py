@@ -42,8 +42,7 @@ def test_shipped_checkpoint_is_a_trimmed_default_run():
 
 @needs_mnist
 def test_the_shipped_weights_in_the_default_network_give_the_readmes_test_loss():
-    """VAE() is the shipped network; its weights give the README's test negative ELBO (the z draws
-    seeded with the training seed, as evaluate does)."""
+    """The shipped network is VAE(); its weights give the README's test loss (evaluate's seed)."""
     model, ckpt = checkpoint.load_model(SHIPPED)
     assert checkpoint.model_config(ckpt) == VAEConfig()
     shapes = {name: t.shape for name, t in VAE().state_dict().items()}
@@ -54,8 +53,7 @@ def test_the_shipped_weights_in_the_default_network_give_the_readmes_test_loss()
 
 
 def test_every_command_names_the_shipped_model_when_none_is_trained_here(tmp_path):
-    """No models_mnist/best.pt, no MNIST: sample and reconstruct work (the stored test scores give
-    the percentile); evaluate names the model, then stops at the data. demo, score: below."""
+    """No best.pt or MNIST: sample and reconstruct work; evaluate names the model, then the data."""
     code, out, err = run_main(["sample", "--n", "4"], tmp_path)
     assert code == 0 and out.startswith(USING), out + err
     assert (tmp_path / "images" / "samples.png").is_file()
@@ -77,8 +75,7 @@ def test_every_command_names_the_shipped_model_when_none_is_trained_here(tmp_pat
 
 @needs_mnist
 def test_evaluate_and_score_write_nothing_beside_the_shipped_checkpoint(tmp_path, monkeypatch):
-    """In process on 500 test images: no metrics.json or anomaly_scores.csv, however the shipped
-    file is named (--output-dir writes them: test_cli.py)."""
+    """On 500 test images: however the shipped file is named (--output-dir writes: test_cli.py)."""
     helpers.first_test_images(monkeypatch)
     argv = "evaluate --iwae-k 1 --no-progress --data-dir".split() + [MNIST_DIR]
     code, out, err = run_main(argv, tmp_path)
