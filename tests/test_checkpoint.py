@@ -1,6 +1,5 @@
-"""checkpoint.load, the one door for files: what a run writes comes back, an older file loads as it
-ran, anything else is refused in one line naming the file, before it runs code or takes memory.
-Under it, files.py: failed atomic writes, stale temporaries, the lock (odd lock files: test_cli)."""
+"""checkpoint.load, the door for files: a run's files come back, older ones load as they ran, the
+rest is refused in one line before it runs code or takes memory; under it, files.py's writes."""
 
 import copy
 import errno

@@ -87,8 +87,7 @@ def test_read_idx_refuses_unreadable_files_and_stops_a_bomb_at_the_canonical_siz
     packed = gzip.compress(idx_bytes(random_images(3)))
     (tmp_path / "cut.gz").write_bytes(packed[: len(packed) // 2])
     (tmp_path / "noise.gz").write_bytes(np.random.default_rng(5).bytes(500))
-    for name in ("noise.gz", "cut.gz", "absent"):
-        assert "cannot read it" in refused(tmp_path / name)
+    assert all("cannot read it" in refused(tmp_path / n) for n in ("noise.gz", "cut.gz", "absent"))
     member = gzip.compress(bytes(1 << 20))  # a gzip file may hold several members, read in turn
     header = gzip.compress(idx_bytes(np.zeros(0, np.uint8), dims=(10**8,)))
     (tmp_path / "bomb.gz").write_bytes(header + member * 100)

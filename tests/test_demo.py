@@ -1,6 +1,5 @@
-"""demo.py and demo.html: answers as the Python API's, bad and foreign requests, 50 clients, the
-command line, and headless Chromium as a laptop and a phone (the shipped model or DEMO_CHECKPOINT;
-skipped without Chromium, chromedriver or selenium; DEMO_SCREENSHOTS=docs/images saves pictures)."""
+"""demo.py and demo.html: answers as the Python API's, bad and foreign requests, 50 clients, a
+headless Chromium as laptop and phone (skipped without it; DEMO_SCREENSHOTS=docs/images saves)."""
 
 import base64
 import concurrent.futures

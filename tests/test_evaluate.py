@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import helpers
 import pytest
@@ -13,8 +14,6 @@ import data
 import evaluate
 from model import mean_neg_elbo
 
-PICTURES = "reconstructed_image samples loss_curves interpolation latent_space latent_traversal"
-
 
 def test_evaluate_agrees_with_training_and_writes_sound_figures(trained, tmp_path):
     at_training = json.loads((trained.ckpt_dir / "metrics.json").read_text())
@@ -25,14 +24,12 @@ def test_evaluate_agrees_with_training_and_writes_sound_figures(trained, tmp_pat
     code, out, err = run_main(argv + ["--iwae-k", "2", "--progress"])
     assert code == 0 and out.startswith(f"using {best}: a model trained here, epoch 2 of 2"), err
     metrics = json.loads((folder / "metrics.json").read_text())
-    same = "test_loss test_bce test_kl test_iwae_nll iwae_k bce_floor active_units seed"
-    for key in same.split():
-        assert metrics[key] == at_training[key], key
+    same = "test_loss test_bce test_kl test_iwae_nll iwae_k bce_floor active_units seed".split()
+    assert {k: metrics[k] for k in same} == {k: at_training[k] for k in same}
     assert "IWAE bound" in out and "active units" in out and "bce floor" in out
     # the long part shows a progress bar when asked (stderr here is no terminal)
     assert "IWAE bound (k=2) on 10,000 test images" in err
-    for name in PICTURES.split():
-        helpers.assert_real_picture(img / f"{name}.png")
+    assert sorted(os.listdir(img)) == sorted(os.listdir(trained.image_dir))  # as training drew
     m = at_training  # consistent, finite figures
     for key in ("test_loss", "test_bce", "test_kl", "test_iwae_nll", "bce_floor", "seconds"):
         assert isinstance(m[key], float) and math.isfinite(m[key]), key

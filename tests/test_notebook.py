@@ -1,6 +1,5 @@
-"""What a notebook user meets: the README's Python blocks run and train as `python main.py` does
-(bit-identical weights and reference, the same figures); notebooks/explore.ipynb is stored clean and
-runs in a real Jupyter kernel; plots are Figures outside pyplot that IPython shows."""
+"""What a notebook user meets: the README's blocks run and train bit for bit as `python main.py`;
+notebooks/explore.ipynb is stored clean and runs in a real kernel; plots are Figures, no pyplot."""
 
 import ast
 import json

@@ -1,5 +1,4 @@
-"""pretrained/vae-mnist.pt: small, trimmed, loadable, what every command uses until a model is
-trained here (which wins: tests/test_cli.py); nothing is ever written beside it."""
+"""pretrained/vae-mnist.pt: trimmed, loadable, used until a model is trained here, never written."""
 
 import os
 import signal

@@ -1,5 +1,4 @@
-"""Training: schedules, the bf16 step, start() and train() as a notebook calls them, the shared run,
-same seed same run, resume, stop signals, divergence."""
+"""Training: schedules, the bf16 step, start() and train() from a notebook, seeds, resume, stops."""
 
 import json
 import math
@@ -225,16 +224,6 @@ def test_ctrl_c_as_the_last_epoch_saves_keeps_ctrl_c_working(tmp_path, monkeypat
     assert checkpoint.load(tmp_path / "ckpt" / "last.pt", resume=True)["epoch"] == 1
 
 
-def test_a_stop_in_a_new_checkpoint_dir_prints_a_working_command(trained, tmp_path, monkeypatch):
-    """--resume A/last.pt --checkpoint-dir B, stopped before B holds one: it resumes from one."""
-    source, step = copy_run(trained, tmp_path / "a"), train.train_step
-    monkeypatch.setattr(train, "train_step", lambda *args: ctrl_c() or step(*args))
-    args = ["--resume", source / "last.pt", "--checkpoint-dir", tmp_path / "b", "--epochs", 3]
-    code, _, err = run_main(args + ["--data-dir", MNIST_DIR, "--no-progress"])
-    argv = shlex.split(err.strip().splitlines()[-1])
-    assert code == 130 and Path(argv[argv.index("--resume") + 1]).is_file(), err
-
-
 def test_a_binarized_averaged_run_resumes_exactly_and_another_seed_gives_another_run(tmp_path):
     """Fresh pixels at every step, and an average with its own update count: restored exactly."""
     mnist = fake_mnist(400, seed=1)
@@ -259,7 +248,8 @@ def test_a_binarized_averaged_run_resumes_exactly_and_another_seed_gives_another
     assert not any(torch.equal(a, b) for a, b in zip(seen[0], seen[2]))
 
 
-def test_resume_refuses_new_model_flags_and_a_done_run_evaluates(trained, tmp_path, evaluations):
+def test_resume_a_changed_flag_a_done_run_a_stop(trained, tmp_path, evaluations, monkeypatch):
+    """A changed model flag refused; a done run only evaluated; a stop in a new folder resumable."""
     source = copy_run(trained, tmp_path / "a")
     before = snapshot(source)  # nothing is written in it: the refusal leaves no lock, resume reads
     argv = ["--resume", source / "last.pt", "--data-dir", MNIST_DIR, "--no-progress"]
@@ -273,6 +263,11 @@ def test_resume_refuses_new_model_flags_and_a_done_run_evaluates(trained, tmp_pa
     assert evaluations[0]["path"] == source / "best.pt" and len(evaluations[0]["history"]) == 2
     assert evaluations[0]["metrics_path"] == tmp_path / "b" / "metrics.json"
     assert snapshot(source) == before
+    step = train.train_step  # stopped before the new folder holds a checkpoint: it names source's
+    monkeypatch.setattr(train, "train_step", lambda *args: ctrl_c() or step(*args))
+    code, _, err = run_main(argv + ["--checkpoint-dir", tmp_path / "c", "--epochs", 3])
+    resume = shlex.split(err.strip().splitlines()[-1])
+    assert code == 130 and Path(resume[resume.index("--resume") + 1]).is_file(), err
 
 
 def test_a_diverging_run_stops_naming_epoch_and_step_and_saves_nothing(trained, tmp_path):
