@@ -1,7 +1,6 @@
 """checkpoint.load, the door for files: a run's files come back, older ones load as they ran, the
 rest is refused in one line before it runs code or takes memory; under it, files.py's writes."""
 
-import copy
 import errno
 import math
 import os
@@ -105,8 +104,8 @@ def test_a_file_written_before_a_setting_existed_loads_as_it_ran(monkeypatch, tm
     assert (stored["config"]["clip"], model.dropout) == (2.0, 0.5)
 
 
-@pytest.fixture(scope="module")
-def built() -> dict:
+@pytest.fixture
+def ckpt() -> dict:
     """A valid checkpoint of a tiny model after one real Adam step (no data set needed)."""
     model, x = tiny_model().train(), tiny_images(4)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -119,11 +118,6 @@ def built() -> dict:
     settings = checkpoint.config_dict(TrainConfig(epochs=2, precision="fp32", ema=0.0), TINY)
     progress = {"epoch": 1, "best_val_loss": 100.0, "history": [entry], "rng": rng}
     return checkpoint.build(settings, model.state_dict(), optimizer.state_dict(), progress)
-
-
-@pytest.fixture
-def ckpt(built) -> dict:
-    return copy.deepcopy(built)
 
 
 def test_pickled_code_is_refused_unread(tmp_path, ckpt):

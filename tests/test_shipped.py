@@ -29,7 +29,9 @@ def untouched():
     assert snapshot(SHIPPED.parent) == before, "something was written beside the shipped checkpoint"
 
 
-def test_shipped_checkpoint_is_a_trimmed_default_run():
+@needs_mnist
+def test_shipped_checkpoint_is_a_trimmed_default_run_giving_the_readmes_test_loss():
+    """A default run, trimmed; its network is VAE(); the README's test loss (evaluate's seed)."""
     assert SHIPPED.stat().st_size <= 6_000_000
     model, ckpt = checkpoint.load_model(SHIPPED)  # the checksum and every value are checked
     assert set(ckpt) == set(checkpoint.USE_KEYS) | {"checksum"} and not model.training
@@ -37,12 +39,6 @@ def test_shipped_checkpoint_is_a_trimmed_default_run():
     assert ckpt["config"] == ckpt["config"] | default_run and len(ckpt["history"]) == 20
     assert len(anomaly.reference_of(ckpt)["test_scores"]) == 10_000
     assert set(ckpt["latent_map"]) == {"mean", "axes", "points", "labels", "kl_per_dim"}
-
-
-@needs_mnist
-def test_the_shipped_weights_in_the_default_network_give_the_readmes_test_loss():
-    """The shipped network is VAE(); its weights give the README's test loss (evaluate's seed)."""
-    model, ckpt = checkpoint.load_model(SHIPPED)
     assert checkpoint.model_config(ckpt) == VAEConfig()
     shapes = {name: t.shape for name, t in VAE().state_dict().items()}
     assert {name: t.shape for name, t in ckpt["model"].items()} == shapes
