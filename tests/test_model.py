@@ -172,6 +172,10 @@ def test_the_settings_are_vaes_arguments_and_their_help_is_read_from_the_fields(
         assert "".join(f.metadata["help"].split()) in shown, f.name
     method = " ".join(parsers["score"].format_help().split())
     assert "minus 2.5 times" in method and "to the 7 nearest" in method
+    for command, unused in (("sample", []), ("demo", ["--image-dir"])):  # only the flags it uses
+        shown = parsers[command].format_help()
+        assert "--checkpoint" in shown, shown
+        assert not [f for f in unused + ["--data-dir", "--progress"] if f in shown], shown
     new = field(default=1, metadata={"range": (0, 2), "none": "", "metavar": None})  # no help
     later = make_dataclass("Later", [("new", int, new)])  # a setting added without help: it builds
     main.add_settings(main.Parser().add_argument_group("x"), later)
