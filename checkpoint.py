@@ -424,20 +424,17 @@ def describe(path: str | os.PathLike, ckpt: dict) -> str:
     where = "pretrained/vae-mnist.pt" if shipped and Path(path).is_absolute() else str(path)
     if not history:
         return f"{where}: a model with no training history"
-    images = (
-        f"the first {config['subset']:,}"
-        if config["subset"]
-        else f"{60_000 - config['val_size']:,}"
-    )
-    without = (
-        f" (digit {config['exclude_digit']} left out)"
-        if config["exclude_digit"] is not None
-        else ""
-    )
+    digit = config["exclude_digit"]
+    if config["subset"]:  # the subset is drawn from what is left once the digit is taken out
+        images = f"the first {config['subset']:,} training images"
+        images += "" if digit is None else f" with no {digit}s"
+    else:
+        images = f"{60_000 - config['val_size']:,} training images"
+        images += "" if digit is None else f" minus their {digit}s"
     what = "the shipped model" if shipped else "a model trained here"
     return (
-        f"{where}: {what}, epoch {history[-1]['epoch']} of {config['epochs']} on {images} "
-        f"training images{without}, validation loss {history[-1]['val_loss']:.2f}"
+        f"{where}: {what}, epoch {history[-1]['epoch']} of {config['epochs']} on {images}, "
+        f"validation loss {history[-1]['val_loss']:.2f}"
     )
 
 
