@@ -295,13 +295,14 @@ def process_running(pid: int) -> bool:
 
 
 @contextmanager
-def lock_folder(folder: str | os.PathLike, what: str = "training run"):
+def lock_folder(folder: str | os.PathLike, what: str = "training run", flag: str | None = None):
     """Hold an exclusive lock on `folder` (flock on folder/.lock) while the body runs; a UserError
     naming the holder if another process has it. The kernel releases the lock when its holder exits,
     even by SIGKILL, so a crash cannot leave the folder locked; a run that ends removes the file
     too. The lock file is opened without following links and must be a plain file of its own, so a
     prepared folder cannot make it write elsewhere. Folders made for it are removed again if the
-    body fails. Does nothing where there is no fcntl (Windows)."""
+    body fails. A command line names the folder's `flag` in the advice. Does nothing where there
+    is no fcntl (Windows)."""
     try:
         import fcntl
     except ImportError:
@@ -315,7 +316,7 @@ def lock_folder(folder: str | os.PathLike, what: str = "training run"):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise UserError(busy_message(folder, what, f.read(20).strip())) from None
+            raise UserError(busy_message(folder, what, f.read(20).strip(), flag)) from None
         except OSError as err:
             raise UserError(
                 f"cannot lock {folder / '.lock'} ({err.strerror or err}); "
@@ -323,7 +324,7 @@ def lock_folder(folder: str | os.PathLike, what: str = "training run"):
             ) from None
         # a run that ended meanwhile removed the file we opened
         if not still_linked(f, folder / ".lock"):
-            raise UserError(busy_message(folder, what, ""))
+            raise UserError(busy_message(folder, what, "", flag))
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
@@ -366,12 +367,10 @@ def still_linked(f, path: Path) -> bool:
         return False
 
 
-def busy_message(folder: Path, what: str, pid: str) -> str:
+def busy_message(folder: Path, what: str, pid: str, flag: str | None) -> str:
     holder = f" (pid {pid})" if pid else ""
-    return (
-        f"{folder} is in use by another {what}{holder}; "
-        "wait for it to finish or pass another --checkpoint-dir"
-    )
+    elsewhere = f"pass another {flag}" if flag else "choose another folder"
+    return f"{folder} is in use by another {what}{holder}; wait for it to finish or {elsewhere}"
 
 
 def remove_made_folders(made: list[Path], lock: Path) -> None:

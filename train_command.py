@@ -47,7 +47,8 @@ def run_train(args) -> int:
     files.check_output_dir(folder, "--checkpoint-dir")
     files.check_output_dir(args.image_dir, "--image-dir")
     check_run_folder(folder, args.replace, resumed_from)
-    with files.lock_folder(folder, "training run"):  # held before anything in the folder is read
+    # the lock is held before anything in the folder is read
+    with files.lock_folder(folder, "training run", flag="--checkpoint-dir"):
         files.remove_stale_temporaries(folder)
         train_config, model_config, resume = resolve_settings(args, resumed_from)
         device = commands.pick_device(args.device)

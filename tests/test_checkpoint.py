@@ -6,7 +6,6 @@ import math
 import os
 import pickle
 import platform
-import re
 import subprocess
 import sys
 import zipfile
@@ -307,9 +306,11 @@ def test_the_lock_refuses_a_second_process_and_goes_with_its_run_or_a_failing_st
     argv = [sys.executable, "-uc", f"import sys, files\n{hold}", str(folder)]
     with subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as holder:
         assert holder.stdout.readline() == b"held\n"
-        busy = re.escape(f"{folder} is in use by another run (pid {holder.pid});")
-        with pytest.raises(files.UserError, match=busy), files.lock_folder(folder, "run"):
-            pass
+        busy = f"{folder} is in use by another run (pid {holder.pid}); wait for it to finish or "
+        for flag, fix in ((None, "choose another folder"), ("--dir", "pass another --dir")):
+            with pytest.raises(files.UserError) as caught, files.lock_folder(folder, "run", flag):
+                pass
+            assert str(caught.value) == busy + fix
         holder.communicate(b"\n", timeout=30)  # a line on stdin: the holder's body ends
     assert holder.returncode == 0 and os.listdir(folder) == []
     with pytest.raises(RuntimeError), files.lock_folder(tmp_path / "a" / "b"):
