@@ -17,6 +17,7 @@ from model import ACTIVATIONS, NORMS, VAE
 
 # 200 MB of fp32 weights, and as much again for each of the gradients and Adam's moments
 MAX_PARAMETERS = 50_000_000
+MAX_SEED = 2**63 - 1  # the largest seed torch.Generator.manual_seed takes
 # VAE() is the default network: a model setting's default is the one VAE's signature writes
 VAE_DEFAULTS = {name: p.default for name, p in inspect.signature(VAE).parameters.items()}
 
@@ -58,7 +59,7 @@ class TrainConfig:
     seed: int = setting(
         1,
         0,
-        2**63 - 1,
+        MAX_SEED,
         help="seed of weights, validation split, shuffling and noise; on one machine and device, "
         "the same seed and number of threads (OMP_NUM_THREADS) give the same run",
     )

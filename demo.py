@@ -44,6 +44,7 @@ import torch
 import anomaly
 import data
 import prepare
+from config import MAX_SEED
 from files import UserError
 from model import VAE, kl_per_dim
 
@@ -456,10 +457,10 @@ class Handler(BaseHTTPRequestHandler):
                 and 1 <= int(n) <= 64
                 and seed.isdecimal()
                 and len(seed) < 20
-                and int(seed) < 2**63
+                and int(seed) <= MAX_SEED
             ):
                 raise BadRequest(
-                    400, "n must be a whole number from 1 to 64, and seed one from 0 to 2**63 - 1"
+                    400, f"n must be a whole number from 1 to 64, and seed one from 0 to {MAX_SEED}"
                 )
             return demo.samples(int(n), int(seed))
         body = self.read_json()

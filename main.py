@@ -25,7 +25,7 @@ import anomaly
 import checkpoint
 import commands
 import train_command
-from config import TrainConfig, VAEConfig, range_text, span_text
+from config import MAX_SEED, TrainConfig, VAEConfig, range_text, span_text
 from files import UserError
 
 COMMANDS = ("train", "evaluate", "sample", "score", "reconstruct", "demo")
@@ -202,7 +202,7 @@ DESCRIPTIONS = {
 
 
 def add_seed(p: argparse.ArgumentParser, default: int | None, what: str) -> None:
-    p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=default, help=what)
+    p.add_argument("--seed", type=number(int, 0, MAX_SEED), default=default, help=what)
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
