@@ -447,14 +447,14 @@ def is_mean_and_std(v) -> bool:
 
 # ------------------------------------------------------------------------- one wording of a score
 
+VERDICTS = ("typical", "unusual", "very unusual")
 # from these percentiles of the test digits' scores on, a score is unusual and very unusual
 VERDICT_PERCENTILES = (90, 99)
 
 
 def verdict(percentile: float) -> str:
     """typical, unusual or very unusual: where a score's percentile (anomaly.percentile) lies."""
-    reached = sum(percentile >= p for p in VERDICT_PERCENTILES)
-    return ("typical", "unusual", "very unusual")[reached]
+    return VERDICTS[sum(percentile >= p for p in VERDICT_PERCENTILES)]
 
 
 def describe(score: float, percentile: float | None) -> str:

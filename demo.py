@@ -180,7 +180,7 @@ class Demo:
             "meaning": MEANING[self.method],
             "sliders": sliders(reachable.tolist(), self.kl, self.codes),
             "kl_measure": self.kl_measure,
-            "verdicts": ["typical", "unusual", "very unusual"],
+            "verdicts": list(anomaly.VERDICTS),
             "verdict_percentiles": list(anomaly.VERDICT_PERCENTILES),
             "thresholds": self.thresholds,
             "test_digits": 0 if self.test_scores is None else len(self.test_scores),
