@@ -50,14 +50,13 @@ def load_data(data_dir: str, sets=("train", "test")) -> dict[str, torch.Tensor]:
         raise UserError(f"{err} as --data-dir") from None
 
 
-def open_model(args, device: torch.device) -> tuple[Path, torch.nn.Module, dict]:
-    """The checkpoint --checkpoint names (or the shipped one until a model is trained), loaded on
-    `device`, with one line saying which it is: a two-epoch smoke test never passes for the real
-    model unnoticed."""
-    path = checkpoint.for_use(args.checkpoint)
+def open_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The checkpoint at `path` (checkpoint.for_use of --checkpoint: the shipped one until a model
+    is trained), loaded on `device`, with one line saying which it is: a two-epoch smoke test never
+    passes for the real model unnoticed."""
     model, ckpt = checkpoint.load_model(path, device, flag="--checkpoint")
     print(f"using {checkpoint.describe(path, ckpt)}", flush=True)
-    return path, model, ckpt
+    return model, ckpt
 
 
 def output_path(args, path: Path, name: str) -> Path | None:
@@ -105,7 +104,7 @@ def run_evaluate(args) -> int:
     metrics_path = output_path(args, path, "metrics.json")
     seen = files.identity(path)  # metrics.json is written only beside this version of the file
     # a bad checkpoint is named before the data is read
-    path, model, ckpt = open_model(args, pick_device(args.device))
+    model, ckpt = open_model(path, pick_device(args.device))
     latent_map = checked(path, evaluate.latent_map_of, ckpt)
     mnist = load_data(args.data_dir, sets=("test",))  # all that evaluate reads
     metrics = evaluate.evaluate(
@@ -132,7 +131,7 @@ def run_sample(args) -> int:
     """python main.py sample"""
     files.check_output_dir(args.image_dir, "--image-dir")
     device = pick_device(args.device)
-    _, model, _ = open_model(args, device)
+    model, _ = open_model(checkpoint.for_use(args.checkpoint), device)
     images = model.sample(args.n, torch.Generator(device=device).manual_seed(args.seed))
     title = f"Samples: {args.n} digits decoded from z ~ N(0, I) (seed {args.seed})"
     picture = Path(args.image_dir) / "samples.png"
@@ -150,7 +149,7 @@ def run_score(args) -> int:
     csv_path = output_path(args, path, "anomaly_scores.csv")
     seen = files.identity(path)  # the CSV is written only beside this version of the file
     device = pick_device(args.device)
-    path, model, ckpt = open_model(args, device)
+    model, ckpt = open_model(path, device)
     reference = checked(path, anomaly.reference_of, ckpt)
     mnist = load_data(args.data_dir, sets=("test",))
     x = evaluate.test_images(mnist, ckpt["config"]["binarize"], device)
@@ -205,7 +204,8 @@ def run_reconstruct(args) -> int:
     others are all written, and the exit status is 2 if any failed."""
     files.check_output_dir(args.image_dir, "--image-dir")
     device = pick_device(args.device)
-    path, model, ckpt = open_model(args, device)
+    path = checkpoint.for_use(args.checkpoint)
+    model, ckpt = open_model(path, device)
     reference = checked(path, anomaly.reference_of, ckpt)
     if args.method != "elbo" and reference is None:
         reference = fallback_reference(ckpt, model, args.data_dir, device)
@@ -267,7 +267,8 @@ def run_demo(args) -> int:
     """python main.py demo"""
     # an unresolvable --host is told before the model loads
     warning = demo.exposure_warning(args.host)
-    path, model, ckpt = open_model(args, pick_device(args.device))
+    path = checkpoint.for_use(args.checkpoint)
+    model, ckpt = open_model(path, pick_device(args.device))
     reference = checked(path, anomaly.reference_of, ckpt)
     page = demo.Demo(
         model, reference, checked(path, evaluate.latent_map_of, ckpt), ckpt["config"]["binarize"]
