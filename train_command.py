@@ -86,13 +86,10 @@ def run_files(args) -> tuple[Path, Path | None]:
             "--replace deletes a run to start a new one, --resume continues one: "
             "pass only one of them"
         )
+    folder = Path(args.checkpoint_dir or checkpoint.DEFAULT.parent)
     if not args.resume:
-        return Path(args.checkpoint_dir or checkpoint.DEFAULT.parent), None
-    resumed_from = (
-        Path(args.checkpoint_dir or checkpoint.DEFAULT.parent) / "last.pt"
-        if args.resume is True
-        else Path(args.resume)
-    )
+        return folder, None
+    resumed_from = folder / "last.pt" if args.resume is True else Path(args.resume)
     files.check_path(resumed_from, "--resume")
     best = resumed_from.parent / "best.pt"
     if args.resume is True and not resumed_from.exists() and best.is_file():
@@ -100,7 +97,7 @@ def run_files(args) -> tuple[Path, Path | None]:
             f"{resumed_from}: no such checkpoint, but {best} holds the run (its last.pt was never "
             f"saved); continue it with --resume {best}"
         )
-    return (Path(args.checkpoint_dir) if args.checkpoint_dir else resumed_from.parent), resumed_from
+    return (folder if args.checkpoint_dir else resumed_from.parent), resumed_from
 
 
 def check_run_folder(folder: Path, replacing: bool, resumed_from: Path | None) -> None:
