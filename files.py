@@ -192,7 +192,7 @@ def identity(path: str | os.PathLike) -> tuple | None:
     (os.replace) gives the file a new inode."""
     try:
         info = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the path
         return None
     return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
@@ -231,11 +231,8 @@ def output_names(names: list[str], image_dir: Path) -> list[Path]:
 
 def file_id(path: str | os.PathLike) -> tuple[int, int] | None:
     """Which file `path` is (device and inode), however it is spelled or linked; None if none."""
-    try:
-        info = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return info.st_dev, info.st_ino
+    version = identity(path)
+    return version[:2] if version else None
 
 
 @contextmanager
@@ -331,7 +328,7 @@ def lock_folder(folder: str | os.PathLike, what: str = "training run", flag: str
         try:
             yield
         except BaseException:
-            remove_made_folders(made, folder / ".lock")
+            remove_made(made, [folder / ".lock"])
             raise
         # still holding the lock, so no other run is inside
         (folder / ".lock").unlink(missing_ok=True)
@@ -373,10 +370,14 @@ def busy_message(folder: Path, what: str, pid: str, flag: str | None) -> str:
     return f"{folder} is in use by another {what}{holder}; wait for it to finish or {elsewhere}"
 
 
-def remove_made_folders(made: list[Path], lock: Path) -> None:
-    """After a failed start: the lock file, and the folders made for it while they are empty."""
-    lock.unlink(missing_ok=True)
-    for p in made:
-        if any(p.iterdir()):
+def remove_made(folders: list[Path], made_files: list[Path]) -> None:
+    """Undo what a failed step made: `made_files`, then `folders` (innermost first) while they are
+    empty."""
+    for path in made_files:
+        path.unlink(missing_ok=True)
+    for folder in folders:
+        if not folder.exists():
+            continue
+        if any(folder.iterdir()):
             break
-        p.rmdir()
+        folder.rmdir()

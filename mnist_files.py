@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from files import UserError, check_path, refusal
+from files import UserError, check_path, refusal, remove_made
 
 
 class DataError(UserError, ValueError):
@@ -141,12 +141,9 @@ def download_mnist(folder: Path, names: list[str] | None = None) -> None:
     try:
         MNIST(str(folder), train=True, download=True)
     except BaseException as err:  # a Ctrl-C mid-download too: clean up, then let it end the command
-        for name, md5 in MNIST.resources:
-            if (raw_dir / name).is_file() and not check_integrity(str(raw_dir / name), md5):
-                (raw_dir / name).unlink()
-        for p in made:
-            if p.exists() and not any(p.iterdir()):
-                p.rmdir()
+        fetched = [(raw_dir / name, md5) for name, md5 in MNIST.resources]
+        broken = [p for p, md5 in fetched if p.is_file() and not check_integrity(str(p), md5)]
+        remove_made(made, broken)  # so that the next try downloads them again
         # torchvision wraps a failed mirror in these
         if not isinstance(err, (RuntimeError, OSError, ValueError)):
             raise
