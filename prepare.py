@@ -171,12 +171,18 @@ def is_mnist_digit(gray: torch.Tensor) -> bool:
     """Whether a picture is already made as MNIST's digits were: 28x28, light ink on a black
     background, its centre of mass within a pixel of MNIST_CENTRE (every MNIST image's lies within
     half a pixel)."""
-    mass = gray.sum()
-    if gray.shape != (28, 28) or gray.median() > 0 or mass == 0:
+    if gray.shape != (28, 28) or gray.median() > 0 or gray.sum() == 0:
         return False
-    rows = (gray.sum(1) * torch.arange(28.0)).sum() / mass
-    cols = (gray.sum(0) * torch.arange(28.0)).sum() / mass
-    return bool(abs(rows - MNIST_CENTRE) <= 1 and abs(cols - MNIST_CENTRE) <= 1)
+    rows, cols = centre_of_mass(gray)
+    return abs(rows - MNIST_CENTRE) <= 1 and abs(cols - MNIST_CENTRE) <= 1
+
+
+def centre_of_mass(image: torch.Tensor) -> tuple[float, float]:
+    """(row, column) of an image's centre of mass, in pixel indices."""
+    total = image.sum()
+    rows = (image.sum(1) * torch.arange(image.shape[0], dtype=torch.float32)).sum() / total
+    cols = (image.sum(0) * torch.arange(image.shape[1], dtype=torch.float32)).sum() / total
+    return rows.item(), cols.item()
 
 
 def checked(gray) -> torch.Tensor:
@@ -386,18 +392,13 @@ def mnist_like(ink: torch.Tensor) -> torch.Tensor:
     training set, in pixel indices)."""
     rows, cols = (ink > 0.05).any(1).nonzero(), (ink > 0.05).any(0).nonzero()
     crop = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    h, w = crop.shape
-    scale = mnist_scale(crop)  # 20 / max(h, w), unless that makes a blob of a dot
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    mode = "area" if scale < 1 else "bilinear"
-    small = F.interpolate(crop[None, None], size=size, mode=mode).clamp(0, 1)[0, 0]
-    ys, xs = torch.arange(size[0], dtype=torch.float32), torch.arange(size[1], dtype=torch.float32)
-    total = small.sum()
-    cy, cx = (small.sum(1) * ys).sum() / total, (small.sum(0) * xs).sum() / total
-    top, left = round(MNIST_CENTRE - cy.item()), round(MNIST_CENTRE - cx.item())
+    # 20 / max(h, w), unless that makes a blob of a dot
+    small = resized(crop, mnist_scale(crop)).clamp(0, 1)
+    cy, cx = centre_of_mass(small)
+    top, left = round(MNIST_CENTRE - cy), round(MNIST_CENTRE - cx)
     out = torch.zeros(28, 28)
     y0, x0 = max(top, 0), max(left, 0)  # clip what would fall outside the 28x28 field
-    y1, x1 = min(top + size[0], 28), min(left + size[1], 28)
+    y1, x1 = min(top + small.shape[0], 28), min(left + small.shape[1], 28)
     out[y0:y1, x0:x1] = small[y0 - top : y1 - top, x0 - left : x1 - left]
     return out
 
@@ -415,10 +416,15 @@ def mnist_scale(crop: torch.Tensor) -> float:
     """The scale mnist_like draws the cropped ink at: its longer side to 20 px, as MNIST's digits
     were, unless its strokes would then be thicker than any of MNIST's (MAX_STROKE_EROSIONS)."""
     scale = 20 / max(crop.shape)
-    size = [max(1, round(n * scale)) for n in crop.shape]
+    return scale * min(1.0, MAX_STROKE_EROSIONS / max(1, stroke_erosions(resized(crop, scale))))
+
+
+def resized(image: torch.Tensor, scale: float) -> torch.Tensor:
+    """An (H, W) image scaled by `scale` (each side at least 1 pixel): averaging pixels when
+    shrinking, as MNIST's anti-aliasing did, bilinear when enlarging."""
+    size = [max(1, round(n * scale)) for n in image.shape]
     mode = "area" if scale < 1 else "bilinear"
-    small = F.interpolate(crop[None, None], size=size, mode=mode)[0, 0]
-    return scale * min(1.0, MAX_STROKE_EROSIONS / max(1, stroke_erosions(small)))
+    return F.interpolate(image[None, None], size=size, mode=mode)[0, 0]
 
 
 def stroke_erosions(ink: torch.Tensor) -> int:
