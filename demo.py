@@ -93,6 +93,8 @@ class Demo:
         self.map = map_or_first_dims(latent_map, model.latent_dim)
         self.codes = reference["codes"].float().cpu() if reference is not None else None
         self.lift = map_lift(self.map, self.codes)
+        # the map axes a code can move along (a one-dimensional map has one)
+        self.reachable = (self.lift @ self.map["axes"]).diagonal() > 0.5
         self.kl, self.kl_measure = dimension_kl(model, latent_map, self.codes)
         scores = (
             (reference or {}).get("test_scores") if self.method == anomaly.DEFAULT_METHOD else None
@@ -150,8 +152,7 @@ class Demo:
         """Code z moved to a place on the map the way the reference codes change across the map
         (map_lift), so that the page's map sliders, a click and the ring are one control. An axis
         no code moves along (a one-dimensional map) stays where z is."""
-        reachable = (self.lift @ self.map["axes"]).diagonal() > 0.5
-        offset = torch.where(reachable, point - self.map_point(z), 0.0)
+        offset = torch.where(self.reachable, point - self.map_point(z), 0.0)
         return z + offset @ self.lift
 
     def samples(self, n: int, seed: int) -> dict:
@@ -169,7 +170,6 @@ class Demo:
             else "the two directions in the code space that best separate the ten digits "
             "(Fisher's discriminant)"
         )
-        reachable = (self.lift @ self.map["axes"]).diagonal() > 0.5
         return {
             "points": self.map["points"].tolist(),
             "labels": self.map["labels"].tolist(),
@@ -178,7 +178,7 @@ class Demo:
             "latent_dim": self.model.latent_dim,
             "method": self.method,
             "meaning": MEANING[self.method],
-            "sliders": sliders(reachable.tolist(), self.kl, self.codes),
+            "sliders": sliders(self.reachable.tolist(), self.kl, self.codes),
             "kl_measure": self.kl_measure,
             "verdicts": list(anomaly.VERDICTS),
             "verdict_percentiles": list(anomaly.VERDICT_PERCENTILES),
