@@ -290,9 +290,9 @@ def evaluate(
         write_text_atomic(json.dumps(metrics, indent=2) + "\n", metrics_path)
         written.append(metrics_path)
     if image_dir is not None:
-        # the stored map places the test digits; a checkpoint without one gets a map of them
-        space = ckpt.get("latent_map") or latent_map(model, x, mnist["test_labels"])
         labels = mnist["test_labels"]
+        # the stored map places the test digits; a checkpoint without one gets a map of them
+        space = ckpt.get("latent_map") or latent_map(model, x, labels)
         written += draw_pictures(model, x, labels, mu, metrics, space, history, image_dir, seed)
     if written:
         print("wrote " + ", ".join(str(p) for p in written))
