@@ -325,19 +325,12 @@ def read_csv_scores(path: Path, source: dict[str, str]) -> torch.Tensor | None:
         return None
     try:
         rows = list(csv.DictReader(io.StringIO(path.read_text())))
-        if len(rows) != TEST_IMAGES or any(
-            {k: row.get(k) for k in source} != source for row in rows
-        ):
+        foreign = any({k: row.get(k) for k in source} != source for row in rows)
+        if len(rows) != TEST_IMAGES or foreign:
             return None
         return torch.tensor([float(row["score"]) for row in rows])
-    except (
-        ValueError,
-        TypeError,
-        KeyError,
-        UnicodeDecodeError,
-        csv.Error,
-        OSError,
-    ):  # edited, damaged or unreadable: compute afresh
+    # edited, damaged or unreadable (a UnicodeDecodeError is a ValueError): compute afresh
+    except (ValueError, TypeError, KeyError, csv.Error, OSError):
         return None
 
 
@@ -427,9 +420,9 @@ def is_reference(ref, latent_dim: int) -> bool:
         isinstance(calibration, dict) and {"elbo", "complexity", "knn", "sum"} <= set(calibration)
     ):
         return False
-    if not all(is_mean_and_std(v) for v in calibration.values()) or type(
-        ref.get("local_weight")
-    ) not in (int, float):
+    if type(ref.get("local_weight")) not in (int, float):
+        return False
+    if not all(is_mean_and_std(v) for v in calibration.values()):
         return False
     return scores is None or (
         isinstance(scores, torch.Tensor) and scores.dim() == 1 and len(scores) > 0
