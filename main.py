@@ -319,10 +319,7 @@ class ClosedPipeSafe:
         """A stream on this descriptor, pointed at /dev/null: the interpreter's last flush of the
         old stream finds a reader, and no file opened later takes the number of a closed one (and
         with it the program's output)."""
-        null = os.open(os.devnull, os.O_WRONLY)
-        if null != self.fd:
-            os.dup2(null, self.fd)
-            os.close(null)
+        to_devnull(self.fd)
         return open(self.fd, "w", closefd=False, errors="backslashreplace")
 
     def __getattr__(self, name: str):
@@ -337,10 +334,15 @@ def hold_closed_descriptors() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
+            to_devnull(fd)
+
+
+def to_devnull(fd: int) -> None:
+    """Point descriptor `fd` at /dev/null (open or closed before)."""
+    null = os.open(os.devnull, os.O_RDWR)  # fd itself, when it is the lowest closed number
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
 
 
 def interrupted(signum: int, frame) -> None:
