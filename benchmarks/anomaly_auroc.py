@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 import anomaly  # noqa: E402
 import checkpoint  # noqa: E402
 import data  # noqa: E402
+import evaluate  # noqa: E402
 import main as cli  # noqa: E402
 import prepare  # noqa: E402
 from benchmarks.common import add_data_dir, parser, run  # noqa: E402
@@ -86,12 +87,7 @@ def run_reference(path: Path, ckpt: dict, model: VAE, mnist: dict) -> dict:
             f"note: {path} holds no anomaly reference; fitting one from its training split",
             flush=True,
         )
-        c = checkpoint.train_config(ckpt)
-        split = data.run_split(mnist["train_labels"], c.val_size, c.seed, c.exclude_digit, c.subset)
-        train_x, val_x = (
-            data.eval_images(mnist["train_images"][i], c.binarize, torch.device("cpu"))
-            for i in split
-        )
+        train_x, val_x, _ = evaluate.run_images(ckpt, mnist)
         reference = anomaly.fit_reference(model, train_x, val_x)
     return reference
 
